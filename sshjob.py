@@ -1,0 +1,1894 @@
+#!/usr/bin/env python3
+"""sshjob: open an ssh session inside a running batch job.
+
+One file, standard library only.  The same program plays every role of a
+small batch pool; its first argument picks the role:
+
+    schedd      the job queue, and the authority on who may enter which job
+    starter     runs jobs on an execute node and starts `sshd -i` inside them
+    client      sshjob client JOB [command]: the condor_ssh_to_job command line
+    bridge      ssh's ProxyCommand: fetches a ticket, hands ssh the connection
+    submit, q, rm, suspend, continue, vacate    the user's handles on the queue
+    pool, demo  a personal pool on this one machine
+
+How a session comes about (each step is a function below):
+
+1. The client makes a key pair in a private temporary directory; the private
+   key never leaves it.
+2. The client asks the schedd about the job.  The schedd checks that the
+   requester owns the job (or is a queue super user) and that the job runs,
+   and answers with the job's user, its sshd host key and its starter.
+3. The client runs ssh with the job's host key pinned and this program's
+   `bridge` role as ProxyCommand.
+4. The bridge asks the schedd for a ticket: single-use, short-lived, bound to
+   the job, the node and the client's public key, signed with a secret that
+   the schedd shares with the job's starter for that job alone.
+5. The bridge connects to the starter and presents the ticket.  The starter
+   checks it and starts `sshd -i` on that very socket as the job's user,
+   authorising the client's key only; the bridge passes the socket to ssh
+   (ProxyUseFdpass), so that only ssh and sshd ever touch the session's bytes.
+"""
+
+import argparse
+import array
+import base64
+import configparser
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import pwd
+import re
+import secrets
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import sqlite3
+import stat
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("sshjob")
+
+MAX_FRAME = 64 * 1024  # bytes; no message of the protocol comes near it
+IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply
+POLL_WAIT = 10.0  # seconds a starter's poll waits at the schedd for work
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job ends
+DEFAULT_CONFIG = "/etc/sshjob/sshjob.conf"
+SBIN_PATH = "/usr/sbin:/usr/local/sbin:/sbin"
+
+TAG_VAR = "_SSHJOB_JOB_TAG"  # inherited by every process of a job
+PIDS_VAR = "_SSHJOB_JOB_PIDS"
+SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only
+
+PACKAGES = {
+    "ssh": "openssh-client",
+    "scp": "openssh-client",
+    "sftp": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "sshd": "openssh-server",
+    "rsync": "rsync",
+}
+
+SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+)
+
+
+# ---------------------------------------------------------------------------
+# Errors: one type per kind of failure; main() turns them into a sentence
+# on stderr and an exit status.  Daemons send them back as error replies.
+# ---------------------------------------------------------------------------
+
+
+class SshjobError(Exception):
+    """A failure the user sees as one sentence and a non-zero exit status."""
+
+    kind = "error"
+    status = 1
+
+
+class UsageError(SshjobError):
+    kind = "usage"
+    status = 2
+
+
+class ConfigError(SshjobError):
+    kind = "config"
+
+
+class Unreachable(SshjobError):
+    """A daemon does not answer."""
+
+    kind = "unreachable"
+
+
+class ProtocolError(SshjobError):
+    """A peer sent something that is not a well-formed message."""
+
+    kind = "protocol"
+
+
+class NotFound(SshjobError):
+    kind = "not_found"
+
+
+class NotRunning(SshjobError):
+    """The job may still run: -auto-retry waits for it."""
+
+    kind = "not_running"
+
+
+class JobGone(SshjobError):
+    """The job finished or was removed: it will never run again."""
+
+    kind = "gone"
+
+
+class Refused(SshjobError):
+    kind = "refused"
+
+
+class TicketInvalid(SshjobError):
+    kind = "ticket"
+
+
+class MissingProgram(SshjobError):
+    kind = "missing_program"
+
+
+class Interrupted(SshjobError):
+    """A signal asked us to stop; the exit status says which, as shells do."""
+
+    kind = "interrupted"
+
+    def __init__(self, signum):
+        super().__init__("interrupted by %s" % signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
+ERRORS = {
+    cls.kind: cls
+    for cls in (
+        UsageError,
+        ConfigError,
+        Unreachable,
+        ProtocolError,
+        NotFound,
+        NotRunning,
+        JobGone,
+        Refused,
+        TicketInvalid,
+        MissingProgram,
+    )
+}
+
+
+def error_reply(error):
+    return {"ok": False, "kind": error.kind, "error": str(error)}
+
+
+def raise_for_reply(reply):
+    if not reply.get("ok"):
+        cls = ERRORS.get(reply.get("kind"), SshjobError)
+        raise cls(str(reply.get("error", "the peer gave no reason")))
+    return reply
+
+
+# ---------------------------------------------------------------------------
+# Wire protocol: every message is a JSON object behind a 4-byte big-endian
+# length.  A connection carries one request and its reply; after a granted
+# ssh request the starter's connection carries the ssh protocol itself.
+# ---------------------------------------------------------------------------
+
+_HEADER = struct.Struct("!I")
+
+
+def send_msg(sock, message):
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exactly(sock, size):
+    """Read exactly `size` bytes and not one more: after a reply, the rest of
+    the stream belongs to sshd."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ProtocolError("the connection closed in the middle of a message")
+        data += chunk
+    return bytes(data)
+
+
+def recv_msg(sock):
+    (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
+    if size > MAX_FRAME:
+        raise ProtocolError("a message of %d bytes exceeds the limit of %d" % (size, MAX_FRAME))
+    try:
+        message = json.loads(_recv_exactly(sock, size).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("a message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message is not a JSON object")
+    return message
+
+
+def field(message, name, kind, default=None):
+    """The value of `name` in a peer's message, checked to be of `kind`."""
+    value = message.get(name, default)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError("field %r is missing or malformed" % name)
+    return value
+
+
+def parse_address(address):
+    """("unix", path) for a Unix socket, ("tcp", (host, port)) otherwise."""
+    if address.startswith("/"):
+        return "unix", address
+    if address.startswith("unix:"):
+        return "unix", address[5:]
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError("address %r is neither a socket path nor host:port" % address)
+    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+
+
+def connect(address, what, timeout=IO_TIMEOUT):
+    family, where = parse_address(address)
+    try:
+        if family == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(where)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(where, timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
+        raise Unreachable("cannot reach %s at %s (%s)" % (what, address, e.strerror or e)) from None
+    return sock
+
+
+def call(address, request, what, timeout=IO_TIMEOUT):
+    """Send one request, return its reply; error replies become exceptions."""
+    with connect(address, what, timeout) as sock:
+        try:
+            send_msg(sock, request)
+            reply = recv_msg(sock)
+        except OSError as e:
+            raise Unreachable("%s at %s did not answer (%s)" % (what, address, e)) from None
+    return raise_for_reply(reply)
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process on the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A Unix-socket server whose handler threads never block shutdown."""
+
+    daemon_threads = True
+
+
+class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def shutdown_request(self, request):
+        """Close our copy only: a handed-off socket lives on in sshd, and
+        socketserver's shutdown() would end the session for it too."""
+        self.close_request(request)
+
+
+class RequestHandler(socketserver.BaseRequestHandler):
+    """Reads one request and writes the reply that `server.app.answer` gives.
+
+    A malformed request gets an error reply; a peer that stalls is dropped
+    after IO_TIMEOUT; neither disturbs the daemon."""
+
+    def handle(self):
+        self.request.settimeout(IO_TIMEOUT)
+        try:
+            message = recv_msg(self.request)
+            reply = self.server.app.answer(message, self.request)
+        except SshjobError as e:
+            reply = error_reply(e)
+        except OSError as e:
+            log.debug("dropped a connection: %s", e)
+            return
+        except Exception:
+            log.exception("internal error while answering a request")
+            reply = {"ok": False, "kind": "error", "error": "internal error in the daemon"}
+        with contextlib.suppress(OSError):
+            send_msg(self.request, reply)
+
+
+# ---------------------------------------------------------------------------
+# Security: public keys, tickets.  A ticket is a set of claims with an
+# HMAC-SHA256 over their canonical JSON, keyed with the job's own secret,
+# which only the schedd and the job's starter know.
+# ---------------------------------------------------------------------------
+
+KEY_TYPES = frozenset(
+    (
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    )
+)
+
+
+def parse_public_key(text):
+    """Return "TYPE BASE64" of an OpenSSH public key, comment dropped.
+
+    Strict, because the key is written into an authorized_keys file: one
+    line, a known type, base64 that decodes to a blob naming the same type."""
+    fields = text.split() if isinstance(text, str) else []
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+        (size,) = struct.unpack("!I", blob[:4])
+        valid = fields[0] in KEY_TYPES and blob[4 : 4 + size] == fields[0].encode()
+    except (IndexError, ValueError, struct.error):
+        valid = False
+    if not valid or "\n" in text.strip():
+        raise TicketInvalid("the public key is not an OpenSSH public key")
+    return fields[0] + " " + fields[1]
+
+
+def key_fingerprint(key):
+    """The SHA256 fingerprint of a public key, as `ssh-keygen -l` prints it."""
+    digest = hashlib.sha256(base64.b64decode(key.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _ticket_mac(secret, claims):
+    body = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(bytes.fromhex(secret), body, hashlib.sha256).hexdigest()
+
+
+def make_ticket(secret, claims, lifetime):
+    claims = dict(claims, expires=time.time() + lifetime, nonce=secrets.token_hex(16))
+    return {"claims": claims, "mac": _ticket_mac(secret, claims)}
+
+
+class TicketBook:
+    """Verifies tickets and remembers the nonces of used ones until they expire."""
+
+    def __init__(self):
+        self._used = {}
+        self._lock = threading.Lock()
+
+    def redeem(self, secret, ticket, job, node, key):
+        """Return the ticket's claims, or raise TicketInvalid saying why."""
+        claims = ticket.get("claims") if isinstance(ticket, dict) else None
+        mac = ticket.get("mac") if isinstance(ticket, dict) else None
+        if not isinstance(claims, dict) or not isinstance(mac, str):
+            raise TicketInvalid("the ticket is malformed")
+        if not hmac.compare_digest(mac, _ticket_mac(secret, claims)):
+            raise TicketInvalid("the ticket's signature is not valid")
+        if (claims.get("job"), claims.get("node")) != (job, node):
+            raise TicketInvalid("the ticket is for another job or node")
+        if claims.get("key") != key_fingerprint(key):
+            raise TicketInvalid("the ticket was issued for another key")
+        now = time.time()
+        expires = claims.get("expires")
+        if not isinstance(expires, (int, float)) or expires < now:
+            raise TicketInvalid("the ticket has expired")
+        with self._lock:
+            self._used = {n: t for n, t in self._used.items() if t >= now}
+            if claims.get("nonce") in self._used:
+                raise TicketInvalid("the ticket was already used")
+            self._used[claims.get("nonce")] = expires
+        return claims
+
+
+# ---------------------------------------------------------------------------
+# Configuration: one INI file, section [sshjob]; every key can be overridden
+# by the environment variable SSHJOB_<KEY>.  Defaults may refer to the pool
+# directory (the configuration file's own directory unless set).
+# ---------------------------------------------------------------------------
+
+DEFAULTS = {
+    "pool_dir": "",
+    "schedd_name": "{host}",
+    "schedd_address": "{pool_dir}/schedd.sock",
+    "schedd_db": "{pool_dir}/queue.db",
+    "schedd_enable_ssh_to_job": "true",
+    "queue_super_users": "root",
+    "audit_log": "{pool_dir}/audit.log",
+    "ticket_lifetime": "60",
+    "starter_name": "starter@{host}",
+    "starter_address": "127.0.0.1:0",
+    "starter_dir": "{pool_dir}/execute",
+    "starter_slots": "0",
+    "enable_ssh_to_job": "true",
+    "ssh": "ssh",
+    "sshd": "sshd",
+    "ssh_keygen": "ssh-keygen",
+    "sftp_server": "",
+    "sshd_config_template": "",
+    "ssh_options": "",
+}
+
+
+class Config:
+    """Settings of one pool, as every role reads them."""
+
+    def __init__(self, path=None):
+        self.path = os.path.abspath(path) if path else None
+        self._file = configparser.ConfigParser(interpolation=None)
+        if path:
+            try:
+                with open(path) as f:
+                    self._file.read_file(f)
+            except OSError as e:
+                raise ConfigError("cannot read the configuration %s (%s)" % (path, e.strerror)) from None
+            except configparser.Error as e:
+                raise ConfigError("the configuration %s is malformed: %s" % (path, e.message)) from None
+
+    def __getitem__(self, key):
+        value = os.environ.get("SSHJOB_" + key.upper())
+        if value is None:
+            value = self._file.get("sshjob", key, fallback=None)
+        if value is None:
+            pool_dir = self["pool_dir"] if key != "pool_dir" else ""
+            if key != "pool_dir" or not self.path:
+                value = DEFAULTS[key].format(pool_dir=pool_dir, host=socket.gethostname())
+            else:
+                value = os.path.dirname(self.path)
+        return value
+
+    def flag(self, key):
+        value = self[key].strip().lower()
+        if value not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            raise ConfigError("setting %s = %r is not true or false" % (key, value))
+        return value in ("true", "yes", "1", "on")
+
+    def number(self, key):
+        try:
+            return float(self[key])
+        except ValueError:
+            raise ConfigError("setting %s = %r is not a number" % (key, self[key])) from None
+
+    def names(self, key):
+        return [name.strip() for name in self[key].split(",") if name.strip()]
+
+    def schedd_address(self, name=None):
+        """The address of the schedd called `name` (default: the pool's own)."""
+        if name is None or name == self["schedd_name"]:
+            return self["schedd_address"]
+        section = "schedd " + name
+        if self._file.has_option(section, "address"):
+            return self._file.get(section, "address")
+        raise NotFound("there is no schedd named %r in this pool" % name)
+
+
+def find_config_path(explicit=None):
+    path = explicit or os.environ.get("SSHJOB_CONFIG") or DEFAULT_CONFIG
+    if os.path.isdir(path):
+        path = os.path.join(path, "sshjob.conf")
+    if not os.path.exists(path):
+        if explicit or os.environ.get("SSHJOB_CONFIG"):
+            raise ConfigError("the configuration %s does not exist: check SSHJOB_CONFIG or --config" % path)
+        raise ConfigError(
+            "no sshjob pool is configured: set SSHJOB_CONFIG to a pool's sshjob.conf "
+            "(`sshjob pool start --dir DIR` makes one)"
+        )
+    return path
+
+
+def write_pool_config(pool_dir, extra=None):
+    """Create a pool directory with a configuration file, unless it has one."""
+    os.makedirs(pool_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(os.path.abspath(pool_dir), "sshjob.conf")
+    if not os.path.exists(path):
+        lines = ["# sshjob pool configuration; keys and defaults: sshjob --help-config", "[sshjob]"]
+        lines += ["%s = %s" % item for item in sorted((extra or {}).items())]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return path
+
+
+def find_program(config, key, where="node"):
+    """The path of an external program, or MissingProgram naming its package."""
+    name = config[key]
+    found = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":" + SBIN_PATH)
+    if not found:
+        package = PACKAGES.get(os.path.basename(name), "package that provides it")
+        raise MissingProgram(
+            "%s was not found on this %s: install the %s package, or set %s in the "
+            "configuration" % (name, where, package, key)
+        )
+    return found
+
+
+def find_sftp_server(config):
+    if config["sftp_server"]:
+        return config["sftp_server"]
+    return next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), "/bin/false")
+
+
+# ---------------------------------------------------------------------------
+# Jobs and processes: job ids, users, process families.
+# ---------------------------------------------------------------------------
+
+JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
+
+
+def parse_job_id(text):
+    """(cluster, proc, node) from "cluster", "cluster.proc" or "cluster.proc.node";
+    node is None when not given."""
+    match = JOB_ID.fullmatch(text)
+    if not match:
+        raise UsageError(
+            "malformed job id %r: expected cluster, cluster.proc or cluster.proc.node" % text
+        )
+    cluster, proc, node = match.groups()
+    return int(cluster), int(proc or 0), None if node is None else int(node)
+
+
+def job_name(cluster, proc):
+    return "%d.%d" % (cluster, proc)
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid%d" % uid
+
+
+def privileges_of(user):
+    """A preexec_fn that turns a child of a root starter into `user`;
+    None when the starter runs as an ordinary user (it is the user)."""
+    if os.geteuid() != 0:
+        return None
+    record = pwd.getpwnam(user)
+
+    def become_user():
+        os.initgroups(record.pw_name, record.pw_gid)
+        os.setgid(record.pw_gid)
+        os.setuid(record.pw_uid)
+
+    return become_user
+
+
+def exit_status(returncode):
+    """A Popen return code as a shell reports it: 128+N for death by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def tagged_pids(tag):
+    """(pid, in_session) of the processes whose environment carries the
+    job's tag: the way to find a job's processes that double-forked or
+    setsid'd away."""
+    needle = ("%s=%s" % (TAG_VAR, tag)).encode()
+    session = (SESSION_VAR + "=").encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in variables:
+            found.append((int(entry), any(v.startswith(session) for v in variables)))
+    return found
+
+
+def signal_pids(pids, signum):
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def write_private(path, text, owner=None, mode=0o600):
+    """Create a new file (never through a symlink) and hand it to `owner`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    if owner is not None and os.geteuid() == 0:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+# ---------------------------------------------------------------------------
+# The schedd: the durable job queue, the authority on who may enter which
+# job, and the issuer of tickets.  Local users reach it on a Unix socket and
+# are known by their kernel peer credentials.
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster INTEGER NOT NULL,
+    proc INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    cmd TEXT NOT NULL,
+    env TEXT NOT NULL,
+    workdir TEXT NOT NULL,
+    output TEXT NOT NULL,
+    error TEXT NOT NULL,
+    starter TEXT,
+    hostkey TEXT,
+    secret TEXT,
+    pids TEXT,
+    exit_status INTEGER,
+    note TEXT,
+    submitted REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (cluster, proc)
+);
+"""
+
+ACTIVE_STATES = ("starting", "running", "suspended")
+
+
+class StarterRecord:
+    """What the schedd knows of one connected starter."""
+
+    def __init__(self, name):
+        self.name = name
+        self.address = None
+        self.uid = None
+        self.enable_ssh = True
+        self.slots = 1
+        self.last_poll = 0.0
+        self.commands = []
+
+
+class Schedd:
+    def __init__(self, config):
+        self.config = config
+        self.name = config["schedd_name"]
+        self.uid = os.geteuid()
+        self.super_users = set(config.names("queue_super_users")) | {user_name(self.uid)}
+        self.ticket_lifetime = config.number("ticket_lifetime")
+        self.enable_ssh = config.flag("schedd_enable_ssh_to_job")
+        self.starters = {}
+        self.changed = threading.Condition()
+        self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
+        os.chmod(config["schedd_db"], 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+        self.db_lock = threading.RLock()
+
+    # -- storage ---------------------------------------------------------
+
+    def query(self, sql, args=()):
+        with self.db_lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def update_job(self, job, **values):
+        values["updated"] = time.time()
+        assignments = ", ".join("%s = ?" % key for key in values)
+        with self.db_lock:
+            self.db.execute(
+                "UPDATE jobs SET %s WHERE cluster = ? AND proc = ?" % assignments,
+                list(values.values()) + [job["cluster"], job["proc"]],
+            )
+        with self.changed:
+            self.changed.notify_all()
+
+    def find_job(self, text):
+        cluster, proc, node = parse_job_id(text)
+        rows = self.query("SELECT * FROM jobs WHERE cluster = ? AND proc = ?", (cluster, proc))
+        if not rows:
+            raise NotFound("job %s is not in the queue" % job_name(cluster, proc))
+        if node not in (None, 0):
+            raise NotFound("job %s has no node %d: it has one node, 0" % (job_name(cluster, proc), node))
+        return rows[0]
+
+    # -- requests ----------------------------------------------------------
+
+    def answer(self, message, sock):
+        _pid, uid, _gid = peer_credentials(sock)
+        op = field(message, "op", str)
+        handler = getattr(self, "op_" + op, None)
+        if handler is None:
+            raise ProtocolError("unknown request %r" % op)
+        return handler(message, uid)
+
+    def op_ping(self, message, uid):
+        now = time.time()
+        live = [s.name for s in self.starters.values() if now - s.last_poll < 3 * POLL_WAIT]
+        return {"ok": True, "name": self.name, "version": __version__, "starters": live}
+
+    def op_submit(self, message, uid):
+        cmd = field(message, "cmd", list)
+        env = field(message, "env", dict)
+        if not cmd or not all(isinstance(a, str) for a in cmd):
+            raise UsageError("the job's command is empty")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ProtocolError("the job's environment is malformed")
+        workdir = field(message, "workdir", str)
+        output = field(message, "output", str, "/dev/null")
+        error = field(message, "error", str, "/dev/null")
+        count = field(message, "count", int, 1)
+        if not 1 <= count <= 10000:
+            raise UsageError("a cluster holds 1 to 10000 jobs")
+        now = time.time()
+        with self.db_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                (cluster,) = self.db.execute("SELECT COALESCE(MAX(cluster), 0) + 1 FROM jobs").fetchone()
+                for proc in range(count):
+                    self.db.execute(
+                        "INSERT INTO jobs (cluster, proc, owner, uid, state, cmd, env, workdir, output,"
+                        " error, submitted, updated) VALUES (?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
+                        (cluster, proc, user_name(uid), uid, json.dumps(cmd), json.dumps(env),
+                         workdir, output, error, now, now),
+                    )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        log.info("user %s submitted cluster %d (%d jobs)", user_name(uid), cluster, count)
+        with self.changed:
+            self.changed.notify_all()
+        return {"ok": True, "jobs": [job_name(cluster, proc) for proc in range(count)]}
+
+    def op_q(self, message, uid):
+        rows = self.query("SELECT * FROM jobs WHERE state NOT IN ('completed', 'removed') OR ? ORDER BY cluster, proc",
+                          (bool(message.get("all")),))
+        jobs = [
+            {"id": job_name(r["cluster"], r["proc"]), "owner": r["owner"], "state": r["state"],
+             "starter": r["starter"] or "", "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"],
+             "note": r["note"] or ""}
+            for r in rows
+        ]
+        return {"ok": True, "jobs": jobs}
+
+    def authorize(self, job, uid, what):
+        """Only the job's owner and the queue super users may touch a job."""
+        requester = user_name(uid)
+        if uid != job["uid"] and requester not in self.super_users:
+            raise Refused(
+                "user %s may not %s job %s: it belongs to %s, and only its owner or a queue "
+                "super user may" % (requester, what, job_name(job["cluster"], job["proc"]), job["owner"])
+            )
+
+    def op_act(self, message, uid):
+        job = self.find_job(field(message, "job", str))
+        action = field(message, "action", str)
+        if action not in ("rm", "suspend", "continue", "vacate"):
+            raise ProtocolError("unknown job action %r" % action)
+        name = job_name(job["cluster"], job["proc"])
+        self.authorize(job, uid, {"rm": "remove"}.get(action, action))
+        state = job["state"]
+        if state in ("completed", "removed"):
+            raise JobGone("job %s has already %s" % (name, "finished" if state == "completed" else "been removed"))
+        if action == "rm":
+            self.update_job(job, state="removed", note="removed by " + user_name(uid))
+        elif action == "suspend":
+            if state != "running":
+                raise NotRunning("job %s is %s, not running: only a running job can be suspended" % (name, state))
+            self.update_job(job, state="suspended")
+        elif action == "continue":
+            if state != "suspended":
+                raise NotRunning("job %s is %s, not suspended" % (name, state))
+            self.update_job(job, state="running")
+        elif action == "vacate":
+            if state == "idle":
+                raise NotRunning("job %s is idle: there is nothing to vacate" % name)
+            self.update_job(job, state="idle", starter=None, note="vacated by " + user_name(uid))
+        if job["starter"] and state in ACTIVE_STATES:
+            self.send_command(job["starter"], {"do": action, "job": name})
+        log.info("user %s: %s %s", user_name(uid), action, name)
+        return {"ok": True, "job": name}
+
+    def send_command(self, starter, command):
+        with self.changed:
+            record = self.starters.get(starter)
+            if record is not None:
+                record.commands.append(command)
+            self.changed.notify_all()
+
+    # -- ssh to job --------------------------------------------------------
+
+    def ssh_target(self, message, uid):
+        """The job a user asks to enter, once every check has passed."""
+        text = field(message, "job", str)
+        job = self.find_job(text)
+        name = job_name(job["cluster"], job["proc"])
+        self.authorize(job, uid, "enter")
+        if not self.enable_ssh:
+            raise Refused("ssh to jobs is disabled on schedd %s (schedd_enable_ssh_to_job = false)" % self.name)
+        state = job["state"]
+        if state in ("completed", "removed"):
+            raise JobGone("job %s has %s: there is nothing to enter" % (
+                name, "finished" if state == "completed" else "been removed"))
+        if state != "running" or not job["hostkey"]:
+            raise NotRunning("job %s is %s, not running yet" % (name, state))
+        starter = self.starters.get(job["starter"])
+        if starter is None or time.time() - starter.last_poll > 3 * POLL_WAIT:
+            raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, job["starter"]))
+        if not starter.enable_ssh:
+            raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % starter.name)
+        return job, starter
+
+    def audit(self, uid, message, granted, reason=""):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid),
+                 "job": message.get("job"), "op": message.get("op"), "granted": granted, "reason": reason}
+        if message.get("command") is not None:
+            entry["command"] = message.get("command")
+        with self.db_lock, open(self.config["audit_log"], "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def op_ssh_prepare(self, message, uid):
+        try:
+            job, starter = self.ssh_target(message, uid)
+        except SshjobError as e:
+            self.audit(uid, message, False, str(e))
+            raise
+        self.audit(uid, message, True)
+        return {"ok": True, "job": job_name(job["cluster"], job["proc"]), "user": job["owner"],
+                "hostkey": job["hostkey"], "starter": starter.name, "state": job["state"]}
+
+    def op_ssh_ticket(self, message, uid):
+        try:
+            job, starter = self.ssh_target(message, uid)
+            key = parse_public_key(field(message, "key", str))
+        except SshjobError as e:
+            self.audit(uid, message, False, str(e))
+            raise
+        shells = [s for s in field(message, "shells", list, []) if isinstance(s, str)]
+        claims = {"job": job_name(job["cluster"], job["proc"]), "node": 0, "key": key_fingerprint(key),
+                  "user": user_name(uid), "shells": shells}
+        self.audit(uid, message, True)
+        return {"ok": True, "address": starter.address,
+                "ticket": make_ticket(job["secret"], claims, self.ticket_lifetime)}
+
+    # -- starters ----------------------------------------------------------
+
+    def require_starter(self, uid):
+        if uid not in (0, self.uid):
+            raise Refused("user %s may not act as a starter of this pool" % user_name(uid))
+
+    def op_poll(self, message, uid):
+        """A starter's long poll: it reports, and waits for work or commands."""
+        self.require_starter(uid)
+        name = field(message, "name", str)
+        for update in field(message, "updates", list, []):
+            if isinstance(update, dict):
+                self.apply_update(update)
+        with self.changed:
+            record = self.starters.setdefault(name, StarterRecord(name))
+            record.address = field(message, "address", str)
+            record.uid = uid
+            record.enable_ssh = field(message, "enable_ssh", bool, True)
+            record.slots = field(message, "slots", int, 1)
+            record.last_poll = time.time()
+        self.reconcile(name, field(message, "jobs", list, []))
+        deadline = time.time() + min(field(message, "wait", (int, float), POLL_WAIT), POLL_WAIT)
+        with self.changed:
+            while True:
+                commands, record.commands = record.commands, []
+                commands += self.match(record)
+                remaining = deadline - time.time()
+                if commands or remaining <= 0:
+                    break
+                self.changed.wait(remaining)
+            record.last_poll = time.time()
+        return {"ok": True, "commands": commands}
+
+    def reconcile(self, starter, running):
+        """Jobs the queue thinks a starter runs but the starter does not know
+        were lost (a starter restart, a lost reply): they go back to idle."""
+        for job in self.query("SELECT * FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
+                              (starter,) + ACTIVE_STATES):
+            name = job_name(job["cluster"], job["proc"])
+            if name not in running:
+                log.warning("starter %s no longer runs job %s: it goes back to idle", starter, name)
+                self.update_job(job, state="idle", starter=None, hostkey=None, pids=None,
+                                note="its starter lost it")
+
+    def match(self, record):
+        """Give idle jobs to a starter with free slots; called with `changed` held."""
+        busy = self.query("SELECT COUNT(*) FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
+                          (record.name,) + ACTIVE_STATES)[0][0]
+        free = record.slots - busy
+        if free <= 0:
+            return []
+        if record.uid == 0:
+            rows = self.query("SELECT * FROM jobs WHERE state = 'idle' ORDER BY cluster, proc LIMIT ?", (free,))
+        else:
+            rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND uid = ? ORDER BY cluster, proc LIMIT ?",
+                              (record.uid, free))
+        commands = []
+        for job in rows:
+            secret = secrets.token_hex(32)
+            self.update_job(job, state="starting", starter=record.name, secret=secret, note=None)
+            commands.append({
+                "do": "run", "job": job_name(job["cluster"], job["proc"]), "node": 0, "owner": job["owner"],
+                "cmd": json.loads(job["cmd"]), "env": json.loads(job["env"]), "workdir": job["workdir"],
+                "output": job["output"], "error": job["error"], "secret": secret,
+            })
+        return commands
+
+    def op_update(self, message, uid):
+        self.require_starter(uid)
+        self.apply_update(message)
+        return {"ok": True}
+
+    def apply_update(self, update):
+        """A starter's news about one of its jobs."""
+        try:
+            job = self.find_job(field(update, "job", str))
+        except NotFound:
+            return
+        event = update.get("event")
+        if event == "started":
+            if job["state"] == "starting":
+                self.update_job(job, state="running", hostkey=field(update, "hostkey", str),
+                                pids=" ".join(str(p) for p in field(update, "pids", list)))
+        elif event == "sessions_open":
+            self.update_job(job, note="its command exited; waiting for its ssh sessions to close")
+        elif event == "exited":
+            if job["state"] in ACTIVE_STATES:
+                self.update_job(job, state="completed", exit_status=update.get("status"), hostkey=None, note=None)
+        elif event == "failed":
+            self.update_job(job, state="idle", starter=None, hostkey=None,
+                            note="could not start: %s" % update.get("reason"))
+        log.info("job %s: %s", update.get("job"), event)
+
+
+def serve_schedd(config):
+    schedd = Schedd(config)
+    address = config["schedd_address"]
+    family, path = parse_address(address)
+    if family != "unix":
+        raise ConfigError("schedd_address must be a Unix socket path in this version")
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            probe_stale_socket(path)
+    server = Server(path, RequestHandler)
+    os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
+    server.app = schedd
+    log.info("schedd %s listening on %s", schedd.name, path)
+    run_until_signalled(server)
+
+
+def probe_stale_socket(path):
+    """Remove a socket left by a dead schedd; refuse to start beside a live one."""
+    try:
+        call(path, {"op": "ping"}, "the schedd", timeout=2)
+    except (Unreachable, ProtocolError):
+        os.unlink(path)
+        return
+    raise ConfigError("a schedd is already running on %s" % path)
+
+
+def run_until_signalled(server, on_stop=None):
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        if on_stop:
+            on_stop()
+        server.server_close()
+        if isinstance(server.server_address, str):
+            with contextlib.suppress(OSError):
+                os.unlink(server.server_address)
+
+
+# ---------------------------------------------------------------------------
+# The starter: runs the jobs the schedd gives it, and opens ssh sessions
+# inside them.  A starter running as root runs each job as its owner; one
+# running as an ordinary user runs only that user's jobs.
+# ---------------------------------------------------------------------------
+
+DEFAULT_SSHD_TEMPLATE = """\
+# sshd configuration of one sshjob session; written by the starter.
+HostKey ${host_key}
+AuthorizedKeysFile ${authorized_keys}
+ForceCommand ${force_command}
+AllowUsers ${user}
+UsePAM no
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+HostbasedAuthentication no
+PermitRootLogin prohibit-password
+X11Forwarding yes
+PermitTTY yes
+PrintMotd no
+PrintLastLog no
+UseDNS no
+AcceptEnv LANG LC_*
+Subsystem sftp ${sftp_server}
+LogLevel ERROR
+"""
+
+# Variables the ssh client may bring into a session; the job's value applies
+# only when the client brought none.
+CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Job:
+    """One job on the starter: its process, its sessions, its private directory."""
+
+    def __init__(self, starter, spec):
+        self.starter = starter
+        self.name = field(spec, "job", str)
+        self.node = field(spec, "node", int, 0)
+        self.owner = pwd.getpwnam(field(spec, "owner", str))
+        self.cmd = field(spec, "cmd", list)
+        self.env = field(spec, "env", dict)
+        self.workdir = field(spec, "workdir", str)
+        self.output = field(spec, "output", str)
+        self.error = field(spec, "error", str)
+        self.secret = field(spec, "secret", str)
+        self.tag = secrets.token_hex(8)
+        self.dir = os.path.join(starter.dir, "%s.%d" % (self.name, self.node))
+        self.process = None
+        self.sessions = set()
+        self.ending = None  # "rm" or "vacate" once the schedd ends it
+        self.session_count = 0
+
+    # -- the job's own process ---------------------------------------------
+
+    def start(self):
+        """Start the job's command: in its working directory, with its
+        environment, as its owner, in a session of its own."""
+        os.mkdir(self.dir, 0o711)
+        self.hostkey = self.make_host_key()
+        env = dict(self.env)
+        env.setdefault("HOME", self.owner.pw_dir)
+        env.setdefault("USER", self.owner.pw_name)
+        env.setdefault("LOGNAME", self.owner.pw_name)
+        env.setdefault("PATH", os.defpath)
+        env.update({TAG_VAR: self.tag, "SSHJOB_JOB_ID": self.name})
+        wrapper = 'cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; exec "$@" <"/dev/null" >>"$o" 2>>"$e"'
+        self.process = subprocess.Popen(
+            ["/bin/sh", "-c", wrapper % PIDS_VAR, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
+            env=env, cwd="/", start_new_session=True, preexec_fn=privileges_of(self.owner.pw_name),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
+
+    def make_host_key(self):
+        path = os.path.join(self.dir, "ssh_host_ed25519_key")
+        keygen = find_program(self.starter.config, "ssh_keygen")
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", path],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        if os.geteuid() == 0:
+            os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
+        with open(path + ".pub") as f:
+            return parse_public_key(f.read())
+
+    def pids(self):
+        """The job's pids, its first process first; session processes excluded."""
+        others = sorted(pid for pid, in_session in tagged_pids(self.tag)
+                        if not in_session and pid != self.process.pid)
+        return [self.process.pid] + others if self.process.poll() is None else others
+
+    def signal(self, signum):
+        """Signal every process of the job and of its sessions."""
+        signal_pids([pid for pid, _ in tagged_pids(self.tag)], signum)
+        for proc in [self.process] + list(self.sessions):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signum)
+
+    def terminate(self, reason):
+        """End the job and its sessions: SIGTERM, then SIGKILL after a grace."""
+        self.ending = reason
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        deadline = time.time() + KILL_GRACE
+        while time.time() < deadline and tagged_pids(self.tag):
+            time.sleep(0.05)
+        self.signal(signal.SIGKILL)
+
+    def supervise(self):
+        """Wait for the job; keep it alive while sessions are open; report."""
+        status = exit_status(self.process.wait())
+        if self.sessions and not self.ending:
+            self.starter.report({"event": "sessions_open", "job": self.name})
+        with self.starter.lock:
+            while self.sessions:
+                self.starter.sessions_changed.wait()
+        self.signal(signal.SIGKILL)  # what the job left behind goes with it
+        shutil.rmtree(self.dir, ignore_errors=True)
+        event = {"rm": "removed", "vacate": "vacated"}.get(self.ending, "exited")
+        log.info("job %s %s with status %d", self.name, event, status)
+        self.starter.finish(self, {"event": event, "job": self.name, "status": status})
+
+    # -- ssh sessions ------------------------------------------------------
+
+    def open_session(self, sock, key, shells):
+        """Start `sshd -i` on `sock`, as the job's owner, for `key` only."""
+        sshd = find_program(self.starter.config, "sshd")
+        with self.starter.lock:
+            self.session_count += 1
+            sdir = os.path.join(self.dir, "session-%d" % self.session_count)
+        os.mkdir(sdir, 0o711)
+        owner = self.owner
+        write_private(os.path.join(sdir, "authorized_keys"), key + "\n", mode=0o644)
+        write_private(os.path.join(sdir, "session.sh"), self.session_script(shells), owner)
+        write_private(os.path.join(sdir, "sshd_config"), self.sshd_config(sdir), mode=0o644)
+        if os.geteuid() == 0 and owner.pw_uid == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        with open(os.path.join(self.dir, "sshd.log"), "ab") as errors:
+            proc = subprocess.Popen(
+                [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
+                stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
+                env={"PATH": os.defpath, TAG_VAR: self.tag, SESSION_VAR: str(self.session_count)},
+                preexec_fn=privileges_of(owner.pw_name), start_new_session=True,
+            )
+        with self.starter.lock:
+            self.sessions.add(proc)
+        threading.Thread(target=self.end_session, args=(proc, sdir), daemon=True).start()
+        log.info("job %s: session %s started, sshd pid %d", self.name, sdir, proc.pid)
+
+    def end_session(self, proc, sdir):
+        proc.wait()
+        shutil.rmtree(sdir, ignore_errors=True)
+        with self.starter.lock:
+            self.sessions.discard(proc)
+            self.starter.sessions_changed.notify_all()
+        log.info("job %s: session %s ended", self.name, sdir)
+
+    def sshd_config(self, sdir):
+        template = DEFAULT_SSHD_TEMPLATE
+        path = self.starter.config["sshd_config_template"]
+        if path:
+            with open(path) as f:
+                template = f.read()
+        try:
+            return string.Template(template).substitute(
+                host_key=os.path.join(self.dir, "ssh_host_ed25519_key"),
+                authorized_keys=os.path.join(sdir, "authorized_keys"),
+                force_command="/bin/sh " + shlex.quote(os.path.join(sdir, "session.sh")),
+                user=self.owner.pw_name,
+                sftp_server=find_sftp_server(self.starter.config),
+            )
+        except (KeyError, ValueError) as e:
+            raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
+
+    def session_script(self, shells):
+        """The session's forced command: sshd gives every session a fresh
+        environment in $HOME, so this script puts back the job's environment
+        and working directory, then runs the requested command or a shell."""
+        shell = next((s for s in shells if os.path.isabs(s) and os.access(s, os.X_OK)), "/bin/sh")
+        q = shlex.quote
+        lines = ["# sshjob session in job %s" % self.name]
+        for name, value in sorted(self.env.items()):
+            if not SHELL_NAME.fullmatch(name):
+                continue
+            if CLIENT_VARIABLES.fullmatch(name):
+                lines.append('[ -n "${%s+set}" ] || export %s=%s' % (name, name, q(value)))
+            else:
+                lines.append("export %s=%s" % (name, q(value)))
+        pids = " ".join(str(pid) for pid in self.pids())
+        lines += [
+            "export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s" % (TAG_VAR, q(self.tag), PIDS_VAR, q(pids),
+                                                       SESSION_VAR, q(self.name)),
+            "cd %s || { echo \"sshjob: cannot enter the job's working directory %s\" >&2; exit 1; }"
+            % (q(self.workdir), self.workdir.replace('"', "")),
+            'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s -c "$SSH_ORIGINAL_COMMAND"; fi' % q(shell),
+            "echo %s" % q("Welcome to job %s on %s!" % (self.name, self.starter.name)),
+            "echo %s" % q("Your job is running with pid(s) %s." % pids),
+            "exec %s -l" % q(shell),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class Starter:
+    def __init__(self, config):
+        self.config = config
+        self.name = config["starter_name"]
+        self.dir = os.path.abspath(config["starter_dir"])
+        self.uid = os.geteuid()
+        slots = int(config.number("starter_slots"))
+        self.slots = slots if slots > 0 else os.cpu_count() or 1
+        self.enable_ssh = config.flag("enable_ssh_to_job")
+        self.schedd = config.schedd_address()
+        self.jobs = {}
+        self.pending = []  # updates the schedd has not acknowledged yet
+        self.lock = threading.RLock()
+        self.sessions_changed = threading.Condition(self.lock)
+        self.tickets = TicketBook()
+        self.stopping = threading.Event()
+        self.address = None
+
+    # -- talking to the schedd ---------------------------------------------
+
+    def report(self, update):
+        """Tell the schedd; if it is away, the next poll carries the news."""
+        try:
+            call(self.schedd, dict(update, op="update"), "the schedd")
+        except (Unreachable, ProtocolError) as e:
+            log.warning("schedd unreachable (%s); the update waits for the next poll", e)
+            with self.lock:
+                self.pending.append(update)
+
+    def finish(self, job, update):
+        with self.lock:
+            self.report(update)
+            self.jobs.pop(job.name, None)
+
+    def poll_forever(self):
+        backoff = 1.0
+        while not self.stopping.is_set():
+            with self.lock:
+                updates, self.pending = self.pending, []
+                running = list(self.jobs)
+            request = {"op": "poll", "name": self.name, "address": self.address, "enable_ssh": self.enable_ssh,
+                       "slots": self.slots, "jobs": running, "updates": updates, "wait": POLL_WAIT}
+            try:
+                reply = call(self.schedd, request, "the schedd", timeout=POLL_WAIT + IO_TIMEOUT)
+            except (Unreachable, ProtocolError) as e:
+                with self.lock:
+                    self.pending[:0] = updates
+                log.warning("%s; retrying in %.0f s", e, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            for command in reply.get("commands", []):
+                self.execute(command)
+
+    def execute(self, command):
+        action = command.get("do")
+        if action == "run":
+            self.run_job(command)
+            return
+        job = self.jobs.get(command.get("job"))
+        if job is None:
+            return
+        if action == "suspend":
+            job.signal(signal.SIGSTOP)
+        elif action == "continue":
+            job.signal(signal.SIGCONT)
+        elif action in ("rm", "vacate"):
+            threading.Thread(target=job.terminate, args=(action,), daemon=True).start()
+
+    def run_job(self, spec):
+        try:
+            job = Job(self, spec)
+            if self.uid != 0 and job.owner.pw_uid != self.uid:
+                raise Refused("this starter runs as %s and cannot run jobs of %s" % (
+                    user_name(self.uid), job.owner.pw_name))
+            job.start()
+        except (SshjobError, OSError, KeyError, subprocess.CalledProcessError) as e:
+            log.error("cannot start job %s: %s", spec.get("job"), e)
+            self.report({"event": "failed", "job": spec.get("job"), "reason": str(e)})
+            return
+        with self.lock:
+            self.jobs[job.name] = job
+        self.report({"event": "started", "job": job.name, "hostkey": job.hostkey, "pids": job.pids()})
+        threading.Thread(target=job.supervise, daemon=True).start()
+
+    # -- ssh requests ------------------------------------------------------
+
+    def answer(self, message, sock):
+        """Check a bridge's ticket and start sshd on its connection."""
+        if field(message, "op", str) != "ssh":
+            raise ProtocolError("unknown request %r" % message.get("op"))
+        if not self.enable_ssh:
+            raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % self.name)
+        name = field(message, "job", str)
+        node = field(message, "node", int, 0)
+        key = parse_public_key(field(message, "key", str))
+        job = self.jobs.get(name)
+        if job is None or job.node != node or job.ending:
+            raise NotRunning("job %s node %d is not running on %s" % (name, node, self.name))
+        if job.process.poll() is not None:
+            raise JobGone("job %s has exited; only its open sessions remain" % name)
+        claims = self.tickets.redeem(job.secret, message.get("ticket"), name, node, key)
+        send_msg(sock, {"ok": True})
+        sock.settimeout(None)
+        job.open_session(sock, key, claims.get("shells") or [])
+        return None
+
+    def stop(self):
+        self.stopping.set()
+        for job in list(self.jobs.values()):
+            job.terminate("vacate")
+
+
+class StarterHandler(RequestHandler):
+    """The starter's ssh endpoint: a ticket, then the ssh protocol itself."""
+
+    def handle(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.settimeout(IO_TIMEOUT)
+        try:
+            self.server.app.answer(recv_msg(self.request), self.request)
+        except SshjobError as e:
+            log.warning("refused an ssh request from %s: %s", self.client_address[0], e)
+            with contextlib.suppress(OSError):
+                send_msg(self.request, error_reply(e))
+        except OSError as e:
+            log.debug("dropped a connection: %s", e)
+
+
+def serve_starter(config):
+    starter = Starter(config)
+    os.makedirs(starter.dir, mode=0o755, exist_ok=True)
+    server = TCPServer(parse_address(config["starter_address"])[1], StarterHandler)
+    server.app = starter
+    host, port = server.server_address[:2]
+    starter.address = "%s:%d" % (socket.getfqdn() if host in ("0.0.0.0", "::") else host, port)
+    log.info("starter %s (user %s, %d slots) listening on %s", starter.name, user_name(starter.uid),
+             starter.slots, starter.address)
+    threading.Thread(target=starter.poll_forever, daemon=True).start()
+    run_until_signalled(server, on_stop=starter.stop)
+
+
+# ---------------------------------------------------------------------------
+# The bridge: ssh's ProxyCommand.  It fetches a fresh ticket (scp, sftp and
+# rsync start one ssh per transfer, and tickets are single-use), presents it
+# to the starter and hands ssh the connected socket.
+# ---------------------------------------------------------------------------
+
+
+def run_bridge(config, args):
+    with open(args.key) as f:
+        key = parse_public_key(f.read())
+    schedd = config.schedd_address(args.name)
+    reply = call(schedd, {"op": "ssh_ticket", "job": args.job, "key": key, "shells": args.shells.split(",")},
+                 "the schedd")
+    sock = connect(reply["address"], "the starter of job %s" % args.job)
+    try:
+        send_msg(sock, {"op": "ssh", "job": args.job, "node": 0, "key": key, "ticket": reply["ticket"]})
+        raise_for_reply(recv_msg(sock))
+    except OSError as e:
+        raise Unreachable("the starter of job %s did not answer (%s)" % (args.job, e)) from None
+    sock.settimeout(None)
+    log.debug("bridge: the starter accepted the ticket for job %s", args.job)
+    if stat.S_ISSOCK(os.fstat(1).st_mode):
+        fds = array.array("i", [sock.fileno()])
+        socket.socket(fileno=os.dup(1)).sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    else:
+        relay(sock, 0, 1)
+    return 0
+
+
+def relay(sock, infd, outfd):
+    """Copy between a socket and a pair of pipes, for an ssh that cannot
+    take a passed file descriptor."""
+    selector = selectors.DefaultSelector()
+    selector.register(infd, selectors.EVENT_READ)
+    selector.register(sock, selectors.EVENT_READ)
+    while selector.get_map():
+        for key, _ in selector.select():
+            if key.fileobj is sock:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                os.write(outfd, data)
+            else:
+                data = os.read(infd, 65536)
+                if data:
+                    sock.sendall(data)
+                else:
+                    selector.unregister(infd)
+                    sock.shutdown(socket.SHUT_WR)
+
+
+# ---------------------------------------------------------------------------
+# The client: condor_ssh_to_job's command line.
+# ---------------------------------------------------------------------------
+
+CLIENT_USAGE = """\
+usage: sshjob client [-help] [-debug] [-name schedd-name] [-pool pool-name]
+                     [-ssh ssh-command] [-keygen-options ssh-keygen-options]
+                     [-shells shell1,shell2,...] [-auto-retry] [-X]
+                     cluster | cluster.proc | cluster.proc.node [remote-command]
+
+Open an ssh session inside a running job: same user, working directory and
+environment as the job.  Without remote-command, an interactive shell.
+
+  -help                 show this help and exit
+  -debug                say on stderr what happens, step by step
+  -name schedd-name     the schedd to ask, if not the pool's own
+  -pool pool-name       the pool: a pool directory or its sshjob.conf
+  -ssh ssh-command      run this instead of ssh, e.g. "sftp" or "scp"; quote it
+                        as one argument if it has arguments of its own
+  -keygen-options opts  extra arguments to ssh-keygen for the session's key
+  -shells a,b,...       shells to try in the job, first that exists wins
+                        (default: $SHELL, then /bin/sh)
+  -auto-retry           if the job is not running yet, wait until it is
+  -X                    enable X11 forwarding
+
+Options take one dash or two.  The exit status is the remote command's, or
+non-zero with a sentence on stderr when no session could be set up.
+"""
+
+CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True,
+                  "debug": False, "auto-retry": False, "X": False, "help": False}
+
+
+def parse_client_args(argv):
+    """HTCondor style: options (one dash or two) before the job id, and
+    everything after the job id is the remote command, untouched."""
+    opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None,
+            "debug": False, "auto-retry": False, "X": False, "help": False}
+    args = list(argv)
+    while args and args[0].startswith("-") and args[0] != "-":
+        arg = args.pop(0)
+        if arg == "--":
+            break
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name not in CLIENT_OPTIONS:
+            raise UsageError("unknown option %s (sshjob client -help lists them)" % arg)
+        if CLIENT_OPTIONS[name]:
+            if not has_value:
+                if not args:
+                    raise UsageError("option %s needs a value" % arg)
+                value = args.pop(0)
+            opts[name] = value
+        else:
+            opts[name] = True
+    if opts["help"]:
+        return opts
+    if not args:
+        raise UsageError("no job given: sshjob client [options] cluster[.proc[.node]] [remote-command]")
+    opts["job"] = args[0]
+    opts["command"] = args[1:]
+    parse_job_id(opts["job"])
+    return opts
+
+
+@contextlib.contextmanager
+def signals_raise(*signums):
+    """Turn the given signals into Interrupted, so that `finally` blocks
+    (the removal of the temporary key directory) run on them too."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    path = tempfile.mkdtemp(prefix="sshjob-")  # under $TMPDIR, mode 0700
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        log.debug("removed %s", path)
+
+
+def make_session_key(config, tmp, keygen_options):
+    keygen = find_program(config, "ssh_keygen", "machine")
+    path = os.path.join(tmp, "id")
+    extra = shlex.split(keygen_options)
+    argv = [keygen, "-q", "-N", "", "-C", "sshjob-session", "-f", path]
+    if "-t" not in extra:
+        argv[1:1] = ["-t", "ed25519"]
+    result = subprocess.run(argv + extra, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True)
+    if result.returncode != 0 or not os.path.exists(path + ".pub"):
+        raise UsageError("ssh-keygen failed with options %r: %s" % (keygen_options, result.stdout.strip()))
+    os.chmod(path + ".pub", 0o600)
+    return path
+
+
+def self_command():
+    """How to run this module again, for the bridge and the daemons: imported
+    by path (a cached import starts faster than a script, which is compiled
+    anew each time, or a zipapp's bootstrap), and isolated from the user's
+    Python settings, since it needs only the standard library."""
+    here = os.path.abspath(__file__)
+    if not os.path.isfile(here):
+        return [sys.executable, os.path.abspath(sys.argv[0])]
+    module = os.path.splitext(os.path.basename(here))[0]
+    launcher = "import sys; sys.path.insert(0, %r); import %s; sys.exit(%s.main())" % (
+        os.path.dirname(here), module, module)
+    return [sys.executable, "-I", "-S", "-c", launcher]
+
+
+def ssh_command(config, opts, job, info, tmp, key):
+    """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
+    program = shlex.split(opts["ssh"] or config["ssh"])
+    if not program:
+        raise UsageError("the -ssh command is empty")
+    base = os.path.basename(program[0])
+    program[0] = shutil.which(program[0]) or program[0]
+    if not os.path.isfile(program[0]):
+        raise MissingProgram("%s was not found on this machine: install the %s package" % (
+            base, PACKAGES.get(base, "package that provides it")))
+    alias = "job-" + job
+    known_hosts = os.path.join(tmp, "known_hosts")
+    write_private(known_hosts, "%s %s\n" % (alias, info["hostkey"]))
+    shells = opts["shells"] or os.environ.get("SHELL", "")
+    bridge = self_command() + ["--config", config.path] + ["--debug"] * opts["debug"]
+    bridge += ["bridge", "--job", job, "--key", key + ".pub", "--shells", shells]
+    if opts["name"]:
+        bridge += ["--name", opts["name"]]
+    proxy = " ".join(shlex.quote(a) for a in bridge).replace("%", "%%")
+    options = {
+        "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": key,
+        "UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
+        "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
+        "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
+        "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": info["user"], "LogLevel": "ERROR",
+    }
+    argv = program + ["-F", "/dev/null"]
+    for name, value in options.items():
+        argv += ["-o", "%s=%s" % (name, value)]
+    argv += shlex.split(config["ssh_options"])
+    if base == "ssh" and opts["X"]:
+        argv.append("-X")
+    if base == "scp":
+        return argv + opts["command"]  # the user names the host ("remote:file"); any name does
+    if base == "sftp":
+        return argv + opts["command"] + [alias]
+    return argv + [alias] + opts["command"]
+
+
+def wait_for_job(schedd, request, opts):
+    """Ask the schedd about the job; with -auto-retry, wait while it is not
+    running yet, saying so, until it runs or never will."""
+    started = time.time()
+    while True:
+        try:
+            return call(schedd, request, "the schedd")
+        except NotRunning as e:
+            if not opts["auto-retry"]:
+                raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
+            sys.stderr.write("sshjob: %s; waiting (%d s)...\n" % (e, time.time() - started))
+            sys.stderr.flush()
+            time.sleep(2)
+
+
+def run_client(config_path, argv):
+    opts = parse_client_args(argv)
+    if opts["help"]:
+        sys.stdout.write(CLIENT_USAGE)
+        return 0
+    if opts["debug"]:
+        logging.getLogger().setLevel(logging.DEBUG)
+    if opts["pool"]:
+        config_path = find_config_path(opts["pool"])
+    config = Config(find_config_path(config_path))
+    cluster, proc, node = parse_job_id(opts["job"])
+    job = job_name(cluster, proc)
+    schedd = config.schedd_address(opts["name"])
+    command = " ".join(opts["command"]) if opts["command"] else None
+    info = wait_for_job(schedd, {"op": "ssh_prepare", "job": opts["job"], "command": command}, opts)
+    log.debug("job %s runs as %s on %s; transport: openssh", job, info["user"], info["starter"])
+    with private_tempdir() as tmp:
+        key = make_session_key(config, tmp, opts["keygen-options"])
+        argv = ssh_command(config, opts, job, info, tmp, key)
+        log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
+        child = subprocess.Popen(argv, env=dict(os.environ, SHELL="/bin/sh"))
+        try:
+            status = child.wait()
+        except BaseException:
+            child.terminate()
+            child.wait()
+            raise
+    if status == 255:
+        explain_lost_session(schedd, job)
+    return status
+
+
+def explain_lost_session(schedd, job):
+    """ssh failed: if the job is why, say so in a sentence."""
+    try:
+        call(schedd, {"op": "ssh_prepare", "job": job, "command": None}, "the schedd")
+    except (JobGone, NotRunning) as e:
+        raise JobGone("the session ended because %s" % str(e)[0].lower() + str(e)[1:]) from None
+    except SshjobError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Queue commands: submit, q, rm, suspend, continue, vacate.
+# ---------------------------------------------------------------------------
+
+
+def schedd_of(config_path):
+    return Config(find_config_path(config_path)).schedd_address()
+
+
+def run_submit(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob submit", description="Queue a job; print its id.")
+    parser.add_argument("--workdir", default=os.getcwd(), help="working directory (default: this one)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set a variable")
+    parser.add_argument("--getenv", action="store_true", help="give the job this whole environment")
+    parser.add_argument("--output", default="/dev/null", help="file for the job's stdout")
+    parser.add_argument("--error", default="/dev/null", help="file for the job's stderr")
+    parser.add_argument("--count", type=int, default=1, help="number of jobs in the cluster")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("no command given: sshjob submit [options] -- command [args]")
+    env = dict(os.environ) if args.getenv else {"PATH": os.environ.get("PATH", os.defpath)}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError("--env %r is not NAME=VALUE" % item)
+        env[name] = value
+    workdir = os.path.abspath(args.workdir)
+    paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
+    reply = call(schedd_of(config_path), dict(
+        op="submit", cmd=command, env=env, workdir=workdir, count=args.count, **paths), "the schedd")
+    print("\n".join(reply["jobs"]))
+    return 0
+
+
+def run_q(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob q", description="List the jobs in the queue.")
+    parser.add_argument("--all", action="store_true", help="include finished and removed jobs")
+    args = parser.parse_args(argv)
+    reply = call(schedd_of(config_path), {"op": "q", "all": args.all}, "the schedd")
+    rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
+    for job in reply["jobs"]:
+        state = job["state"]
+        if state == "completed":
+            state = "completed (%s)" % job["exit_status"]
+        command = " ".join(shlex.quote(a) for a in job["cmd"])
+        rows.append((job["id"], job["owner"], state, job["starter"] or "-",
+                     command + ("  [%s]" % job["note"] if job["note"] else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+ACTION_DONE = {"rm": "marked for removal", "suspend": "suspended", "continue": "continued",
+               "vacate": "vacated: it goes back to idle"}
+
+
+def run_action(action, config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob " + action)
+    parser.add_argument("jobs", nargs="+", metavar="JOB")
+    args = parser.parse_args(argv)
+    schedd = schedd_of(config_path)
+    for text in args.jobs:
+        parse_job_id(text)
+    for text in args.jobs:
+        reply = call(schedd, {"op": "act", "job": text, "action": action}, "the schedd")
+        print("Job %s %s." % (reply["job"], ACTION_DONE[action]))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# A personal pool on this machine: pool start / stop, and the demo.
+# ---------------------------------------------------------------------------
+
+
+def start_daemon(config_path, role, pool_dir):
+    log_path = os.path.join(pool_dir, role + ".log")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(self_command() + ["--config", config_path, role], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=log_file, start_new_session=True)
+    with open(os.path.join(pool_dir, role + ".pid"), "w") as f:
+        f.write("%d\n" % proc.pid)
+    return proc
+
+
+def pool_start(pool_dir, quiet=False):
+    pool_dir = os.path.abspath(pool_dir)
+    config_path = write_pool_config(pool_dir)
+    config = Config(config_path)
+    schedd = config.schedd_address()
+    try:
+        call(schedd, {"op": "ping"}, "the schedd", timeout=2)
+        raise UsageError("a pool is already running in %s" % pool_dir)
+    except (Unreachable, ProtocolError):
+        pass
+    procs = [start_daemon(config_path, "schedd", pool_dir)]
+    wait_until(lambda: ping_quietly(schedd), procs, "the schedd", pool_dir)
+    procs.append(start_daemon(config_path, "starter", pool_dir))
+    wait_until(lambda: (ping_quietly(schedd) or {}).get("starters"), procs, "the starter", pool_dir)
+    if not quiet:
+        print("export SSHJOB_CONFIG=%s" % shlex.quote(config_path))
+    return config_path
+
+
+def ping_quietly(schedd):
+    try:
+        return call(schedd, {"op": "ping"}, "the schedd", timeout=2)
+    except (Unreachable, ProtocolError):
+        return None
+
+
+def wait_until(ready, procs, what, pool_dir, timeout=20.0):
+    deadline = time.time() + timeout
+    while not ready():
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            raise Unreachable("%s did not start; see the logs in %s" % (what, pool_dir))
+        time.sleep(0.05)
+
+
+def pool_stop(pool_dir):
+    stopped = False
+    for role in ("starter", "schedd"):
+        pid_path = os.path.join(pool_dir, role + ".pid")
+        try:
+            with open(pid_path) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            stopped = True
+            deadline = time.time() + KILL_GRACE + 5
+            while time.time() < deadline and process_alive(pid):
+                time.sleep(0.05)
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        os.unlink(pid_path)
+    if not stopped:
+        raise NotFound("no pool is running in %s" % pool_dir)
+
+
+def process_alive(pid):
+    """True while `pid` runs (a zombie child counts as gone, and is reaped)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run_pool(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob pool", description="A personal pool on this machine.")
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--dir", required=True, help="the pool's directory")
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        pool_start(args.dir)
+    else:
+        pool_stop(os.path.abspath(args.dir))
+    return 0
+
+
+def run_demo(config_path, argv):
+    """A personal pool, a job, and a session inside it, all in one command."""
+    base = tempfile.mkdtemp(prefix="sshjob-demo-")
+    pool_dir = os.path.join(base, "pool")
+    workdir = os.path.join(base, "job")
+    os.mkdir(workdir)
+    with open(os.path.join(workdir, "outputfile.dat"), "w") as f:
+        f.write("results of the demo job\n")
+    try:
+        config_path = pool_start(pool_dir, quiet=True)
+        os.environ["SSHJOB_CONFIG"] = config_path
+        print("sshjob demo: a personal pool runs in %s" % pool_dir)
+        with contextlib.redirect_stdout(sys.stderr):
+            run_submit(config_path, ["--workdir", workdir, "--env", "DEMO=hello from the job", "--",
+                                     "sleep", "3600"])
+        schedd = Config(config_path).schedd_address()
+        wait_until(lambda: job_state(schedd, "1.0") == "running", [], "the demo job", pool_dir)
+        command = argv or ([] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR])
+        print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(command))
+        status = run_client(config_path, ["1.0"] + command)
+        print("sshjob demo: the session ended with status %d; stopping the pool" % status)
+        return status
+    finally:
+        with contextlib.suppress(SshjobError):
+            pool_stop(pool_dir)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def job_state(schedd, job):
+    jobs = call(schedd, {"op": "q", "all": True}, "the schedd")["jobs"]
+    return next((j["state"] for j in jobs if j["id"] == job), None)
+
+
+# ---------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------
+
+ROLES = """\
+roles:
+  client [options] JOB [command]   an ssh session inside a running job (client -help)
+  submit [options] -- COMMAND      queue a job; prints its id
+  q [--all]                        list the queue
+  rm | suspend | continue | vacate JOB...
+  pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
+  demo [command]                   a personal pool, a job and a session inside it
+  schedd                           the job queue daemon
+  starter                          the execute node daemon
+  bridge                           ssh's ProxyCommand (started by the client)
+
+The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
+%s.
+""" % DEFAULT_CONFIG
+
+
+def bridge_args(argv):
+    parser = argparse.ArgumentParser(prog="sshjob bridge")
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--shells", default="")
+    parser.add_argument("--name")
+    return parser.parse_args(argv)
+
+
+def dispatch(args):
+    role, rest = args.role, args.args
+    if role == "client":
+        return run_client(args.config, rest)
+    if role in ("submit", "q", "pool", "demo"):
+        return {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo}[role](args.config, rest)
+    if role in ACTION_DONE:
+        return run_action(role, args.config, rest)
+    if role == "bridge":
+        return run_bridge(Config(find_config_path(args.config)), bridge_args(rest))
+    if role in ("schedd", "starter"):
+        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+        config = Config(find_config_path(args.config))
+        (serve_schedd if role == "schedd" else serve_starter)(config)
+        return 0
+    raise UsageError("unknown role %r (sshjob --help lists them)" % role)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="sshjob", description="An ssh session inside a running batch job.", epilog=ROLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the pool's sshjob.conf (default: $SSHJOB_CONFIG)")
+    parser.add_argument("--debug", "-debug", action="store_true", help="log what happens to stderr")
+    parser.add_argument("--version", action="version", version="sshjob " + __version__)
+    parser.add_argument("role", help="what to do; see the list below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s sshjob %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        with signals_raise(signal.SIGTERM, signal.SIGHUP):
+            return dispatch(args)
+    except SshjobError as e:
+        sys.stderr.write("sshjob: %s\n" % e)
+        return e.status
+    except KeyboardInterrupt:
+        sys.stderr.write("sshjob: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
