@@ -449,7 +449,9 @@ class Config:
             except OSError as e:
                 raise ConfigError("cannot read the configuration %s (%s)" % (path, e.strerror)) from None
             except configparser.Error as e:
-                raise ConfigError("the configuration %s is malformed: %s" % (path, e.message)) from None
+                where = " at line %d" % e.lineno if getattr(e, "lineno", None) else ""
+                raise ConfigError("the configuration %s is malformed%s: %s" % (
+                    path, where, e.message.splitlines()[0].rstrip("."))) from None
 
     def __getitem__(self, key):
         value = os.environ.get("SSHJOB_" + key.upper())
@@ -514,14 +516,14 @@ def write_pool_config(pool_dir, extra=None):
     return path
 
 
-def find_program(config, key, where="node"):
+def find_program(config, key, where="this node"):
     """The path of an external program, or MissingProgram naming its package."""
     name = config[key]
     found = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":" + SBIN_PATH)
     if not found:
         package = PACKAGES.get(os.path.basename(name), "package that provides it")
         raise MissingProgram(
-            "%s was not found on this %s: install the %s package, or set %s in the "
+            "%s was not found on %s: install the %s package, or set %s in the "
             "configuration" % (name, where, package, key)
         )
     return found
@@ -659,6 +661,7 @@ class StarterRecord:
         self.address = None
         self.uid = None
         self.enable_ssh = True
+        self.ssh_problem = None  # why this node cannot start sshd, if it cannot
         self.slots = 1
         self.last_poll = 0.0
         self.commands = []
@@ -827,13 +830,18 @@ class Schedd:
         if state in ("completed", "removed"):
             raise JobGone("job %s has %s: there is nothing to enter" % (
                 name, "finished" if state == "completed" else "been removed"))
-        if state != "running" or not job["hostkey"]:
+        if state != "running":
             raise NotRunning("job %s is %s, not running yet" % (name, state))
         starter = self.starters.get(job["starter"])
         if starter is None or time.time() - starter.last_poll > 3 * POLL_WAIT:
             raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, job["starter"]))
         if not starter.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % starter.name)
+        if starter.ssh_problem:
+            raise MissingProgram(starter.ssh_problem)
+        if not job["hostkey"]:
+            raise MissingProgram("job %s has no ssh host key: ssh-keygen was missing on %s when it started"
+                                 % (name, starter.name))
         return job, starter
 
     def audit(self, uid, message, granted, reason=""):
@@ -886,6 +894,7 @@ class Schedd:
             record.address = field(message, "address", str)
             record.uid = uid
             record.enable_ssh = field(message, "enable_ssh", bool, True)
+            record.ssh_problem = message.get("ssh_problem")
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
         self.reconcile(name, field(message, "jobs", list, []))
@@ -1029,6 +1038,7 @@ X11Forwarding yes
 PermitTTY yes
 PrintMotd no
 PrintLastLog no
+ExposeAuthInfo yes
 UseDNS no
 AcceptEnv LANG LC_*
 Subsystem sftp ${sftp_server}
@@ -1084,8 +1094,14 @@ class Job:
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def make_host_key(self):
+        """The job's sshd host key; None on a node without ssh-keygen, where
+        the job runs all the same, without ssh sessions."""
         path = os.path.join(self.dir, "ssh_host_ed25519_key")
-        keygen = find_program(self.starter.config, "ssh_keygen")
+        try:
+            keygen = find_program(self.starter.config, "ssh_keygen")
+        except MissingProgram as e:
+            log.warning("job %s gets no ssh host key: %s", self.name, e)
+            return None
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", path],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         if os.geteuid() == 0:
@@ -1239,6 +1255,15 @@ class Starter:
             with self.lock:
                 self.pending.append(update)
 
+    def ssh_problem(self):
+        """Why this node cannot start sshd, in a sentence; None if it can."""
+        try:
+            find_program(self.config, "sshd", "node " + self.name)
+            find_program(self.config, "ssh_keygen", "node " + self.name)
+        except MissingProgram as e:
+            return str(e)
+        return None
+
     def finish(self, job, update):
         with self.lock:
             self.report(update)
@@ -1251,7 +1276,8 @@ class Starter:
                 updates, self.pending = self.pending, []
                 running = list(self.jobs)
             request = {"op": "poll", "name": self.name, "address": self.address, "enable_ssh": self.enable_ssh,
-                       "slots": self.slots, "jobs": running, "updates": updates, "wait": POLL_WAIT}
+                       "ssh_problem": self.ssh_problem(), "slots": self.slots, "jobs": running,
+                       "updates": updates, "wait": POLL_WAIT}
             try:
                 reply = call(self.schedd, request, "the schedd", timeout=POLL_WAIT + IO_TIMEOUT)
             except (Unreachable, ProtocolError) as e:
@@ -1495,12 +1521,13 @@ def private_tempdir():
 
 
 def make_session_key(config, tmp, keygen_options):
-    keygen = find_program(config, "ssh_keygen", "machine")
+    keygen = find_program(config, "ssh_keygen", "this machine")
     path = os.path.join(tmp, "id")
     extra = shlex.split(keygen_options)
     argv = [keygen, "-q", "-N", "", "-C", "sshjob-session", "-f", path]
     if "-t" not in extra:
         argv[1:1] = ["-t", "ed25519"]
+    log.debug("making the session key: %s", " ".join(shlex.quote(a) for a in argv + extra))
     result = subprocess.run(argv + extra, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True)
     if result.returncode != 0 or not os.path.exists(path + ".pub"):
@@ -1536,7 +1563,7 @@ def ssh_command(config, opts, job, info, tmp, key):
     alias = "job-" + job
     known_hosts = os.path.join(tmp, "known_hosts")
     write_private(known_hosts, "%s %s\n" % (alias, info["hostkey"]))
-    shells = opts["shells"] or os.environ.get("SHELL", "")
+    shells = ",".join(filter(None, [opts["shells"], os.environ.get("SHELL")]))
     bridge = self_command() + ["--config", config.path] + ["--debug"] * opts["debug"]
     bridge += ["bridge", "--job", job, "--key", key + ".pub", "--shells", shells]
     if opts["name"]:
@@ -1609,14 +1636,18 @@ def run_client(config_path, argv):
     return status
 
 
+LOST_SESSION = {"removed": "was removed", "completed": "finished", "idle": "was pre-empted (vacated)",
+                "starting": "was pre-empted (vacated)"}
+
+
 def explain_lost_session(schedd, job):
-    """ssh failed: if the job is why, say so in a sentence."""
+    """ssh failed: if the job's end is why, say so in a sentence."""
     try:
-        call(schedd, {"op": "ssh_prepare", "job": job, "command": None}, "the schedd")
-    except (JobGone, NotRunning) as e:
-        raise JobGone("the session ended because %s" % str(e)[0].lower() + str(e)[1:]) from None
+        state = job_state(schedd, job)
     except SshjobError:
-        pass
+        return
+    if state in LOST_SESSION:
+        raise JobGone("the session ended because job %s %s" % (job, LOST_SESSION[state]))
 
 
 # ---------------------------------------------------------------------------

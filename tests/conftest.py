@@ -1,0 +1,164 @@
+"""Fixtures: the built pyz, real interpreters, real Unix users, real pools.
+
+Every end-to-end test runs `python3 dist/sshjob.pyz ...` as a user would,
+against a pool of real daemons that run the real OpenSSH programs."""
+
+import glob
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USERS = ("sshjob-alice", "sshjob-bob")
+
+
+def pyenv_interpreters():
+    """The oldest and the newest Python 3 under /root/.pyenv/versions."""
+
+    def version(path):
+        match = re.search(r"/(\d+)\.(\d+)\.(\d+)[^/]*/bin", path)
+        return tuple(int(n) for n in match.groups()) if match else (0,)
+
+    found = sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3"), key=version)
+    return [found[0], found[-1]] if found else []
+
+
+INTERPRETERS = pyenv_interpreters() or [sys.executable]
+
+
+def run(argv, timeout=60, **kwargs):
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(argv, timeout=timeout, universal_newlines=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def base():
+    """A world-traversable scratch directory holding a copy of the built pyz,
+    so that the test users can reach both the pool and the program."""
+    result = run([sys.executable, os.path.join(ROOT, "build.py")], timeout=300)
+    assert result.returncode == 0, result.stderr
+    path = tempfile.mkdtemp(prefix="sshjob-tests-", dir="/tmp")
+    os.chmod(path, 0o755)
+    shutil.copy(os.path.join(ROOT, "dist", "sshjob.pyz"), os.path.join(path, "sshjob.pyz"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def users():
+    """Two real Unix users, made for the tests (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating test users needs root")
+    for name in USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+    return USERS
+
+
+class Pool:
+    """A personal pool started with `sshjob pool start`, driven through the pyz."""
+
+    def __init__(self, base, python, name, settings=None):
+        self.python = python
+        self.pyz = os.path.join(base, "sshjob.pyz")
+        self.dir = tempfile.mkdtemp(prefix=name + "-", dir=base)
+        os.chmod(self.dir, 0o755)
+        self.config = os.path.join(self.dir, "sshjob.conf")
+        settings = dict({"starter_slots": "64", "ticket_lifetime": "5"}, **(settings or {}))
+        lines = ["[sshjob]"] + ["%s = %s" % item for item in settings.items()]
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.started = False
+
+    def start(self):
+        result = self.sshjob("pool", "start", "--dir", self.dir, config=False)
+        assert result.returncode == 0, result.stderr
+        assert "export SSHJOB_CONFIG=" in result.stdout
+        self.started = True
+        return self
+
+    def stop(self):
+        if self.started:
+            self.sshjob("pool", "stop", "--dir", self.dir)
+            self.started = False
+
+    def argv(self, *args, user=None, env=None, config=True):
+        variables = {"PATH": os.environ["PATH"], "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+                     "SHELL": "/bin/sh", "HOME": pwd.getpwnam(user or "root").pw_dir if user else os.environ.get(
+                         "HOME", "/root")}
+        if config:
+            variables["SSHJOB_CONFIG"] = self.config
+        variables.update(env or {})
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        assignments = ["%s=%s" % item for item in variables.items() if item[1] is not None]
+        return prefix + ["env", "-i"] + assignments + [self.python, self.pyz] + list(args)
+
+    def sshjob(self, *args, user=None, env=None, config=True, timeout=60, **kwargs):
+        return run(self.argv(*args, user=user, env=env, config=config), timeout=timeout, **kwargs)
+
+    def submit(self, *command, user=None, workdir=None, options=()):
+        workdir = workdir or self.workdir(user)
+        result = self.sshjob("submit", "--workdir", workdir, *options, "--", *command, user=user)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()[0]
+
+    def workdir(self, user=None):
+        path = tempfile.mkdtemp(prefix="run-", dir=self.dir)
+        if user:
+            record = pwd.getpwnam(user)
+            os.chown(path, record.pw_uid, record.pw_gid)
+        return path
+
+    def state(self, job):
+        result = self.sshjob("q", "--all")
+        for line in result.stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields[0] == job:
+                return fields[2]
+        return None
+
+    def wait_state(self, job, state, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.state(job) == state:
+                return
+            time.sleep(0.1)
+        raise AssertionError("job %s did not reach state %s (is %s)" % (job, state, self.state(job)))
+
+    def running_job(self, *command, **kwargs):
+        job = self.submit(*(command or ("sleep", "600")), **kwargs)
+        self.wait_state(job, "running")
+        return job
+
+
+@pytest.fixture(scope="session", params=INTERPRETERS, ids=lambda p: "py" + p.split("/")[-3] if "pyenv" in p else "py")
+def pool(request, base):
+    """One pool per interpreter, shared by the tests that need no special settings."""
+    pool = Pool(base, request.param, "pool").start()
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def make_pool(base):
+    """Pools with settings of their own, stopped after the test."""
+    pools = []
+
+    def make(settings=None, python=INTERPRETERS[-1], start=True):
+        pool = Pool(base, python, "pool", settings)
+        pools.append(pool)
+        return pool.start() if start else pool
+
+    yield make
+    for pool in pools:
+        pool.stop()
