@@ -887,8 +887,10 @@ class Schedd:
         self.require_starter(uid)
         name = field(message, "name", str)
         for update in field(message, "updates", list, []):
-            if isinstance(update, dict):
-                self.apply_update(update)
+            try:
+                self.apply_update(update if isinstance(update, dict) else {}, name)
+            except SshjobError as e:
+                log.warning("ignored an update from %s: %s", name, e)
         with self.changed:
             record = self.starters.setdefault(name, StarterRecord(name))
             record.address = field(message, "address", str)
@@ -946,28 +948,31 @@ class Schedd:
 
     def op_update(self, message, uid):
         self.require_starter(uid)
-        self.apply_update(message)
+        self.apply_update(message, field(message, "name", str))
         return {"ok": True}
 
-    def apply_update(self, update):
-        """A starter's news about one of its jobs."""
-        try:
-            job = self.find_job(field(update, "job", str))
-        except NotFound:
-            return
-        event = update.get("event")
+    def apply_update(self, update, starter):
+        """A starter's news about one of its own jobs."""
+        event = field(update, "event", str)
+        job = self.find_job(field(update, "job", str))
+        if job["starter"] != starter:
+            raise Refused("job %s does not run on %s" % (job_name(job["cluster"], job["proc"]), starter))
         if event == "started":
+            hostkey = update.get("hostkey")
             if job["state"] == "starting":
-                self.update_job(job, state="running", hostkey=field(update, "hostkey", str),
+                self.update_job(job, state="running", hostkey=hostkey if isinstance(hostkey, str) else None,
                                 pids=" ".join(str(p) for p in field(update, "pids", list)))
         elif event == "sessions_open":
             self.update_job(job, note="its command exited; waiting for its ssh sessions to close")
         elif event == "exited":
             if job["state"] in ACTIVE_STATES:
                 self.update_job(job, state="completed", exit_status=update.get("status"), hostkey=None, note=None)
-        elif event == "failed":
-            self.update_job(job, state="idle", starter=None, hostkey=None,
+        elif event == "failed":  # held, unless trying again elsewhere or later may help
+            state = "idle" if update.get("transient") else "held"
+            self.update_job(job, state=state, starter=None, hostkey=None,
                             note="could not start: %s" % update.get("reason"))
+        elif event not in ("removed", "vacated"):  # those the queue knew first
+            raise ProtocolError("unknown job event %r" % event)
         log.info("job %s: %s", update.get("job"), event)
 
 
@@ -1249,7 +1254,7 @@ class Starter:
     def report(self, update):
         """Tell the schedd; if it is away, the next poll carries the news."""
         try:
-            call(self.schedd, dict(update, op="update"), "the schedd")
+            call(self.schedd, dict(update, op="update", name=self.name), "the schedd")
         except (Unreachable, ProtocolError) as e:
             log.warning("schedd unreachable (%s); the update waits for the next poll", e)
             with self.lock:
@@ -1267,7 +1272,8 @@ class Starter:
     def finish(self, job, update):
         with self.lock:
             self.report(update)
-            self.jobs.pop(job.name, None)
+            if self.jobs.get(job.name) is job:
+                del self.jobs[job.name]
 
     def poll_forever(self):
         backoff = 1.0
@@ -1307,13 +1313,21 @@ class Starter:
             threading.Thread(target=job.terminate, args=(action,), daemon=True).start()
 
     def run_job(self, spec):
+        if spec.get("job") in self.jobs:
+            self.report({"event": "failed", "job": spec.get("job"), "transient": True,
+                         "reason": "its previous run is still ending"})
+            return
         try:
             job = Job(self, spec)
             if self.uid != 0 and job.owner.pw_uid != self.uid:
                 raise Refused("this starter runs as %s and cannot run jobs of %s" % (
                     user_name(self.uid), job.owner.pw_name))
             job.start()
-        except (SshjobError, OSError, KeyError, subprocess.CalledProcessError) as e:
+        except KeyError:
+            self.report({"event": "failed", "job": spec.get("job"),
+                         "reason": "user %s does not exist on %s" % (spec.get("owner"), self.name)})
+            return
+        except (SshjobError, OSError, subprocess.CalledProcessError) as e:
             log.error("cannot start job %s: %s", spec.get("job"), e)
             self.report({"event": "failed", "job": spec.get("job"), "reason": str(e)})
             return

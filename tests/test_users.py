@@ -1,0 +1,88 @@
+"""Real Unix users: jobs run as their owners, only owners and queue super
+users get in, and the pyz runs for a user whose HOME is unusable."""
+
+import os
+import pwd
+import shutil
+import stat
+
+import pytest
+
+ALICE, BOB = "sshjob-alice", "sshjob-bob"
+
+
+@pytest.fixture
+def alice_job(pool, users):
+    workdir = pool.workdir(ALICE)
+    job = pool.running_job("sleep", "600", user=ALICE, workdir=workdir, options=["--env", "SECRET_PLAN=alice"])
+    return job, workdir
+
+
+def test_owner_enters_as_the_job_user(pool, alice_job):
+    job, workdir = alice_job
+    result = pool.sshjob("client", job, 'id -un; pwd; echo $SECRET_PLAN; ps -o user= -p $PPID', user=ALICE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [ALICE, workdir, "alice", ALICE]
+
+
+def test_other_users_are_refused_and_super_users_are_not(pool, alice_job):
+    job, _ = alice_job
+    refused = pool.sshjob("client", job, "id -un", user=BOB)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "sshjob: user %s may not enter job %s: it belongs to %s, and only its owner or a queue super user may\n"
+        % (BOB, job, ALICE))
+    for action, verb in (("rm", "remove"), ("suspend", "suspend"), ("vacate", "vacate")):
+        result = pool.sshjob(action, job, user=BOB)
+        assert result.returncode == 1
+        assert "user %s may not %s job %s" % (BOB, verb, job) in result.stderr
+    assert pool.state(job) == "running"
+    root = pool.sshjob("client", job, "id -un")  # root is a queue super user by default
+    assert root.stdout == ALICE + "\n", root.stderr
+    with open(os.path.join(pool.dir, "audit.log")) as f:
+        audit = f.read()
+    assert '"user": "%s", "job": "%s", "op": "ssh_prepare", "granted": false' % (BOB, job) in audit
+
+
+def test_configured_super_user(make_pool, users):
+    pool = make_pool({"queue_super_users": "root, " + BOB})
+    job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
+    result = pool.sshjob("client", job, "id -un", user=BOB)
+    assert result.stdout == ALICE + "\n", result.stderr
+
+
+def test_the_users_ssh_directory_is_never_used(pool, alice_job):
+    job, _ = alice_job
+    home = pwd.getpwnam(ALICE).pw_dir
+    ssh_dir = os.path.join(home, ".ssh")
+    shutil.rmtree(ssh_dir, ignore_errors=True)
+    os.mkdir(ssh_dir)
+    with open(os.path.join(ssh_dir, "config"), "w") as f:
+        f.write("Host *\n    ProxyCommand false\n    User nobody\n")
+    record = pwd.getpwnam(ALICE)
+    os.chown(ssh_dir, record.pw_uid, record.pw_gid)
+    try:
+        result = pool.sshjob("client", job, "echo fine", user=ALICE)
+        assert result.stdout == "fine\n", result.stderr
+        assert os.listdir(ssh_dir) == ["config"]
+    finally:
+        shutil.rmtree(ssh_dir)
+
+
+@pytest.mark.parametrize("home", ["unset", "missing", "read-only"])
+def test_the_pyz_runs_whatever_the_home_directory(pool, alice_job, tmp_path, home):
+    job, _ = alice_job
+    read_only = str(tmp_path / "ro-home")
+    os.mkdir(read_only, 0o555)
+    os.chmod(str(tmp_path), 0o755)
+    value = {"unset": None, "missing": "/nonexistent/home", "read-only": read_only}[home]
+    result = pool.sshjob("client", job, "echo home-ok", user=ALICE, env={"HOME": value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "home-ok\n"
+    assert os.listdir(read_only) == []
+    record = pwd.getpwnam(ALICE)
+    cache = os.path.join(record.pw_dir, ".shiv") if home == "unset" else "/tmp/sshjob-shiv-%d" % record.pw_uid
+    info = os.lstat(cache)
+    assert info.st_uid == record.pw_uid
+    if home != "unset":  # the fallback is private; ~/.shiv is shiv's own business
+        assert stat.S_IMODE(info.st_mode) == 0o700
