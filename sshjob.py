@@ -232,7 +232,7 @@ def recv_msg(sock):
 def field(message, name, kind, default=None):
     """The value of `name` in a peer's message, checked to be of `kind`."""
     value = message.get(name, default)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError("field %r is missing or malformed" % name)
     return value
 
@@ -1628,7 +1628,7 @@ def run_client(config_path, argv):
     if opts["pool"]:
         config_path = find_config_path(opts["pool"])
     config = Config(find_config_path(config_path))
-    cluster, proc, node = parse_job_id(opts["job"])
+    cluster, proc, _node = parse_job_id(opts["job"])
     job = job_name(cluster, proc)
     schedd = config.schedd_address(opts["name"])
     command = " ".join(opts["command"]) if opts["command"] else None

@@ -114,7 +114,7 @@ def test_malformed_frames_get_an_error_or_a_close_and_the_daemon_serves_on(pool,
                  for _ in range(300)]
     for payload in payloads:
         reply = exchange(connect, payload)
-        assert reply is None or reply["ok"] is False and reply["error"], (payload[:60], reply)
+        assert reply is None or (reply["ok"] is False and reply["error"]), (payload[:60], reply)
     assert pool.sshjob("client", job, "echo still-serving").stdout == "still-serving\n"
     time.sleep(1)
     assert open_fds(pid) <= fds_before

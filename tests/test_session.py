@@ -15,7 +15,6 @@ import termios
 import time
 
 import pytest
-
 from conftest import INTERPRETERS, run
 
 
