@@ -42,7 +42,6 @@ import os
 import pwd
 import re
 import secrets
-import selectors
 import shlex
 import shutil
 import signal
@@ -845,22 +844,10 @@ class Schedd:
         return job, starter
 
     def audit(self, uid, message, granted, reason=""):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid),
-                 "job": message.get("job"), "op": message.get("op"), "granted": granted, "reason": reason}
-        if message.get("command") is not None:
-            entry["command"] = message.get("command")
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid), "job": message.get("job"),
+                 "granted": granted, "reason": reason, "command": message.get("command")}
         with self.db_lock, open(self.config["audit_log"], "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-    def op_ssh_prepare(self, message, uid):
-        try:
-            job, starter = self.ssh_target(message, uid)
-        except SshjobError as e:
-            self.audit(uid, message, False, str(e))
-            raise
-        self.audit(uid, message, True)
-        return {"ok": True, "job": job_name(job["cluster"], job["proc"]), "user": job["owner"],
-                "hostkey": job["hostkey"], "starter": starter.name, "state": job["state"]}
 
     def op_ssh_ticket(self, message, uid):
         try:
@@ -873,7 +860,8 @@ class Schedd:
         claims = {"job": job_name(job["cluster"], job["proc"]), "node": 0, "key": key_fingerprint(key),
                   "user": user_name(uid), "shells": shells}
         self.audit(uid, message, True)
-        return {"ok": True, "address": starter.address,
+        return {"ok": True, "job": claims["job"], "user": job["owner"], "hostkey": job["hostkey"],
+                "starter": starter.name, "address": starter.address,
                 "ticket": make_ticket(job["secret"], claims, self.ticket_lifetime)}
 
     # -- starters ----------------------------------------------------------
@@ -1394,54 +1382,104 @@ def serve_starter(config):
 
 
 # ---------------------------------------------------------------------------
-# The bridge: ssh's ProxyCommand.  It fetches a fresh ticket (scp, sftp and
-# rsync start one ssh per transfer, and tickets are single-use), presents it
-# to the starter and hands ssh the connected socket.
+# The bridge gives ssh its connection to the job's sshd, in two halves.  The
+# client keeps a ticket desk, a Unix socket in its private directory: for
+# each connection ssh makes (scp, sftp and rsync make one per transfer, and
+# tickets are single-use), the desk fetches a ticket, connects to the
+# starter and presents it.  ssh's ProxyCommand is a stub that takes the
+# connected socket from the desk and passes it on to ssh (ProxyUseFdpass).
+# The stub imports nothing but `socket`, so that it starts in milliseconds.
 # ---------------------------------------------------------------------------
 
-
-def run_bridge(config, args):
-    with open(args.key) as f:
-        key = parse_public_key(f.read())
-    schedd = config.schedd_address(args.name)
-    reply = call(schedd, {"op": "ssh_ticket", "job": args.job, "key": key, "shells": args.shells.split(",")},
-                 "the schedd")
-    sock = connect(reply["address"], "the starter of job %s" % args.job)
-    try:
-        send_msg(sock, {"op": "ssh", "job": args.job, "node": 0, "key": key, "ticket": reply["ticket"]})
-        raise_for_reply(recv_msg(sock))
-    except OSError as e:
-        raise Unreachable("the starter of job %s did not answer (%s)" % (args.job, e)) from None
-    sock.settimeout(None)
-    log.debug("bridge: the starter accepted the ticket for job %s", args.job)
-    if stat.S_ISSOCK(os.fstat(1).st_mode):
-        fds = array.array("i", [sock.fileno()])
-        socket.socket(fileno=os.dup(1)).sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-    else:
-        relay(sock, 0, 1)
-    return 0
+BRIDGE_STUB = """\
+import socket, sys
+desk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+desk.connect(sys.argv[1])
+_, ancillary, _, _ = desk.recvmsg(1, socket.CMSG_SPACE(4))
+if not ancillary or ancillary[0][:2] != (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+    sys.exit(1)
+ssh = socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM)
+ssh.sendmsg([b"\\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary[0][2][:4])])
+"""
 
 
-def relay(sock, infd, outfd):
-    """Copy between a socket and a pair of pipes, for an ssh that cannot
-    take a passed file descriptor."""
-    selector = selectors.DefaultSelector()
-    selector.register(infd, selectors.EVENT_READ)
-    selector.register(sock, selectors.EVENT_READ)
-    while selector.get_map():
-        for key, _ in selector.select():
-            if key.fileobj is sock:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                os.write(outfd, data)
-            else:
-                data = os.read(infd, 65536)
-                if data:
-                    sock.sendall(data)
-                else:
-                    selector.unregister(infd)
-                    sock.shutdown(socket.SHUT_WR)
+def pass_socket(channel, sock):
+    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+
+
+class TicketDesk:
+    """The client's half of the bridge (see above)."""
+
+    def __init__(self, schedd, request, tmp):
+        self.schedd = schedd
+        self.request = request
+        self.error = None
+        self.path = os.path.join(tmp, "desk")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.ready = None
+        self.info = None  # the schedd's last answer: the job's user, host key, starter
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def connect_to_job(self):
+        """A fresh ticket, presented to the starter: a socket sshd answers."""
+        reply = self.info = call(self.schedd, self.request, "the schedd")
+        job = self.request["job"]
+        sock = connect(reply["address"], "the starter of job %s" % job)
+        try:
+            send_msg(sock, {"op": "ssh", "job": reply["job"], "node": 0, "key": self.request["key"],
+                            "ticket": reply["ticket"]})
+            raise_for_reply(recv_msg(sock))
+        except OSError as e:
+            sock.close()
+            raise Unreachable("the starter of job %s did not answer (%s)" % (job, e)) from None
+        except SshjobError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        log.debug("the starter accepted the ticket for job %s", job)
+        return sock
+
+    def prepare(self):
+        """Connect ahead of ssh: the job's sshd starts while ssh does, and a
+        failure is reported before ssh runs, as one sentence."""
+        self.ready = self.connect_to_job()
+
+    def serve(self):
+        while True:
+            try:
+                channel, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with channel:
+                if peer_credentials(channel)[1] != os.getuid():
+                    continue
+                try:
+                    sock, self.ready = self.ready or self.connect_to_job(), None
+                except SshjobError as e:
+                    self.error = e
+                    continue
+                with sock:
+                    pass_socket(channel, sock)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        if self.ready:
+            self.ready.close()
+
+    def proxy_command(self):
+        argv = [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, self.path]
+        return " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
+
+
+def run_bridge(argv):
+    """The stub as a role of its own: `sshjob bridge DESK`."""
+    if len(argv) != 1:
+        raise UsageError("usage: sshjob bridge DESK (ssh runs it; the client makes DESK)")
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, argv[0]])
 
 
 # ---------------------------------------------------------------------------
@@ -1550,21 +1588,7 @@ def make_session_key(config, tmp, keygen_options):
     return path
 
 
-def self_command():
-    """How to run this module again, for the bridge and the daemons: imported
-    by path (a cached import starts faster than a script, which is compiled
-    anew each time, or a zipapp's bootstrap), and isolated from the user's
-    Python settings, since it needs only the standard library."""
-    here = os.path.abspath(__file__)
-    if not os.path.isfile(here):
-        return [sys.executable, os.path.abspath(sys.argv[0])]
-    module = os.path.splitext(os.path.basename(here))[0]
-    launcher = "import sys; sys.path.insert(0, %r); import %s; sys.exit(%s.main())" % (
-        os.path.dirname(here), module, module)
-    return [sys.executable, "-I", "-S", "-c", launcher]
-
-
-def ssh_command(config, opts, job, info, tmp, key):
+def ssh_command(config, opts, job, info, tmp, key, proxy):
     """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
     program = shlex.split(opts["ssh"] or config["ssh"])
     if not program:
@@ -1577,12 +1601,6 @@ def ssh_command(config, opts, job, info, tmp, key):
     alias = "job-" + job
     known_hosts = os.path.join(tmp, "known_hosts")
     write_private(known_hosts, "%s %s\n" % (alias, info["hostkey"]))
-    shells = ",".join(filter(None, [opts["shells"], os.environ.get("SHELL")]))
-    bridge = self_command() + ["--config", config.path] + ["--debug"] * opts["debug"]
-    bridge += ["bridge", "--job", job, "--key", key + ".pub", "--shells", shells]
-    if opts["name"]:
-        bridge += ["--name", opts["name"]]
-    proxy = " ".join(shlex.quote(a) for a in bridge).replace("%", "%%")
     options = {
         "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": key,
         "UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
@@ -1603,15 +1621,15 @@ def ssh_command(config, opts, job, info, tmp, key):
     return argv + [alias] + opts["command"]
 
 
-def wait_for_job(schedd, request, opts):
-    """Ask the schedd about the job; with -auto-retry, wait while it is not
-    running yet, saying so, until it runs or never will."""
+def wait_for_job(desk, auto_retry):
+    """Connect to the job; with -auto-retry, wait while it is not running
+    yet, saying so, until it runs or never will."""
     started = time.time()
     while True:
         try:
-            return call(schedd, request, "the schedd")
+            return desk.prepare()
         except NotRunning as e:
-            if not opts["auto-retry"]:
+            if not auto_retry:
                 raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
             sys.stderr.write("sshjob: %s; waiting (%d s)...\n" % (e, time.time() - started))
             sys.stderr.flush()
@@ -1631,23 +1649,39 @@ def run_client(config_path, argv):
     cluster, proc, _node = parse_job_id(opts["job"])
     job = job_name(cluster, proc)
     schedd = config.schedd_address(opts["name"])
-    command = " ".join(opts["command"]) if opts["command"] else None
-    info = wait_for_job(schedd, {"op": "ssh_prepare", "job": opts["job"], "command": command}, opts)
-    log.debug("job %s runs as %s on %s; transport: openssh", job, info["user"], info["starter"])
     with private_tempdir() as tmp:
         key = make_session_key(config, tmp, opts["keygen-options"])
-        argv = ssh_command(config, opts, job, info, tmp, key)
-        log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
-        child = subprocess.Popen(argv, env=dict(os.environ, SHELL="/bin/sh"))
+        shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
+        with open(key + ".pub") as f:
+            request = {"op": "ssh_ticket", "job": opts["job"], "key": parse_public_key(f.read()),
+                       "shells": [s for s in shells.split(",") if s],
+                       "command": " ".join(opts["command"]) if opts["command"] else None}
+        desk = TicketDesk(schedd, request, tmp)
         try:
-            status = child.wait()
-        except BaseException:
-            child.terminate()
-            child.wait()
-            raise
+            wait_for_job(desk, opts["auto-retry"])
+            info = desk.info
+            log.debug("job %s runs as %s on %s; transport: openssh", job, info["user"], info["starter"])
+            argv = ssh_command(config, opts, job, info, tmp, key, desk.proxy_command())
+            log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
+            status = run_foreground(argv)
+        finally:
+            desk.close()
+        if status == 255 and desk.error:
+            raise desk.error
     if status == 255:
         explain_lost_session(schedd, job)
     return status
+
+
+def run_foreground(argv):
+    """Run ssh and return its exit status; a signal to us ends it too."""
+    child = subprocess.Popen(argv, env=dict(os.environ, SHELL="/bin/sh"))  # ssh runs ProxyCommand with $SHELL
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
 
 
 LOST_SESSION = {"removed": "was removed", "completed": "finished", "idle": "was pre-empted (vacated)",
@@ -1739,6 +1773,20 @@ def run_action(action, config_path, argv):
 # ---------------------------------------------------------------------------
 # A personal pool on this machine: pool start / stop, and the demo.
 # ---------------------------------------------------------------------------
+
+
+def self_command():
+    """How to run this module again, for the daemons: imported by path (a
+    cached import starts faster than a script, which is compiled anew each
+    time, or a zipapp's bootstrap), and isolated from the user's Python
+    settings, since it needs only the standard library."""
+    here = os.path.abspath(__file__)
+    if not os.path.isfile(here):
+        return [sys.executable, os.path.abspath(sys.argv[0])]
+    module = os.path.splitext(os.path.basename(here))[0]
+    launcher = "import sys; sys.path.insert(0, %r); import %s; sys.exit(%s.main())" % (
+        os.path.dirname(here), module, module)
+    return [sys.executable, "-I", "-S", "-c", launcher]
 
 
 def start_daemon(config_path, role, pool_dir):
@@ -1878,20 +1926,11 @@ roles:
   demo [command]                   a personal pool, a job and a session inside it
   schedd                           the job queue daemon
   starter                          the execute node daemon
-  bridge                           ssh's ProxyCommand (started by the client)
+  bridge DESK                      ssh's ProxyCommand (the client starts it)
 
 The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
 %s.
 """ % DEFAULT_CONFIG
-
-
-def bridge_args(argv):
-    parser = argparse.ArgumentParser(prog="sshjob bridge")
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--key", required=True)
-    parser.add_argument("--shells", default="")
-    parser.add_argument("--name")
-    return parser.parse_args(argv)
 
 
 def dispatch(args):
@@ -1903,7 +1942,7 @@ def dispatch(args):
     if role in ACTION_DONE:
         return run_action(role, args.config, rest)
     if role == "bridge":
-        return run_bridge(Config(find_config_path(args.config)), bridge_args(rest))
+        return run_bridge(rest)
     if role in ("schedd", "starter"):
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
         config = Config(find_config_path(args.config))

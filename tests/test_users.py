@@ -1,6 +1,7 @@
 """Real Unix users: jobs run as their owners, only owners and queue super
 users get in, and the pyz runs for a user whose HOME is unusable."""
 
+import json
 import os
 import pwd
 import shutil
@@ -40,8 +41,10 @@ def test_other_users_are_refused_and_super_users_are_not(pool, alice_job):
     root = pool.sshjob("client", job, "id -un")  # root is a queue super user by default
     assert root.stdout == ALICE + "\n", root.stderr
     with open(os.path.join(pool.dir, "audit.log")) as f:
-        audit = f.read()
-    assert '"user": "%s", "job": "%s", "op": "ssh_prepare", "granted": false' % (BOB, job) in audit
+        audit = [json.loads(line) for line in f]
+    refusal = [e for e in audit if e["user"] == BOB and e["job"] == job]
+    assert refusal and refusal[0]["granted"] is False and "may not enter" in refusal[0]["reason"]
+    assert refusal[0]["command"] == "id -un"
 
 
 def test_configured_super_user(make_pool, users):

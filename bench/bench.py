@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Benchmarks: sshjob against plain OpenSSH, measured in the same run.
+
+    python3 bench/bench.py [--runs 20] [--gib 1] [--python /usr/bin/python3]
+
+Starts a personal pool with the built dist/sshjob.pyz and, beside it, a plain
+listening sshd on 127.0.0.1; then prints, as ratios to plain ssh:
+
+- the wall time of `sshjob client JOB true` (median of --runs) against
+  `ssh -i KEY -p PORT 127.0.0.1 true`;
+- the throughput of --gib GiB through `client JOB 'cat > /dev/null'` against
+  the same through plain ssh.
+
+Needs root (the plain sshd) and a built pyz (python3 build.py).
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYZ = os.path.join(ROOT, "dist", "sshjob.pyz")
+SSH_ISOLATION = ["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o",
+                 "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                 "-o", "BatchMode=yes"]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_plain_sshd(scratch):
+    """A listening sshd with its own host key and one authorised key."""
+    sshd = shutil.which("sshd", path=os.environ["PATH"] + ":/usr/sbin")
+    for name in ("host", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(scratch, name)], check=True)
+    port = free_port()
+    config = os.path.join(scratch, "sshd_config")
+    with open(config, "w") as f:
+        f.write("ListenAddress 127.0.0.1\nPort %d\nHostKey %s/host\nAuthorizedKeysFile %s/id.pub\n"
+                "UsePAM no\nStrictModes no\nPidFile none\nLogLevel ERROR\n" % (port, scratch, scratch))
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", config])
+    time.sleep(0.5)
+    return proc, port, os.path.join(scratch, "id")
+
+
+def timed(argv, runs, **kwargs):
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, **kwargs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def throughput(command, gib):
+    """GiB/s of `head -c` from /dev/zero piped through a command."""
+    pipeline = "head -c %dG /dev/zero | %s" % (gib, command)
+    start = time.perf_counter()
+    subprocess.run(["bash", "-c", pipeline], check=True)
+    return gib / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--gib", type=int, default=1)
+    parser.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                        else sys.executable)
+    args = parser.parse_args()
+    scratch = tempfile.mkdtemp(prefix="sshjob-bench-")
+    pool_dir = os.path.join(scratch, "pool")
+    sshjob = [args.python, PYZ]
+    env = dict(os.environ, SSHJOB_CONFIG=os.path.join(pool_dir, "sshjob.conf"))
+    sshd, port, key = start_plain_sshd(scratch)
+    try:
+        subprocess.run(sshjob + ["pool", "start", "--dir", pool_dir], check=True, stdout=subprocess.DEVNULL)
+        job = subprocess.run(sshjob + ["submit", "--", "sleep", "3600"], env=env, check=True,
+                             stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+        while "running" not in subprocess.run(sshjob + ["q"], env=env, stdout=subprocess.PIPE,
+                                              universal_newlines=True).stdout:
+            time.sleep(0.1)
+        plain = ["ssh"] + SSH_ISOLATION + ["-i", key, "-p", str(port), "127.0.0.1"]
+        client = sshjob + ["client", job]
+
+        timed(plain + ["true"], 2)
+        timed(client + ["true"], 2, env=env)
+        t_plain = timed(plain + ["true"], args.runs)
+        t_client = timed(client + ["true"], args.runs, env=env)
+        print("python: %s" % args.python)
+        print("time to run `true` (median of %d): plain ssh %.0f ms, sshjob client %.0f ms: ratio %.2f"
+              % (args.runs, t_plain * 1000, t_client * 1000, t_client / t_plain))
+
+        quoted = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
+        g_plain = throughput(quoted(plain + ["cat > /dev/null"]), args.gib)
+        g_client = throughput("SSHJOB_CONFIG=%s %s" % (shlex.quote(env["SSHJOB_CONFIG"]),
+                                                       quoted(client + ["cat > /dev/null"])), args.gib)
+        print("throughput of %d GiB: plain ssh %.0f MiB/s, sshjob client %.0f MiB/s: ratio %.2f"
+              % (args.gib, g_plain * 1024, g_client * 1024, g_client / g_plain))
+    finally:
+        subprocess.run(sshjob + ["pool", "stop", "--dir", pool_dir], stdout=subprocess.DEVNULL)
+        sshd.terminate()
+        sshd.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
