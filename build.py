@@ -10,9 +10,11 @@ there directly, which starts some 40 ms faster than shiv's bootstrap.
 """
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(HERE, "dist", "sshjob.pyz")
@@ -63,7 +65,7 @@ def build():
 
     with open(os.path.join(HERE, "sshjob.py"), "rb") as f:
         source = f.read()
-    build_id = hashlib.sha256(source).hexdigest()
+    build_id = hashlib.sha256(source + b"sshjob.py").hexdigest()  # as shiv computes it, checked below
     launcher = LAUNCHER.replace("BUILD_ID", repr(build_id))
     shiv.builder.MAIN_TEMPLATE = launcher.replace("{", "{{").replace("}", "}}") + shiv.builder.MAIN_TEMPLATE
     os.makedirs(os.path.dirname(TARGET), exist_ok=True)
@@ -74,10 +76,13 @@ def build():
         os.chmod(module, 0o644)  # the archive records modes: fix them for reproducibility
         shiv.cli.main(
             ["--reproducible", "--compile-pyc", "--site-packages", stage, "--entry-point", "sshjob:main",
-             "--build-id", build_id,
+
              "--python", "/usr/bin/env python3", "--output-file", TARGET],
             standalone_mode=False,
         )
+    with zipfile.ZipFile(TARGET) as archive:
+        if json.loads(archive.read("environment.json"))["build_id"] != build_id:
+            sys.exit("build.py: shiv computed another build id than the launcher's; update build.py")
     with open(TARGET, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     print("%s  %s" % (digest, os.path.relpath(TARGET)))
