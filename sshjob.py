@@ -382,7 +382,7 @@ class TicketBook:
         self._used = {}
         self._lock = threading.Lock()
 
-    def redeem(self, secret, ticket, job, node, key):
+    def redeem(self, secret, ticket, run, key):
         """Return the ticket's claims, or raise TicketInvalid saying why."""
         claims = ticket.get("claims") if isinstance(ticket, dict) else None
         mac = ticket.get("mac") if isinstance(ticket, dict) else None
@@ -390,7 +390,7 @@ class TicketBook:
             raise TicketInvalid("the ticket is malformed")
         if not hmac.compare_digest(mac, _ticket_mac(secret, claims)):
             raise TicketInvalid("the ticket's signature is not valid")
-        if (claims.get("job"), claims.get("node")) != (job, node):
+        if claims.get("job") != run:
             raise TicketInvalid("the ticket is for another job or node")
         if claims.get("key") != key_fingerprint(key):
             raise TicketInvalid("the ticket was issued for another key")
@@ -421,6 +421,8 @@ DEFAULTS = {
     "queue_super_users": "root",
     "audit_log": "{pool_dir}/audit.log",
     "ticket_lifetime": "60",
+    "starter_lost_after": "60",
+    "requeue_lost_jobs": "true",
     "starter_name": "starter@{host}",
     "starter_address": "127.0.0.1:0",
     "starter_dir": "{pool_dir}/execute",
@@ -579,6 +581,17 @@ def privileges_of(user):
     return become_user
 
 
+def child_setup(*steps):
+    """One preexec_fn from several steps (None ones skipped)."""
+    steps = [step for step in steps if step]
+
+    def setup():
+        for step in steps:
+            step()
+
+    return setup if steps else None
+
+
 def exit_status(returncode):
     """A Popen return code as a shell reports it: 128+N for death by signal N."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -610,6 +623,109 @@ def signal_pids(pids, signum):
             os.kill(pid, signum)
 
 
+def cgroup_base(name, directory):
+    """A cgroup v2 directory for the jobs of the starter with this name and
+    directory (several may share a host), under the starter's own cgroup;
+    None where it may not make one (no cgroup v2, not root, not delegated)
+    or the kernel lacks cgroup.freeze and cgroup.kill."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mount = next((line.split()[1] for line in f if line.split()[2:3] == ["cgroup2"]), None)
+        with open("/proc/self/cgroup") as f:
+            own = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
+        if mount is None:
+            return None
+        unique = "%s-%s" % (re.sub(r"[^\w.-]", "_", name), hashlib.sha256(directory.encode()).hexdigest()[:8])
+        base = os.path.join(mount, own.lstrip("/"), "sshjob-" + unique)
+        os.makedirs(base, exist_ok=True)
+        if all(os.path.exists(os.path.join(base, f)) for f in ("cgroup.freeze", "cgroup.kill")):
+            return base
+        os.rmdir(base)
+    except OSError:
+        pass
+    return None
+
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class ProcessFamily:
+    """The processes of one job and of its sessions, however they fork.
+
+    With cgroup v2 (a root starter, or a delegated subtree): a cgroup for the
+    job with a child for the job's own processes and one per session;
+    nothing leaves it, and cgroup.kill ends it at once.  Without: the
+    environment tag that every process of the job inherits, found in /proc
+    (HTCondor's own fallback), plus the process groups of the job and of
+    each session."""
+
+    def __init__(self, base, name, tag, adopt=False):
+        self.tag = tag
+        self.cgroup = os.path.join(base, name) if base else None
+        if self.cgroup and not adopt:
+            os.mkdir(self.cgroup)
+        self.leaders = []  # process group leaders: the job's first process, each session's sshd
+
+    def enter(self, part):
+        """A step for preexec_fn that puts the new process in the family
+        (taken before the process gives up root)."""
+        if not self.cgroup:
+            return None
+        path = os.path.join(self.cgroup, part)
+        os.makedirs(path, exist_ok=True)
+        procs = os.path.join(path, "cgroup.procs")
+        return lambda: write_file(procs, "0")
+
+    def pids(self, part=None):
+        """The family's pids; with part "main", the job's own only."""
+        if not self.cgroup:
+            return sorted(pid for pid, in_session in tagged_pids(self.tag) if part is None or not in_session)
+        parts = [part] if part else [e.name for e in os.scandir(self.cgroup) if e.is_dir()]
+        pids = []
+        for name in parts:
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(self.cgroup, name, "cgroup.procs")) as f:
+                pids += [int(line) for line in f]
+        return sorted(pids)
+
+    def signal(self, signum):
+        signal_pids(self.pids(), signum)
+        if not self.cgroup:
+            for leader in self.leaders:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(leader, signum)
+
+    def suspend(self):
+        """Stop every process, as HTCondor suspends a job (state T); with a
+        cgroup, frozen meanwhile, so that none forks past the signal."""
+        if self.cgroup:
+            write_file(os.path.join(self.cgroup, "cgroup.freeze"), "1")
+        self.signal(signal.SIGSTOP)
+        if self.cgroup:
+            write_file(os.path.join(self.cgroup, "cgroup.freeze"), "0")
+
+    def kill(self):
+        if self.cgroup:
+            write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
+        else:
+            self.signal(signal.SIGKILL)
+
+    def remove(self):
+        """Kill what is left and remove the cgroup."""
+        self.kill()
+        if not self.cgroup:
+            return
+        deadline = time.time() + KILL_GRACE
+        while self.pids() and time.time() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.cgroup):
+                if entry.is_dir():
+                    os.rmdir(entry.path)
+            os.rmdir(self.cgroup)
+
+
 def write_private(path, text, owner=None, mode=0o600):
     """Create a new file (never through a symlink) and hand it to `owner`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -629,6 +745,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     cluster INTEGER NOT NULL,
     proc INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    nodes INTEGER NOT NULL,
     owner TEXT NOT NULL,
     uid INTEGER NOT NULL,
     state TEXT NOT NULL,
@@ -645,11 +763,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     note TEXT,
     submitted REAL NOT NULL,
     updated REAL NOT NULL,
-    PRIMARY KEY (cluster, proc)
+    PRIMARY KEY (cluster, proc, node)
 );
 """
 
 ACTIVE_STATES = ("starting", "running", "suspended")
+
+
+def row_id(row):
+    """A node row's id as users see it: cluster.proc, with .node for a
+    multi-node job."""
+    name = job_name(row["cluster"], row["proc"])
+    return name if row["nodes"] == 1 else "%s.%d" % (name, row["node"])
+
+
+def run_id(row):
+    """A node row's id between schedd and starter: always cluster.proc.node."""
+    return "%d.%d.%d" % (row["cluster"], row["proc"], row["node"])
 
 
 class StarterRecord:
@@ -667,6 +797,9 @@ class StarterRecord:
 
 
 class Schedd:
+    """The queue holds one row per node of each job; a job of one node has
+    one row.  Every acknowledged change is committed before the reply."""
+
     def __init__(self, config):
         self.config = config
         self.name = config["schedd_name"]
@@ -674,6 +807,9 @@ class Schedd:
         self.super_users = set(config.names("queue_super_users")) | {user_name(self.uid)}
         self.ticket_lifetime = config.number("ticket_lifetime")
         self.enable_ssh = config.flag("schedd_enable_ssh_to_job")
+        self.lost_after = config.number("starter_lost_after")
+        self.requeue_lost = config.flag("requeue_lost_jobs")
+        self.started = time.time()
         self.starters = {}
         self.changed = threading.Condition()
         self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
@@ -690,25 +826,29 @@ class Schedd:
         with self.db_lock:
             return self.db.execute(sql, args).fetchall()
 
-    def update_job(self, job, **values):
+    def update_row(self, row, **values):
         values["updated"] = time.time()
         assignments = ", ".join("%s = ?" % key for key in values)
         with self.db_lock:
             self.db.execute(
-                "UPDATE jobs SET %s WHERE cluster = ? AND proc = ?" % assignments,
-                list(values.values()) + [job["cluster"], job["proc"]],
+                "UPDATE jobs SET %s WHERE cluster = ? AND proc = ? AND node = ?" % assignments,
+                list(values.values()) + [row["cluster"], row["proc"], row["node"]],
             )
         with self.changed:
             self.changed.notify_all()
 
-    def find_job(self, text):
+    def find_rows(self, text):
+        """The node rows of a job id; only the named node's if it names one."""
         cluster, proc, node = parse_job_id(text)
-        rows = self.query("SELECT * FROM jobs WHERE cluster = ? AND proc = ?", (cluster, proc))
+        rows = self.query("SELECT * FROM jobs WHERE cluster = ? AND proc = ? ORDER BY node", (cluster, proc))
+        name = job_name(cluster, proc)
         if not rows:
-            raise NotFound("job %s is not in the queue" % job_name(cluster, proc))
-        if node not in (None, 0):
-            raise NotFound("job %s has no node %d: it has one node, 0" % (job_name(cluster, proc), node))
-        return rows[0]
+            raise NotFound("job %s is not in the queue" % name)
+        if node is None:
+            return rows
+        if node >= len(rows):
+            raise NotFound("job %s has no node %d: its nodes are 0 to %d" % (name, node, len(rows) - 1))
+        return [rows[node]]
 
     # -- requests ----------------------------------------------------------
 
@@ -736,75 +876,77 @@ class Schedd:
         output = field(message, "output", str, "/dev/null")
         error = field(message, "error", str, "/dev/null")
         count = field(message, "count", int, 1)
-        if not 1 <= count <= 10000:
-            raise UsageError("a cluster holds 1 to 10000 jobs")
+        nodes = field(message, "nodes", int, 1)
+        if not 1 <= count <= 10000 or not 1 <= nodes <= 1000:
+            raise UsageError("a cluster holds 1 to 10000 jobs, of 1 to 1000 nodes each")
         now = time.time()
         with self.db_lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 (cluster,) = self.db.execute("SELECT COALESCE(MAX(cluster), 0) + 1 FROM jobs").fetchone()
                 for proc in range(count):
-                    self.db.execute(
-                        "INSERT INTO jobs (cluster, proc, owner, uid, state, cmd, env, workdir, output,"
-                        " error, submitted, updated) VALUES (?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
-                        (cluster, proc, user_name(uid), uid, json.dumps(cmd), json.dumps(env),
-                         workdir, output, error, now, now),
-                    )
+                    for node in range(nodes):
+                        self.db.execute(
+                            "INSERT INTO jobs (cluster, proc, node, nodes, owner, uid, state, cmd, env, workdir,"
+                            " output, error, submitted, updated)"
+                            " VALUES (?, ?, ?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
+                            (cluster, proc, node, nodes, user_name(uid), uid, json.dumps(cmd), json.dumps(env),
+                             workdir, output, error, now, now),
+                        )
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        log.info("user %s submitted cluster %d (%d jobs)", user_name(uid), cluster, count)
+        log.info("user %s submitted cluster %d (%d jobs of %d nodes)", user_name(uid), cluster, count, nodes)
         with self.changed:
             self.changed.notify_all()
         return {"ok": True, "jobs": [job_name(cluster, proc) for proc in range(count)]}
 
     def op_q(self, message, uid):
-        rows = self.query("SELECT * FROM jobs WHERE state NOT IN ('completed', 'removed') OR ? ORDER BY cluster, proc",
-                          (bool(message.get("all")),))
+        rows = self.query("SELECT * FROM jobs WHERE state NOT IN ('completed', 'removed') OR ?"
+                          " ORDER BY cluster, proc, node", (bool(message.get("all")),))
         jobs = [
-            {"id": job_name(r["cluster"], r["proc"]), "owner": r["owner"], "state": r["state"],
-             "starter": r["starter"] or "", "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"],
-             "note": r["note"] or ""}
+            {"id": row_id(r), "owner": r["owner"], "state": r["state"], "starter": r["starter"] or "",
+             "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"], "note": r["note"] or ""}
             for r in rows
         ]
         return {"ok": True, "jobs": jobs}
 
-    def authorize(self, job, uid, what):
+    def authorize(self, row, uid, what):
         """Only the job's owner and the queue super users may touch a job."""
         requester = user_name(uid)
-        if uid != job["uid"] and requester not in self.super_users:
+        if uid != row["uid"] and requester not in self.super_users:
             raise Refused(
                 "user %s may not %s job %s: it belongs to %s, and only its owner or a queue "
-                "super user may" % (requester, what, job_name(job["cluster"], job["proc"]), job["owner"])
+                "super user may" % (requester, what, job_name(row["cluster"], row["proc"]), row["owner"])
             )
 
     def op_act(self, message, uid):
-        job = self.find_job(field(message, "job", str))
+        """rm, suspend, continue or vacate every node of a job."""
+        text = field(message, "job", str)
         action = field(message, "action", str)
         if action not in ("rm", "suspend", "continue", "vacate"):
             raise ProtocolError("unknown job action %r" % action)
-        name = job_name(job["cluster"], job["proc"])
-        self.authorize(job, uid, {"rm": "remove"}.get(action, action))
-        state = job["state"]
-        if state in ("completed", "removed"):
-            raise JobGone("job %s has already %s" % (name, "finished" if state == "completed" else "been removed"))
-        if action == "rm":
-            self.update_job(job, state="removed", note="removed by " + user_name(uid))
-        elif action == "suspend":
-            if state != "running":
-                raise NotRunning("job %s is %s, not running: only a running job can be suspended" % (name, state))
-            self.update_job(job, state="suspended")
-        elif action == "continue":
-            if state != "suspended":
-                raise NotRunning("job %s is %s, not suspended" % (name, state))
-            self.update_job(job, state="running")
-        elif action == "vacate":
-            if state == "idle":
-                raise NotRunning("job %s is idle: there is nothing to vacate" % name)
-            self.update_job(job, state="idle", starter=None, note="vacated by " + user_name(uid))
-        if job["starter"] and state in ACTIVE_STATES:
-            self.send_command(job["starter"], {"do": action, "job": name})
+        rows = self.find_rows(text)
+        name = job_name(rows[0]["cluster"], rows[0]["proc"])
+        self.authorize(rows[0], uid, {"rm": "remove"}.get(action, action))
+        states = {row["state"] for row in rows}
+        if states <= {"completed", "removed"}:
+            raise JobGone("job %s has already %s" % (name, "been removed" if "removed" in states else "finished"))
+        wanted = {"rm": None, "suspend": {"running"}, "continue": {"suspended"}, "vacate": set(ACTIVE_STATES)}[action]
+        if wanted and not states & wanted:
+            raise NotRunning("job %s is %s: it cannot be %s" % (name, "/".join(sorted(states)), ACTION_DONE[action]))
+        for row in rows:
+            if (wanted and row["state"] not in wanted) or row["state"] in ("completed", "removed"):
+                continue
+            if action == "rm":
+                self.update_row(row, state="removed", note="removed by " + user_name(uid))
+            elif action == "vacate":
+                self.update_row(row, state="idle", starter=None, hostkey=None, note="vacated by " + user_name(uid))
+            else:
+                self.update_row(row, state="suspended" if action == "suspend" else "running")
+            if row["starter"] and row["state"] in ACTIVE_STATES:
+                self.send_command(row["starter"], {"do": action, "job": run_id(row)})
         log.info("user %s: %s %s", user_name(uid), action, name)
         return {"ok": True, "job": name}
 
@@ -818,30 +960,30 @@ class Schedd:
     # -- ssh to job --------------------------------------------------------
 
     def ssh_target(self, message, uid):
-        """The job a user asks to enter, once every check has passed."""
-        text = field(message, "job", str)
-        job = self.find_job(text)
-        name = job_name(job["cluster"], job["proc"])
-        self.authorize(job, uid, "enter")
+        """The node a user asks to enter, once every check has passed."""
+        rows = self.find_rows(field(message, "job", str))
+        row = rows[0]
+        name = row_id(row)
+        self.authorize(row, uid, "enter")
         if not self.enable_ssh:
             raise Refused("ssh to jobs is disabled on schedd %s (schedd_enable_ssh_to_job = false)" % self.name)
-        state = job["state"]
+        state = row["state"]
         if state in ("completed", "removed"):
             raise JobGone("job %s has %s: there is nothing to enter" % (
                 name, "finished" if state == "completed" else "been removed"))
         if state != "running":
             raise NotRunning("job %s is %s, not running yet" % (name, state))
-        starter = self.starters.get(job["starter"])
+        starter = self.starters.get(row["starter"])
         if starter is None or time.time() - starter.last_poll > 3 * POLL_WAIT:
-            raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, job["starter"]))
+            raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, row["starter"]))
         if not starter.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % starter.name)
         if starter.ssh_problem:
             raise MissingProgram(starter.ssh_problem)
-        if not job["hostkey"]:
+        if not row["hostkey"]:
             raise MissingProgram("job %s has no ssh host key: ssh-keygen was missing on %s when it started"
                                  % (name, starter.name))
-        return job, starter
+        return row, starter
 
     def audit(self, uid, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid), "job": message.get("job"),
@@ -851,18 +993,17 @@ class Schedd:
 
     def op_ssh_ticket(self, message, uid):
         try:
-            job, starter = self.ssh_target(message, uid)
+            row, starter = self.ssh_target(message, uid)
             key = parse_public_key(field(message, "key", str))
         except SshjobError as e:
             self.audit(uid, message, False, str(e))
             raise
         shells = [s for s in field(message, "shells", list, []) if isinstance(s, str)]
-        claims = {"job": job_name(job["cluster"], job["proc"]), "node": 0, "key": key_fingerprint(key),
-                  "user": user_name(uid), "shells": shells}
+        claims = {"job": run_id(row), "key": key_fingerprint(key), "user": user_name(uid), "shells": shells}
         self.audit(uid, message, True)
-        return {"ok": True, "job": claims["job"], "user": job["owner"], "hostkey": job["hostkey"],
+        return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
                 "starter": starter.name, "address": starter.address,
-                "ticket": make_ticket(job["secret"], claims, self.ticket_lifetime)}
+                "ticket": make_ticket(row["secret"], claims, self.ticket_lifetime)}
 
     # -- starters ----------------------------------------------------------
 
@@ -887,7 +1028,7 @@ class Schedd:
             record.ssh_problem = message.get("ssh_problem")
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
-        self.reconcile(name, field(message, "jobs", list, []))
+        self.reconcile(record, field(message, "jobs", list, []))
         deadline = time.time() + min(field(message, "wait", (int, float), POLL_WAIT), POLL_WAIT)
         with self.changed:
             while True:
@@ -900,37 +1041,52 @@ class Schedd:
             record.last_poll = time.time()
         return {"ok": True, "commands": commands}
 
-    def reconcile(self, starter, running):
-        """Jobs the queue thinks a starter runs but the starter does not know
-        were lost (a starter restart, a lost reply): they go back to idle."""
-        for job in self.query("SELECT * FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
-                              (starter,) + ACTIVE_STATES):
-            name = job_name(job["cluster"], job["proc"])
-            if name not in running:
-                log.warning("starter %s no longer runs job %s: it goes back to idle", starter, name)
-                self.update_job(job, state="idle", starter=None, hostkey=None, pids=None,
-                                note="its starter lost it")
+    def reconcile(self, record, running):
+        """Make the queue and a starter agree on what the starter runs: jobs
+        the starter no longer knows go back to idle (it restarted, or a reply
+        was lost); jobs it runs that the queue gave elsewhere or ended, it
+        must stop (it was cut off, and its jobs were given up for lost)."""
+        assigned = set()
+        for row in self.query("SELECT * FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
+                              (record.name,) + ACTIVE_STATES):
+            assigned.add(run_id(row))
+            if run_id(row) not in running:
+                log.warning("starter %s no longer runs job %s: it goes back to idle", record.name, row_id(row))
+                self.update_row(row, state="idle", starter=None, hostkey=None, pids=None, note="its starter lost it")
+        for stray in set(running) - assigned:
+            log.warning("starter %s runs job %s, which the queue gave up: it must stop", record.name, stray)
+            record.commands.append({"do": "rm", "job": stray})
+
+    def reap_lost_starters(self):
+        """Jobs of a starter silent for starter_lost_after seconds are lost:
+        requeued (or held, by policy).  Runs every few seconds."""
+        while True:
+            time.sleep(min(POLL_WAIT, self.lost_after / 2))
+            now = time.time()
+            for row in self.query("SELECT * FROM jobs WHERE state IN (?, ?, ?)", ACTIVE_STATES):
+                record = self.starters.get(row["starter"])
+                if now - (record.last_poll if record else self.started) > self.lost_after:
+                    log.warning("starter %s is lost; job %s with it", row["starter"], row_id(row))
+                    self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
+                                    pids=None, note="its starter %s was lost" % row["starter"])
 
     def match(self, record):
-        """Give idle jobs to a starter with free slots; called with `changed` held."""
+        """Give idle node rows to a starter with free slots; called with `changed` held."""
         busy = self.query("SELECT COUNT(*) FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
                           (record.name,) + ACTIVE_STATES)[0][0]
         free = record.slots - busy
         if free <= 0:
             return []
-        if record.uid == 0:
-            rows = self.query("SELECT * FROM jobs WHERE state = 'idle' ORDER BY cluster, proc LIMIT ?", (free,))
-        else:
-            rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND uid = ? ORDER BY cluster, proc LIMIT ?",
-                              (record.uid, free))
+        rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND (? OR uid = ?)"
+                          " ORDER BY cluster, proc, node LIMIT ?", (record.uid == 0, record.uid, free))
         commands = []
-        for job in rows:
+        for row in rows:
             secret = secrets.token_hex(32)
-            self.update_job(job, state="starting", starter=record.name, secret=secret, note=None)
+            self.update_row(row, state="starting", starter=record.name, secret=secret, note=None)
             commands.append({
-                "do": "run", "job": job_name(job["cluster"], job["proc"]), "node": 0, "owner": job["owner"],
-                "cmd": json.loads(job["cmd"]), "env": json.loads(job["env"]), "workdir": job["workdir"],
-                "output": job["output"], "error": job["error"], "secret": secret,
+                "do": "run", "job": run_id(row), "name": row_id(row), "node": row["node"], "nodes": row["nodes"],
+                "owner": row["owner"], "cmd": json.loads(row["cmd"]), "env": json.loads(row["env"]),
+                "workdir": row["workdir"], "output": row["output"], "error": row["error"], "secret": secret,
             })
         return commands
 
@@ -940,28 +1096,31 @@ class Schedd:
         return {"ok": True}
 
     def apply_update(self, update, starter):
-        """A starter's news about one of its own jobs."""
+        """A starter's news about one of its own node rows."""
         event = field(update, "event", str)
-        job = self.find_job(field(update, "job", str))
-        if job["starter"] != starter:
-            raise Refused("job %s does not run on %s" % (job_name(job["cluster"], job["proc"]), starter))
+        text = field(update, "job", str)
+        if parse_job_id(text)[2] is None:
+            raise ProtocolError("an update must name a node")
+        row = self.find_rows(text)[0]
+        if row["starter"] != starter:
+            raise Refused("job %s does not run on %s" % (text, starter))
         if event == "started":
             hostkey = update.get("hostkey")
-            if job["state"] == "starting":
-                self.update_job(job, state="running", hostkey=hostkey if isinstance(hostkey, str) else None,
+            if row["state"] == "starting":
+                self.update_row(row, state="running", hostkey=hostkey if isinstance(hostkey, str) else None,
                                 pids=" ".join(str(p) for p in field(update, "pids", list)))
         elif event == "sessions_open":
-            self.update_job(job, note="its command exited; waiting for its ssh sessions to close")
+            self.update_row(row, note="its command exited; waiting for its ssh sessions to close")
         elif event == "exited":
-            if job["state"] in ACTIVE_STATES:
-                self.update_job(job, state="completed", exit_status=update.get("status"), hostkey=None, note=None)
+            if row["state"] in ACTIVE_STATES:
+                self.update_row(row, state="completed", exit_status=update.get("status"), hostkey=None, note=None)
         elif event == "failed":  # held, unless trying again elsewhere or later may help
             state = "idle" if update.get("transient") else "held"
-            self.update_job(job, state=state, starter=None, hostkey=None,
+            self.update_row(row, state=state, starter=None, hostkey=None,
                             note="could not start: %s" % update.get("reason"))
         elif event not in ("removed", "vacated"):  # those the queue knew first
             raise ProtocolError("unknown job event %r" % event)
-        log.info("job %s: %s", update.get("job"), event)
+        log.info("job %s: %s", text, event)
 
 
 def serve_schedd(config):
@@ -976,6 +1135,7 @@ def serve_schedd(config):
     server = Server(path, RequestHandler)
     os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
     server.app = schedd
+    threading.Thread(target=schedd.reap_lost_starters, daemon=True).start()
     log.info("schedd %s listening on %s", schedd.name, path)
     run_until_signalled(server)
 
@@ -1049,41 +1209,51 @@ class Job:
 
     def __init__(self, starter, spec):
         self.starter = starter
-        self.name = field(spec, "job", str)
+        self.run = field(spec, "job", str)  # cluster.proc.node, between schedd and starter
+        self.name = field(spec, "name", str)  # the id users see
         self.node = field(spec, "node", int, 0)
+        self.nodes = field(spec, "nodes", int, 1)
         self.owner = pwd.getpwnam(field(spec, "owner", str))
         self.cmd = field(spec, "cmd", list)
         self.env = field(spec, "env", dict)
-        self.workdir = field(spec, "workdir", str)
+        workdir = field(spec, "workdir", str)
+        self.workdir = workdir if self.nodes == 1 else os.path.join(workdir, "node%d" % self.node)
         self.output = field(spec, "output", str)
         self.error = field(spec, "error", str)
         self.secret = field(spec, "secret", str)
-        self.tag = secrets.token_hex(8)
-        self.dir = os.path.join(starter.dir, "%s.%d" % (self.name, self.node))
+        self.dir = os.path.join(starter.dir, self.run)
+        self.family = None
         self.process = None
         self.sessions = set()
         self.ending = None  # "rm" or "vacate" once the schedd ends it
         self.session_count = 0
 
-    # -- the job's own process ---------------------------------------------
+    # -- the job's own processes -------------------------------------------
 
     def start(self):
-        """Start the job's command: in its working directory, with its
-        environment, as its owner, in a session of its own."""
+        """Start the job's command: in its working directory (made if
+        missing), with its environment, as its owner, in its own session and
+        process family."""
         os.mkdir(self.dir, 0o711)
+        tag = secrets.token_hex(8)
+        write_private(os.path.join(self.dir, "tag"), tag)  # for the clean-up after a starter crash
+        self.family = ProcessFamily(self.starter.cgroup_base, "job-" + self.run, tag)
         self.hostkey = self.make_host_key()
         env = dict(self.env)
         env.setdefault("HOME", self.owner.pw_dir)
         env.setdefault("USER", self.owner.pw_name)
         env.setdefault("LOGNAME", self.owner.pw_name)
         env.setdefault("PATH", os.defpath)
-        env.update({TAG_VAR: self.tag, "SSHJOB_JOB_ID": self.name})
-        wrapper = 'cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; exec "$@" <"/dev/null" >>"$o" 2>>"$e"'
+        env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
+        wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
+                   'exec "$@" <"/dev/null" >>"$o" 2>>"$e"' % PIDS_VAR)
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", wrapper % PIDS_VAR, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
-            env=env, cwd="/", start_new_session=True, preexec_fn=privileges_of(self.owner.pw_name),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
+            env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=child_setup(self.family.enter("main"), privileges_of(self.owner.pw_name)),
         )
+        self.family.leaders.append(self.process.pid)
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def make_host_key(self):
@@ -1104,40 +1274,32 @@ class Job:
 
     def pids(self):
         """The job's pids, its first process first; session processes excluded."""
-        others = sorted(pid for pid, in_session in tagged_pids(self.tag)
-                        if not in_session and pid != self.process.pid)
+        others = [pid for pid in self.family.pids("main") if pid != self.process.pid]
         return [self.process.pid] + others if self.process.poll() is None else others
-
-    def signal(self, signum):
-        """Signal every process of the job and of its sessions."""
-        signal_pids([pid for pid, _ in tagged_pids(self.tag)], signum)
-        for proc in [self.process] + list(self.sessions):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signum)
 
     def terminate(self, reason):
         """End the job and its sessions: SIGTERM, then SIGKILL after a grace."""
         self.ending = reason
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
+        self.family.signal(signal.SIGCONT)
+        self.family.signal(signal.SIGTERM)
         deadline = time.time() + KILL_GRACE
-        while time.time() < deadline and tagged_pids(self.tag):
+        while time.time() < deadline and self.family.pids():
             time.sleep(0.05)
-        self.signal(signal.SIGKILL)
+        self.family.kill()
 
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
         if self.sessions and not self.ending:
-            self.starter.report({"event": "sessions_open", "job": self.name})
+            self.starter.report({"event": "sessions_open", "job": self.run})
         with self.starter.lock:
             while self.sessions:
                 self.starter.sessions_changed.wait()
-        self.signal(signal.SIGKILL)  # what the job left behind goes with it
+        self.family.remove()  # what the job left behind goes with it
         shutil.rmtree(self.dir, ignore_errors=True)
         event = {"rm": "removed", "vacate": "vacated"}.get(self.ending, "exited")
         log.info("job %s %s with status %d", self.name, event, status)
-        self.starter.finish(self, {"event": event, "job": self.name, "status": status})
+        self.starter.finish(self, {"event": event, "job": self.run, "status": status})
 
     # -- ssh sessions ------------------------------------------------------
 
@@ -1154,13 +1316,16 @@ class Job:
         write_private(os.path.join(sdir, "sshd_config"), self.sshd_config(sdir), mode=0o644)
         if os.geteuid() == 0 and owner.pw_uid == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        part = os.path.basename(sdir)
         with open(os.path.join(self.dir, "sshd.log"), "ab") as errors:
             proc = subprocess.Popen(
                 [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
                 stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
-                env={"PATH": os.defpath, TAG_VAR: self.tag, SESSION_VAR: str(self.session_count)},
-                preexec_fn=privileges_of(owner.pw_name), start_new_session=True,
+                env={"PATH": os.defpath, TAG_VAR: self.family.tag, SESSION_VAR: part},
+                preexec_fn=child_setup(self.family.enter(part), privileges_of(owner.pw_name)),
+                start_new_session=True,
             )
+        self.family.leaders.append(proc.pid)
         with self.starter.lock:
             self.sessions.add(proc)
         threading.Thread(target=self.end_session, args=(proc, sdir), daemon=True).start()
@@ -1207,8 +1372,8 @@ class Job:
                 lines.append("export %s=%s" % (name, q(value)))
         pids = " ".join(str(pid) for pid in self.pids())
         lines += [
-            "export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s" % (TAG_VAR, q(self.tag), PIDS_VAR, q(pids),
-                                                       SESSION_VAR, q(self.name)),
+            "export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%d" % (
+                TAG_VAR, q(self.family.tag), PIDS_VAR, q(pids), SESSION_VAR, q(self.name), self.node),
             "cd %s || { echo \"sshjob: cannot enter the job's working directory %s\" >&2; exit 1; }"
             % (q(self.workdir), self.workdir.replace('"', "")),
             'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s -c "$SSH_ORIGINAL_COMMAND"; fi' % q(shell),
@@ -1236,6 +1401,7 @@ class Starter:
         self.tickets = TicketBook()
         self.stopping = threading.Event()
         self.address = None
+        self.cgroup_base = cgroup_base(self.name, self.dir)
 
     # -- talking to the schedd ---------------------------------------------
 
@@ -1260,8 +1426,8 @@ class Starter:
     def finish(self, job, update):
         with self.lock:
             self.report(update)
-            if self.jobs.get(job.name) is job:
-                del self.jobs[job.name]
+            if self.jobs.get(job.run) is job:
+                del self.jobs[job.run]
 
     def poll_forever(self):
         backoff = 1.0
@@ -1294,9 +1460,9 @@ class Starter:
         if job is None:
             return
         if action == "suspend":
-            job.signal(signal.SIGSTOP)
+            job.family.suspend()
         elif action == "continue":
-            job.signal(signal.SIGCONT)
+            job.family.signal(signal.SIGCONT)
         elif action in ("rm", "vacate"):
             threading.Thread(target=job.terminate, args=(action,), daemon=True).start()
 
@@ -1320,8 +1486,8 @@ class Starter:
             self.report({"event": "failed", "job": spec.get("job"), "reason": str(e)})
             return
         with self.lock:
-            self.jobs[job.name] = job
-        self.report({"event": "started", "job": job.name, "hostkey": job.hostkey, "pids": job.pids()})
+            self.jobs[job.run] = job
+        self.report({"event": "started", "job": job.run, "hostkey": job.hostkey, "pids": job.pids()})
         threading.Thread(target=job.supervise, daemon=True).start()
 
     # -- ssh requests ------------------------------------------------------
@@ -1332,19 +1498,32 @@ class Starter:
             raise ProtocolError("unknown request %r" % message.get("op"))
         if not self.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % self.name)
-        name = field(message, "job", str)
-        node = field(message, "node", int, 0)
+        run = field(message, "job", str)
         key = parse_public_key(field(message, "key", str))
-        job = self.jobs.get(name)
-        if job is None or job.node != node or job.ending:
-            raise NotRunning("job %s node %d is not running on %s" % (name, node, self.name))
+        job = self.jobs.get(run)
+        if job is None or job.ending:
+            raise NotRunning("job %s is not running on %s" % (run, self.name))
         if job.process.poll() is not None:
-            raise JobGone("job %s has exited; only its open sessions remain" % name)
-        claims = self.tickets.redeem(job.secret, message.get("ticket"), name, node, key)
+            raise JobGone("job %s has exited; only its open sessions remain" % job.name)
+        claims = self.tickets.redeem(job.secret, message.get("ticket"), run, key)
         send_msg(sock, {"ok": True})
         sock.settimeout(None)
         job.open_session(sock, key, claims.get("shells") or [])
         return None
+
+    def clean_up_after_crash(self):
+        """A previous starter here died without ending its jobs: end what is
+        left of them, processes and files."""
+        for entry in os.scandir(self.dir):
+            try:
+                with open(os.path.join(entry.path, "tag")) as f:
+                    family = ProcessFamily(self.cgroup_base, "job-" + entry.name, f.read(), adopt=True)
+            except OSError:
+                family = None
+            if family is not None:
+                log.warning("ending the orphaned processes of job %s", entry.name)
+                family.remove()
+            shutil.rmtree(entry.path, ignore_errors=True)
 
     def stop(self):
         self.stopping.set()
@@ -1371,6 +1550,11 @@ class StarterHandler(RequestHandler):
 def serve_starter(config):
     starter = Starter(config)
     os.makedirs(starter.dir, mode=0o755, exist_ok=True)
+    starter.clean_up_after_crash()
+    if starter.cgroup_base:
+        log.info("process tracking: one cgroup v2 per job, under %s", starter.cgroup_base)
+    else:
+        log.info("process tracking: environment tag and process groups (this starter cannot make cgroups)")
     server = TCPServer(parse_address(config["starter_address"])[1], StarterHandler)
     server.app = starter
     host, port = server.server_address[:2]
@@ -1428,8 +1612,7 @@ class TicketDesk:
         job = self.request["job"]
         sock = connect(reply["address"], "the starter of job %s" % job)
         try:
-            send_msg(sock, {"op": "ssh", "job": reply["job"], "node": 0, "key": self.request["key"],
-                            "ticket": reply["ticket"]})
+            send_msg(sock, {"op": "ssh", "job": reply["run"], "key": self.request["key"], "ticket": reply["ticket"]})
             raise_for_reply(recv_msg(sock))
         except OSError as e:
             sock.close()
@@ -1715,6 +1898,7 @@ def run_submit(config_path, argv):
     parser.add_argument("--output", default="/dev/null", help="file for the job's stdout")
     parser.add_argument("--error", default="/dev/null", help="file for the job's stderr")
     parser.add_argument("--count", type=int, default=1, help="number of jobs in the cluster")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of each job (cluster.proc.node picks one)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -1729,7 +1913,8 @@ def run_submit(config_path, argv):
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
     reply = call(schedd_of(config_path), dict(
-        op="submit", cmd=command, env=env, workdir=workdir, count=args.count, **paths), "the schedd")
+        op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths),
+        "the schedd")
     print("\n".join(reply["jobs"]))
     return 0
 
@@ -1804,14 +1989,15 @@ def pool_start(pool_dir, quiet=False):
     config_path = write_pool_config(pool_dir)
     config = Config(config_path)
     schedd = config.schedd_address()
-    try:
-        call(schedd, {"op": "ping"}, "the schedd", timeout=2)
+    missing = [role for role in ("schedd", "starter") if daemon_pid(pool_dir, role, config_path) is None]
+    if not missing:
         raise UsageError("a pool is already running in %s" % pool_dir)
-    except (Unreachable, ProtocolError):
-        pass
-    procs = [start_daemon(config_path, "schedd", pool_dir)]
-    wait_until(lambda: ping_quietly(schedd), procs, "the schedd", pool_dir)
-    procs.append(start_daemon(config_path, "starter", pool_dir))
+    procs = []
+    if "schedd" in missing:
+        procs.append(start_daemon(config_path, "schedd", pool_dir))
+        wait_until(lambda: ping_quietly(schedd), procs, "the schedd", pool_dir)
+    if "starter" in missing:
+        procs.append(start_daemon(config_path, "starter", pool_dir))
     wait_until(lambda: (ping_quietly(schedd) or {}).get("starters"), procs, "the starter", pool_dir)
     if not quiet:
         print("export SSHJOB_CONFIG=%s" % shlex.quote(config_path))
@@ -1833,26 +2019,35 @@ def wait_until(ready, procs, what, pool_dir, timeout=20.0):
         time.sleep(0.05)
 
 
+def daemon_pid(pool_dir, role, config_path):
+    """The pid of a pool's daemon, if it runs (its pid file names a live
+    process of this pool's, not a recycled pid)."""
+    try:
+        with open(os.path.join(pool_dir, role + ".pid")) as f:
+            pid = int(f.read())
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if config_path.encode() in argv and role.encode() in argv and process_alive(pid) else None
+
+
 def pool_stop(pool_dir):
-    stopped = False
-    for role in ("starter", "schedd"):
-        pid_path = os.path.join(pool_dir, role + ".pid")
-        try:
-            with open(pid_path) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
-            continue
+    config_path = os.path.join(pool_dir, "sshjob.conf")
+    pids = [daemon_pid(pool_dir, role, config_path) for role in ("starter", "schedd")]
+    if pids == [None, None]:
+        raise NotFound("no pool is running in %s" % pool_dir)
+    for pid in filter(None, pids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            stopped = True
             deadline = time.time() + KILL_GRACE + 5
             while time.time() < deadline and process_alive(pid):
                 time.sleep(0.05)
             if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        os.unlink(pid_path)
-    if not stopped:
-        raise NotFound("no pool is running in %s" % pool_dir)
+    for role in ("starter", "schedd"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pool_dir, role + ".pid"))
 
 
 def process_alive(pid):

@@ -142,6 +142,7 @@ def session_key(tmp_path, name):
 def ticket_for(pool, job, key):
     reply = exchange(schedd_connector(pool), frame({"op": "ssh_ticket", "job": job, "key": key, "shells": []}))
     assert reply["ok"], reply
+    assert reply["run"] == job + ".0"  # the id between schedd and starter names the node
     return reply["ticket"]
 
 
@@ -150,7 +151,7 @@ def present_and_read_banner(pool, job, key, ticket):
     sock = starter_connector(pool)()
     sock.settimeout(20)
     try:
-        sock.sendall(frame({"op": "ssh", "job": job, "node": 0, "key": key, "ticket": ticket}))
+        sock.sendall(frame({"op": "ssh", "job": job + ".0", "key": key, "ticket": ticket}))
         (size,) = struct.unpack("!I", recv_exactly(sock, 4))
         reply = json.loads(recv_exactly(sock, size).decode())
         if reply["ok"]:
