@@ -682,7 +682,10 @@ class ProcessFamily:
         """The family's pids; with part "main", the job's own only."""
         if not self.cgroup:
             return sorted(pid for pid, in_session in tagged_pids(self.tag) if part is None or not in_session)
-        parts = [part] if part else [e.name for e in os.scandir(self.cgroup) if e.is_dir()]
+        try:
+            parts = [part] if part else [e.name for e in os.scandir(self.cgroup) if e.is_dir()]
+        except FileNotFoundError:  # removed: the family has ended
+            return []
         pids = []
         for name in parts:
             with contextlib.suppress(FileNotFoundError), open(os.path.join(self.cgroup, name, "cgroup.procs")) as f:
@@ -707,7 +710,8 @@ class ProcessFamily:
 
     def kill(self):
         if self.cgroup:
-            write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
+            with contextlib.suppress(FileNotFoundError):  # removed: nothing is left
+                write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
         else:
             self.signal(signal.SIGKILL)
 
@@ -1028,12 +1032,13 @@ class Schedd:
             record.ssh_problem = message.get("ssh_problem")
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
-        self.reconcile(record, field(message, "jobs", list, []))
+        running = field(message, "jobs", list, [])
+        self.reconcile(record, running)
         deadline = time.time() + min(field(message, "wait", (int, float), POLL_WAIT), POLL_WAIT)
         with self.changed:
             while True:
                 commands, record.commands = record.commands, []
-                commands += self.match(record)
+                commands += self.match(record, running)
                 remaining = deadline - time.time()
                 if commands or remaining <= 0:
                     break
@@ -1070,8 +1075,9 @@ class Schedd:
                     self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
                                     pids=None, note="its starter %s was lost" % row["starter"])
 
-    def match(self, record):
-        """Give idle node rows to a starter with free slots; called with `changed` held."""
+    def match(self, record, running):
+        """Give idle node rows to a starter with free slots, except those it
+        is still ending a run of; called with `changed` held."""
         busy = self.query("SELECT COUNT(*) FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
                           (record.name,) + ACTIVE_STATES)[0][0]
         free = record.slots - busy
@@ -1081,6 +1087,8 @@ class Schedd:
                           " ORDER BY cluster, proc, node LIMIT ?", (record.uid == 0, record.uid, free))
         commands = []
         for row in rows:
+            if run_id(row) in running:
+                continue
             secret = secrets.token_hex(32)
             self.update_row(row, state="starting", starter=record.name, secret=secret, note=None)
             commands.append({
@@ -1413,6 +1421,8 @@ class Starter:
             log.warning("schedd unreachable (%s); the update waits for the next poll", e)
             with self.lock:
                 self.pending.append(update)
+        except SshjobError as e:  # the queue moved on (the job was vacated or removed meanwhile)
+            log.info("the schedd declined news of job %s: %s", update.get("job"), e)
 
     def ssh_problem(self):
         """Why this node cannot start sshd, in a sentence; None if it can."""
@@ -1526,9 +1536,19 @@ class Starter:
             shutil.rmtree(entry.path, ignore_errors=True)
 
     def stop(self):
+        """End every job (the schedd requeues them) and leave nothing behind."""
         self.stopping.set()
-        for job in list(self.jobs.values()):
-            job.terminate("vacate")
+        enders = [threading.Thread(target=job.terminate, args=("vacate",)) for job in list(self.jobs.values())]
+        for ender in enders:
+            ender.start()
+        for ender in enders:
+            ender.join()
+        deadline = time.time() + KILL_GRACE
+        while self.jobs and time.time() < deadline:
+            time.sleep(0.05)
+        if self.cgroup_base:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.cgroup_base)
 
 
 class StarterHandler(RequestHandler):

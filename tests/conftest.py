@@ -94,6 +94,22 @@ class Pool:
         if self.started:
             self.sshjob("pool", "stop", "--dir", self.dir)
             self.started = False
+            deadline = time.time() + 10
+            while self.processes_inside() and time.time() < deadline:
+                time.sleep(0.1)
+            assert self.processes_inside() == [], "processes outlived the pool"
+
+    def processes_inside(self):
+        """Pids of processes whose working directory is in the pool's
+        directory: the jobs' and sessions' (their work dirs live there)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.readlink("/proc/%s/cwd" % entry).startswith(self.dir + "/"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+        return found
 
     def argv(self, *args, user=None, env=None, config=True):
         variables = {"PATH": os.environ["PATH"], "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
