@@ -428,6 +428,7 @@ DEFAULTS = {
     "starter_dir": "{pool_dir}/execute",
     "starter_slots": "0",
     "enable_ssh_to_job": "true",
+    "use_cgroups": "true",
     "ssh": "ssh",
     "sshd": "sshd",
     "ssh_keygen": "ssh-keygen",
@@ -1409,7 +1410,7 @@ class Starter:
         self.tickets = TicketBook()
         self.stopping = threading.Event()
         self.address = None
-        self.cgroup_base = cgroup_base(self.name, self.dir)
+        self.cgroup_base = cgroup_base(self.name, self.dir) if config.flag("use_cgroups") else None
 
     # -- talking to the schedd ---------------------------------------------
 
@@ -1574,7 +1575,8 @@ def serve_starter(config):
     if starter.cgroup_base:
         log.info("process tracking: one cgroup v2 per job, under %s", starter.cgroup_base)
     else:
-        log.info("process tracking: environment tag and process groups (this starter cannot make cgroups)")
+        log.info("process tracking: environment tag and process groups (no cgroup v2 for this starter, "
+                 "or use_cgroups = false)")
     server = TCPServer(parse_address(config["starter_address"])[1], StarterHandler)
     server.app = starter
     host, port = server.server_address[:2]

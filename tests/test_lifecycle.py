@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 
 def state_of(pid):
     """The process state letter from /proc/PID/stat, or None once it is gone."""
@@ -48,7 +50,21 @@ def pids_with(marker):
     return found
 
 
-def test_rm_ends_double_forked_session_processes(pool):
+@pytest.fixture(params=["cgroup", "tag"])
+def tracking_pool(request, make_pool):
+    """Pools tracking processes with a cgroup per job (where the starter can
+    make one) and with the environment tag, its fallback."""
+    pool = make_pool({"use_cgroups": "true" if request.param == "cgroup" else "false"})
+    with open(os.path.join(pool.dir, "starter.log")) as f:
+        log = f.read()
+    if request.param == "cgroup" and "one cgroup v2 per job" not in log:
+        pytest.skip("this starter cannot make cgroups here: " + log.splitlines()[0])
+    assert ("environment tag" in log) == (request.param == "tag")
+    return pool
+
+
+def test_rm_ends_double_forked_session_processes(tracking_pool):
+    pool = tracking_pool
     job = pool.running_job()
     marker = "%d" % os.getpid()  # sleeps of 7PID and 8PID seconds
     result = pool.sshjob("client", job, "setsid nohup sleep 7%s >/dev/null 2>&1 < /dev/null & "
@@ -64,7 +80,8 @@ def test_rm_ends_double_forked_session_processes(pool):
     assert err.splitlines()[-1] == "sshjob: the session ended because job %s was removed" % job
 
 
-def test_suspend_stops_the_job_and_its_sessions_and_continue_resumes_them(pool):
+def test_suspend_stops_the_job_and_its_sessions_and_continue_resumes_them(tracking_pool):
+    pool = tracking_pool
     job = pool.running_job()
     session, shell = background_session(pool, job, "echo $$; while :; do sleep 0.1; done")
     shell = int(shell)
