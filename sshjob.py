@@ -34,28 +34,35 @@ import array
 import base64
 import configparser
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
+import pty
 import pwd
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import stat
 import string
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
+import termios
 import threading
 import time
+import tty
 
 __version__ = "0.1.0"
 
@@ -79,6 +86,7 @@ PACKAGES = {
     "ssh-keygen": "openssh-client",
     "sshd": "openssh-server",
     "rsync": "rsync",
+    "openssl": "openssl",
 }
 
 SFTP_SERVERS = (
@@ -375,6 +383,61 @@ def make_ticket(secret, claims, lifetime):
     return {"claims": claims, "mac": _ticket_mac(secret, claims)}
 
 
+def holder_hash(holder):
+    """What a ticket for the built-in transport names: the hash of a secret
+    that only the client knows, and shows to the starter inside TLS."""
+    return hashlib.sha256(holder.encode()).hexdigest()
+
+
+def require_modern_tls(context):
+    """TLS 1.2 or newer."""
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
+def server_tls_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    require_modern_tls(context)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def pinned_tls_connection(sock, fingerprint, what):
+    """TLS over `sock` to a peer whose certificate has this SHA-256
+    fingerprint; the fingerprint came over an authenticated channel, so it
+    stands in for a CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # checked below, against the pinned fingerprint
+    require_modern_tls(context)
+    try:
+        tls = context.wrap_socket(sock)
+    except (ssl.SSLError, OSError) as e:
+        raise Unreachable("no TLS with %s (%s)" % (what, e)) from None
+    if not hmac.compare_digest(hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest(), fingerprint):
+        tls.close()
+        raise Refused("the TLS certificate of %s is not the one the schedd vouches for" % what)
+    return tls
+
+
+def make_certificate(config, directory, name):
+    """A self-signed TLS certificate for a daemon, made once with openssl;
+    returns (cert, key, SHA-256 fingerprint)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    if not os.path.exists(cert):
+        openssl = find_program(config, "openssl", "node " + name)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "3650", "-subj", "/CN=sshjob", "-keyout", key, "-out", cert],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.chmod(key, 0o600)
+    with open(cert) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return cert, key, hashlib.sha256(der).hexdigest()
+
+
 class TicketBook:
     """Verifies tickets and remembers the nonces of used ones until they expire."""
 
@@ -382,8 +445,12 @@ class TicketBook:
         self._used = {}
         self._lock = threading.Lock()
 
-    def redeem(self, secret, ticket, run, key):
-        """Return the ticket's claims, or raise TicketInvalid saying why."""
+    def redeem(self, secret, ticket, run, key=None, holder=None):
+        """Return the ticket's claims, or raise TicketInvalid saying why.
+
+        The ticket must be presented with the public key it was issued for
+        (`key`, for sshd), or with the secret whose hash it names (`holder`,
+        for the built-in transport)."""
         claims = ticket.get("claims") if isinstance(ticket, dict) else None
         mac = ticket.get("mac") if isinstance(ticket, dict) else None
         if not isinstance(claims, dict) or not isinstance(mac, str):
@@ -392,8 +459,10 @@ class TicketBook:
             raise TicketInvalid("the ticket's signature is not valid")
         if claims.get("job") != run:
             raise TicketInvalid("the ticket is for another job or node")
-        if claims.get("key") != key_fingerprint(key):
+        if key is not None and claims.get("key") != key_fingerprint(key):
             raise TicketInvalid("the ticket was issued for another key")
+        if key is None and (holder is None or claims.get("holder") != holder_hash(holder)):
+            raise TicketInvalid("the ticket was issued to another holder")
         now = time.time()
         expires = claims.get("expires")
         if not isinstance(expires, (int, float)) or expires < now:
@@ -432,6 +501,7 @@ DEFAULTS = {
     "ssh": "ssh",
     "sshd": "sshd",
     "ssh_keygen": "ssh-keygen",
+    "openssl": "openssl",
     "sftp_server": "",
     "sshd_config_template": "",
     "ssh_options": "",
@@ -796,6 +866,8 @@ class StarterRecord:
         self.uid = None
         self.enable_ssh = True
         self.ssh_problem = None  # why this node cannot start sshd, if it cannot
+        self.tls_fingerprint = None  # its certificate, for the built-in transport
+        self.builtin_problem = None  # why it offers no built-in transport, if it does not
         self.slots = 1
         self.last_poll = 0.0
         self.commands = []
@@ -983,12 +1055,26 @@ class Schedd:
             raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, row["starter"]))
         if not starter.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % starter.name)
-        if starter.ssh_problem:
-            raise MissingProgram(starter.ssh_problem)
-        if not row["hostkey"]:
-            raise MissingProgram("job %s has no ssh host key: ssh-keygen was missing on %s when it started"
-                                 % (name, starter.name))
         return row, starter
+
+    @staticmethod
+    def choose_transport(message, row, starter):
+        """openssh where both ends have it, else the built-in transport; or
+        what the client asks for, if the node can.  Returns (transport, why)."""
+        wanted = field(message, "transport", str, "auto")
+        sshd_problem = starter.ssh_problem or (None if row["hostkey"] else (
+            "job %s has no ssh host key: ssh-keygen was missing on %s when it started" % (row_id(row), starter.name)))
+        if wanted == "openssh" or (wanted == "auto" and message.get("key") and not sshd_problem):
+            if sshd_problem:
+                raise MissingProgram(sshd_problem)
+            return "openssh", "both ends have OpenSSH" if wanted == "auto" else "asked for"
+        if wanted not in ("auto", "builtin"):
+            raise UsageError("unknown transport %r: openssh, builtin or auto" % wanted)
+        if starter.builtin_problem or not starter.tls_fingerprint:
+            raise MissingProgram(sshd_problem or starter.builtin_problem or "no transport")
+        if wanted == "builtin":
+            return "builtin", "asked for"
+        return "builtin", sshd_problem or "this machine has no ssh client"
 
     def audit(self, uid, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid), "job": message.get("job"),
@@ -999,15 +1085,18 @@ class Schedd:
     def op_ssh_ticket(self, message, uid):
         try:
             row, starter = self.ssh_target(message, uid)
-            key = parse_public_key(field(message, "key", str))
+            key = message.get("key") and parse_public_key(field(message, "key", str))
+            transport, why = self.choose_transport(message, row, starter)
         except SshjobError as e:
             self.audit(uid, message, False, str(e))
             raise
         shells = [s for s in field(message, "shells", list, []) if isinstance(s, str)]
-        claims = {"job": run_id(row), "key": key_fingerprint(key), "user": user_name(uid), "shells": shells}
-        self.audit(uid, message, True)
+        claims = {"job": run_id(row), "key": key and key_fingerprint(key), "holder": message.get("holder"),
+                  "user": user_name(uid), "shells": shells}
+        self.audit(uid, message, True, "transport " + transport)
         return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
-                "starter": starter.name, "address": starter.address,
+                "starter": starter.name, "address": starter.address, "transport": transport, "why": why,
+                "tls_fingerprint": starter.tls_fingerprint,
                 "ticket": make_ticket(row["secret"], claims, self.ticket_lifetime)}
 
     # -- starters ----------------------------------------------------------
@@ -1031,6 +1120,8 @@ class Schedd:
             record.uid = uid
             record.enable_ssh = field(message, "enable_ssh", bool, True)
             record.ssh_problem = message.get("ssh_problem")
+            record.tls_fingerprint = message.get("tls_fingerprint")
+            record.builtin_problem = message.get("builtin_problem")
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
         running = field(message, "jobs", list, [])
@@ -1209,6 +1300,11 @@ LogLevel ERROR
 
 # Variables the ssh client may bring into a session; the job's value applies
 # only when the client brought none.
+def choose_shell(shells):
+    """The first of the client's shells that exists here, else /bin/sh."""
+    return next((s for s in shells if os.path.isabs(s) and os.access(s, os.X_OK)), "/bin/sh")
+
+
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -1340,13 +1436,68 @@ class Job:
         threading.Thread(target=self.end_session, args=(proc, sdir), daemon=True).start()
         log.info("job %s: session %s started, sshd pid %d", self.name, sdir, proc.pid)
 
+    def open_builtin_session(self, sock, request, shells):
+        """Run the session's shell or command as the job's owner, in its
+        working directory and environment, on a PTY if the client has a
+        terminal; relay it over `sock` until it ends."""
+        command = request.get("command")
+        if command is not None and not isinstance(command, str):
+            raise ProtocolError("the command is malformed")
+        terminal = request.get("pty")
+        client_env = request.get("env") if isinstance(request.get("env"), dict) else {}
+        with self.starter.lock:
+            self.session_count += 1
+            part = "session-%d" % self.session_count
+        env = {"HOME": self.owner.pw_dir, "USER": self.owner.pw_name, "LOGNAME": self.owner.pw_name,
+               "PATH": os.defpath}
+        env.update({k: v for k, v in client_env.items() if isinstance(v, str) and CLIENT_VARIABLES.fullmatch(k)})
+        env.update({k: v for k, v in self.env.items() if not (CLIENT_VARIABLES.fullmatch(k) and k in env)})
+        env.update({TAG_VAR: self.family.tag, PIDS_VAR: " ".join(str(p) for p in self.pids()), SESSION_VAR: part,
+                    "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
+        shell = choose_shell(shells)
+        env["SHELL"] = shell
+        argv = [shell, "-c", command] if command is not None else [shell, "-l"]
+        steps = [self.family.enter(part), privileges_of(self.owner.pw_name), lambda: os.chdir(self.workdir)]
+        master = None
+        if isinstance(terminal, dict):
+            master, slave = pty.openpty()
+            set_window_size(master, field(terminal, "rows", int, 24), field(terminal, "columns", int, 80))
+            if os.geteuid() == 0:
+                os.fchown(slave, self.owner.pw_uid, self.owner.pw_gid)
+            env["TERM"] = field(terminal, "term", str, "xterm")
+            streams = {"stdin": slave, "stdout": slave, "stderr": slave}
+            steps.insert(0, controlling_terminal)
+        else:
+            streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, preexec_fn=child_setup(*steps),
+                                **streams)
+        self.family.leaders.append(proc.pid)
+        with self.starter.lock:
+            self.sessions.add(proc)
+        log.info("job %s: built-in %s started, pid %d%s", self.name, part, proc.pid, " on a PTY" * bool(master))
+        try:
+            if master is not None:
+                os.close(slave)
+                if command is None:
+                    send_frame(sock, STDOUT, self.welcome(self.pids()).replace("\n", "\r\n").encode())
+            BuiltinSession(sock, proc, master).run()
+        except (OSError, SshjobError) as e:
+            log.info("job %s: built-in %s lost its client: %s", self.name, part, e)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGHUP)
+        finally:
+            if master is not None:
+                os.close(master)
+            self.end_session(proc, None)
+
     def end_session(self, proc, sdir):
         proc.wait()
-        shutil.rmtree(sdir, ignore_errors=True)
+        if sdir:
+            shutil.rmtree(sdir, ignore_errors=True)
         with self.starter.lock:
             self.sessions.discard(proc)
             self.starter.sessions_changed.notify_all()
-        log.info("job %s: session %s ended", self.name, sdir)
+        log.info("job %s: session %s ended", self.name, sdir or proc.pid)
 
     def sshd_config(self, sdir):
         template = DEFAULT_SSHD_TEMPLATE
@@ -1365,11 +1516,15 @@ class Job:
         except (KeyError, ValueError) as e:
             raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
 
+    def welcome(self, pids):
+        return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
+            self.name, self.starter.name, " ".join(str(pid) for pid in pids))
+
     def session_script(self, shells):
         """The session's forced command: sshd gives every session a fresh
         environment in $HOME, so this script puts back the job's environment
         and working directory, then runs the requested command or a shell."""
-        shell = next((s for s in shells if os.path.isabs(s) and os.access(s, os.X_OK)), "/bin/sh")
+        shell = choose_shell(shells)
         q = shlex.quote
         lines = ["# sshjob session in job %s" % self.name]
         for name, value in sorted(self.env.items()):
@@ -1386,8 +1541,7 @@ class Job:
             "cd %s || { echo \"sshjob: cannot enter the job's working directory %s\" >&2; exit 1; }"
             % (q(self.workdir), self.workdir.replace('"', "")),
             'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s -c "$SSH_ORIGINAL_COMMAND"; fi' % q(shell),
-            "echo %s" % q("Welcome to job %s on %s!" % (self.name, self.starter.name)),
-            "echo %s" % q("Your job is running with pid(s) %s." % pids),
+            "printf %%s %s" % q(self.welcome(self.pids())),
             "exec %s -l" % q(shell),
         ]
         return "\n".join(lines) + "\n"
@@ -1411,6 +1565,16 @@ class Starter:
         self.stopping = threading.Event()
         self.address = None
         self.cgroup_base = cgroup_base(self.name, self.dir) if config.flag("use_cgroups") else None
+        self.tls = self.tls_fingerprint = self.builtin_problem = None
+
+    def offer_builtin_transport(self):
+        """The built-in transport needs a TLS certificate, made with openssl."""
+        try:
+            cert, key, self.tls_fingerprint = make_certificate(self.config, os.path.join(self.dir, ".tls"), self.name)
+            self.tls = server_tls_context(cert, key)
+        except (MissingProgram, subprocess.CalledProcessError, ssl.SSLError, OSError) as e:
+            self.builtin_problem = "the built-in transport is off on %s: %s" % (self.name, e)
+            log.warning("%s", self.builtin_problem)
 
     # -- talking to the schedd ---------------------------------------------
 
@@ -1447,7 +1611,8 @@ class Starter:
                 updates, self.pending = self.pending, []
                 running = list(self.jobs)
             request = {"op": "poll", "name": self.name, "address": self.address, "enable_ssh": self.enable_ssh,
-                       "ssh_problem": self.ssh_problem(), "slots": self.slots, "jobs": running,
+                       "ssh_problem": self.ssh_problem(), "tls_fingerprint": self.tls_fingerprint,
+                       "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
                        "updates": updates, "wait": POLL_WAIT}
             try:
                 reply = call(self.schedd, request, "the schedd", timeout=POLL_WAIT + IO_TIMEOUT)
@@ -1504,28 +1669,39 @@ class Starter:
     # -- ssh requests ------------------------------------------------------
 
     def answer(self, message, sock):
-        """Check a bridge's ticket and start sshd on its connection."""
-        if field(message, "op", str) != "ssh":
-            raise ProtocolError("unknown request %r" % message.get("op"))
+        """Check a ticket; then start sshd on the connection, or run a
+        built-in session over it (inside TLS only)."""
+        op = field(message, "op", str)
+        if op not in ("ssh", "builtin"):
+            raise ProtocolError("unknown request %r" % op)
         if not self.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % self.name)
         run = field(message, "job", str)
-        key = parse_public_key(field(message, "key", str))
+        if op == "builtin":
+            if not isinstance(sock, ssl.SSLSocket):
+                raise Refused("the built-in transport runs inside TLS only")
+            key, holder = None, field(message, "holder", str)
+        else:
+            key, holder = parse_public_key(field(message, "key", str)), None
         job = self.jobs.get(run)
         if job is None or job.ending:
             raise NotRunning("job %s is not running on %s" % (run, self.name))
         if job.process.poll() is not None:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
-        claims = self.tickets.redeem(job.secret, message.get("ticket"), run, key)
+        claims = self.tickets.redeem(job.secret, message.get("ticket"), run, key=key, holder=holder)
         send_msg(sock, {"ok": True})
         sock.settimeout(None)
-        job.open_session(sock, key, claims.get("shells") or [])
-        return None
+        if op == "builtin":
+            job.open_builtin_session(sock, message, claims.get("shells") or [])
+        else:
+            job.open_session(sock, key, claims.get("shells") or [])
 
     def clean_up_after_crash(self):
         """A previous starter here died without ending its jobs: end what is
         left of them, processes and files."""
         for entry in os.scandir(self.dir):
+            if entry.name.startswith("."):  # the starter's own, such as its TLS certificate
+                continue
             try:
                 with open(os.path.join(entry.path, "tag")) as f:
                     family = ProcessFamily(self.cgroup_base, "job-" + entry.name, f.read(), adopt=True)
@@ -1559,12 +1735,15 @@ class StarterHandler(RequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(IO_TIMEOUT)
         try:
-            self.server.app.answer(recv_msg(self.request), self.request)
+            sock = self.request
+            if sock.recv(1, socket.MSG_PEEK) == b"\x16" and self.server.app.tls:  # a TLS handshake
+                sock = self.server.app.tls.wrap_socket(sock, server_side=True)
+            self.server.app.answer(recv_msg(sock), sock)
         except SshjobError as e:
             log.warning("refused an ssh request from %s: %s", self.client_address[0], e)
             with contextlib.suppress(OSError):
-                send_msg(self.request, error_reply(e))
-        except OSError as e:
+                send_msg(sock, error_reply(e))
+        except OSError as e:  # ssl.SSLError included
             log.debug("dropped a connection: %s", e)
 
 
@@ -1572,6 +1751,7 @@ def serve_starter(config):
     starter = Starter(config)
     os.makedirs(starter.dir, mode=0o755, exist_ok=True)
     starter.clean_up_after_crash()
+    starter.offer_builtin_transport()
     if starter.cgroup_base:
         log.info("process tracking: one cgroup v2 per job, under %s", starter.cgroup_base)
     else:
@@ -1585,6 +1765,211 @@ def serve_starter(config):
              starter.slots, starter.address)
     threading.Thread(target=starter.poll_forever, daemon=True).start()
     run_until_signalled(server, on_stop=starter.stop)
+
+
+# ---------------------------------------------------------------------------
+# The built-in transport: sessions for nodes without sshd and clients without
+# ssh.  It runs inside TLS between client and starter (the starter's
+# certificate pinned by a fingerprint the schedd vouches for), after the same
+# ticket check; then the stream carries channel frames, a type byte and a
+# length before each payload.  A malformed frame ends that session only.
+# ---------------------------------------------------------------------------
+
+CHANNEL = struct.Struct("!BI")
+STDIN, STDOUT, STDERR, STDIN_EOF, RESIZE, EXIT = range(6)
+MAX_CHUNK = 64 * 1024
+MAX_STDIN_BACKLOG = 256 * 1024  # past this the starter stops reading the client, who then waits
+WINSIZE = struct.Struct("!HH")  # rows, columns
+
+
+def send_frame(sock, kind, payload=b""):
+    sock.sendall(CHANNEL.pack(kind, len(payload)) + payload)
+
+
+def recv_frame(sock):
+    """(kind, payload), or (None, b"") when the peer closed between frames."""
+    first = sock.recv(1)
+    if not first:
+        return None, b""
+    kind, size = CHANNEL.unpack(first + _recv_exactly(sock, CHANNEL.size - 1))
+    if kind > EXIT or size > MAX_CHUNK:
+        raise ProtocolError("a malformed channel frame")
+    return kind, _recv_exactly(sock, size) if size else b""
+
+
+def readable(sock, others, timeout=None):
+    """select() that knows TLS may hold decrypted bytes the socket does not show."""
+    if getattr(sock, "pending", lambda: 0)():
+        return [sock] + select.select(others, [], [], 0)[0]
+    return select.select([sock] + others, [], [], timeout)[0]
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def set_window_size(fd, rows, columns):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def window_size(fd):
+    rows, columns = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    return rows or 24, columns or 80
+
+
+class BuiltinSession:
+    """The starter's half: the job's shell or command, on a PTY or on pipes,
+    relayed to and from the client's TLS stream."""
+
+    def __init__(self, sock, proc, master=None):
+        self.sock = sock
+        self.proc = proc
+        self.master = master
+        if master is not None:
+            self.outputs = {master: STDOUT}
+            self.stdin = master
+        else:
+            self.outputs = {proc.stdout.fileno(): STDOUT, proc.stderr.fileno(): STDERR}
+            self.stdin = proc.stdin.fileno()
+        os.set_blocking(self.stdin, False)
+        self.backlog = bytearray()
+        self.stdin_eof = False
+
+    def run(self):
+        """Relay until the command ends; returns its exit status."""
+        client_open = True
+        while self.outputs:
+            if self.master is not None and self.proc.poll() is not None:
+                self.drain_terminal()
+                break
+            listen = list(self.outputs)
+            waiting = [self.stdin] if self.backlog else []
+            take_client = client_open and len(self.backlog) < MAX_STDIN_BACKLOG
+            if take_client and self.sock.pending():
+                ready, writable = [self.sock], []
+            else:
+                ready, writable, _ = select.select(listen + [self.sock] * take_client, waiting, [], 0.5)
+            if writable:
+                self.feed_stdin()
+            for fd in ready:
+                if fd is self.sock:
+                    client_open = self.take_from_client()
+                    if not client_open:
+                        self.hang_up()
+                else:
+                    self.pass_output(fd)
+        status = exit_status(self.proc.wait())
+        with contextlib.suppress(OSError):
+            send_frame(self.sock, EXIT, json.dumps({"status": status}).encode())
+        return status
+
+    def take_from_client(self):
+        kind, payload = recv_frame(self.sock)
+        if kind is None:
+            return False
+        if kind == STDIN:
+            self.backlog += payload
+        elif kind == STDIN_EOF:
+            self.stdin_eof = True
+        elif kind == RESIZE and self.master is not None and len(payload) == WINSIZE.size:
+            set_window_size(self.master, *WINSIZE.unpack(payload))
+        else:
+            raise ProtocolError("an unexpected channel frame")
+        self.feed_stdin()
+        return True
+
+    def feed_stdin(self):
+        with contextlib.suppress(BlockingIOError):
+            if self.backlog:
+                del self.backlog[: os.write(self.stdin, self.backlog)]
+        if self.stdin_eof and not self.backlog and self.master is None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def pass_output(self, fd):
+        try:
+            data = os.read(fd, MAX_CHUNK)
+        except OSError:  # EIO: the terminal's last user has gone
+            data = b""
+        if data:
+            send_frame(self.sock, self.outputs[fd], data)
+        else:
+            del self.outputs[fd]
+
+    def drain_terminal(self):
+        """The shell has exited: pass on what it wrote last."""
+        while select.select([self.master], [], [], 0.05)[0]:
+            try:
+                data = os.read(self.master, MAX_CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            send_frame(self.sock, STDOUT, data)
+
+    def hang_up(self):
+        """The client has gone: end the session as a lost terminal would."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGHUP if self.master is not None else signal.SIGTERM)
+        self.outputs = {}
+
+
+def controlling_terminal():
+    """A preexec step: make the PTY on stdin the new session's terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@contextlib.contextmanager
+def raw_terminal(fd):
+    """The local terminal in raw mode, restored on every way out."""
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def relay_to_job(sock, interactive, streams):
+    """The client's half: stdin to the job, its output to stdout and stderr
+    (`streams`, three fds), window changes on a terminal; returns the remote
+    exit status."""
+    stdin, stdout, stderr = streams
+    wakeup_read, wakeup_write = os.pipe()
+    os.set_blocking(wakeup_write, False)
+    resized = []
+    previous = None
+    if interactive:
+        previous = signal.signal(signal.SIGWINCH, lambda signum, frame: resized.append(True))
+        signal.set_wakeup_fd(wakeup_write)
+    inputs = [stdin, wakeup_read]
+    try:
+        while True:
+            for source in readable(sock, inputs):
+                if source is sock:
+                    kind, payload = recv_frame(sock)
+                    if kind is None:
+                        raise Unreachable("the connection to the job closed before the session ended")
+                    if kind == EXIT:
+                        return field(json.loads(payload.decode()), "status", int)
+                    write_all(stdout if kind == STDOUT else stderr, payload)
+                elif source == stdin:
+                    data = os.read(stdin, MAX_CHUNK)
+                    send_frame(sock, STDIN if data else STDIN_EOF, data)
+                    if not data:
+                        inputs.remove(stdin)
+                else:
+                    os.read(wakeup_read, 512)
+                    if resized:
+                        del resized[:]
+                        send_frame(sock, RESIZE, WINSIZE.pack(*window_size(stdin)))
+    finally:
+        if interactive:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGWINCH, previous)
+        os.close(wakeup_read)
+        os.close(wakeup_write)
 
 
 # ---------------------------------------------------------------------------
@@ -1625,12 +2010,11 @@ class TicketDesk:
         self.listener.bind(self.path)
         self.listener.listen(8)
         self.ready = None
-        self.info = None  # the schedd's last answer: the job's user, host key, starter
         threading.Thread(target=self.serve, daemon=True).start()
 
-    def connect_to_job(self):
-        """A fresh ticket, presented to the starter: a socket sshd answers."""
-        reply = self.info = call(self.schedd, self.request, "the schedd")
+    def connect_to_job(self, reply=None):
+        """A ticket (fresh unless given), presented to the starter: a socket sshd answers."""
+        reply = reply or call(self.schedd, self.request, "the schedd")
         job = self.request["job"]
         sock = connect(reply["address"], "the starter of job %s" % job)
         try:
@@ -1646,10 +2030,11 @@ class TicketDesk:
         log.debug("the starter accepted the ticket for job %s", job)
         return sock
 
-    def prepare(self):
-        """Connect ahead of ssh: the job's sshd starts while ssh does, and a
-        failure is reported before ssh runs, as one sentence."""
-        self.ready = self.connect_to_job()
+    def prepare(self, ticket):
+        """Connect ahead of ssh, with the client's first ticket: the job's
+        sshd starts while ssh does, and a failure is reported before ssh
+        runs, as one sentence."""
+        self.ready = self.connect_to_job(ticket)
 
     def serve(self):
         while True:
@@ -1694,7 +2079,7 @@ def run_bridge(argv):
 CLIENT_USAGE = """\
 usage: sshjob client [-help] [-debug] [-name schedd-name] [-pool pool-name]
                      [-ssh ssh-command] [-keygen-options ssh-keygen-options]
-                     [-shells shell1,shell2,...] [-auto-retry] [-X]
+                     [-shells shell1,shell2,...] [-auto-retry] [-X] [-transport t]
                      cluster | cluster.proc | cluster.proc.node [remote-command]
 
 Open an ssh session inside a running job: same user, working directory and
@@ -1711,19 +2096,21 @@ environment as the job.  Without remote-command, an interactive shell.
                         (default: $SHELL, then /bin/sh)
   -auto-retry           if the job is not running yet, wait until it is
   -X                    enable X11 forwarding
+  -transport t          openssh, builtin (no OpenSSH needed) or auto (the
+                        default: openssh where both ends have it)
 
 Options take one dash or two.  The exit status is the remote command's, or
 non-zero with a sentence on stderr when no session could be set up.
 """
 
-CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True,
+CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True, "transport": True,
                   "debug": False, "auto-retry": False, "X": False, "help": False}
 
 
 def parse_client_args(argv):
     """HTCondor style: options (one dash or two) before the job id, and
     everything after the job id is the remote command, untouched."""
-    opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None,
+    opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None, "transport": "auto",
             "debug": False, "auto-retry": False, "X": False, "help": False}
     args = list(argv)
     while args and args[0].startswith("-") and args[0] != "-":
@@ -1826,13 +2213,86 @@ def ssh_command(config, opts, job, info, tmp, key, proxy):
     return argv + [alias] + opts["command"]
 
 
-def wait_for_job(desk, auto_retry):
-    """Connect to the job; with -auto-retry, wait while it is not running
-    yet, saying so, until it runs or never will."""
+def run_client(config_path, argv):
+    opts = parse_client_args(argv)
+    if opts["help"]:
+        sys.stdout.write(CLIENT_USAGE)
+        return 0
+
+    def builtin_session(ticket, holder, command):
+        if opts["ssh"] or opts["X"]:
+            raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only"
+                                 " (sshjob cp copies files without it)" % (opts["ssh"] or "-X", ticket["job"]))
+        return run_builtin(ticket, holder, command)
+
+    return enter_job(config_path, opts, builtin_session)
+
+
+def enter_job(config_path, opts, builtin_session):
+    """Reach the job as `opts` say: over OpenSSH (ssh, or the -ssh command)
+    where both ends have it, else with `builtin_session(ticket, holder,
+    command)`.  Returns the exit status."""
+    if opts["debug"]:
+        logging.getLogger().setLevel(logging.DEBUG)
+    if opts["transport"] not in ("auto", "openssh", "builtin"):
+        raise UsageError("unknown transport %r: openssh, builtin or auto" % opts["transport"])
+    if opts["pool"]:
+        config_path = find_config_path(opts["pool"])
+    config = Config(find_config_path(config_path))
+    cluster, proc, _node = parse_job_id(opts["job"])
+    job = job_name(cluster, proc)
+    schedd = config.schedd_address(opts["name"])
+    command = " ".join(opts["command"]) if opts["command"] else None
+    with private_tempdir() as tmp:
+        key = session_key(config, tmp, opts)
+        holder = secrets.token_hex(32)
+        shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
+        request = {"op": "ssh_ticket", "job": opts["job"], "key": key and read_public_key(key),
+                   "holder": holder_hash(holder), "transport": opts["transport"],
+                   "shells": [s for s in shells.split(",") if s], "command": command}
+        ticket = wait_for_ticket(schedd, request, opts["auto-retry"])
+        log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket["user"], ticket["starter"],
+                  ticket["transport"], ticket["why"])
+        if ticket["transport"] == "openssh":
+            status = run_openssh(config, opts, schedd, dict(request, transport="openssh"), ticket, tmp, key)
+        else:
+            try:
+                status = builtin_session(ticket, holder, command)
+            except Unreachable:
+                explain_lost_session(schedd, job)
+                raise
+    if status == 255:
+        explain_lost_session(schedd, job)
+    return status
+
+
+def session_key(config, tmp, opts):
+    """The session's key pair, or None where OpenSSH is not to be used or
+    this machine has no ssh client (the built-in transport needs none)."""
+    if opts["transport"] == "builtin":
+        return None
+    try:
+        find_program(config, "ssh", "this machine")
+    except MissingProgram:
+        if opts["transport"] == "openssh" or opts["ssh"]:
+            raise
+        log.debug("this machine has no ssh client: the built-in transport it is")
+        return None
+    return make_session_key(config, tmp, opts["keygen-options"])
+
+
+def read_public_key(key):
+    with open(key + ".pub") as f:
+        return parse_public_key(f.read())
+
+
+def wait_for_ticket(schedd, request, auto_retry):
+    """A ticket for the job; with -auto-retry, wait while the job is not
+    running yet, saying so, until it runs or never will."""
     started = time.time()
     while True:
         try:
-            return desk.prepare()
+            return call(schedd, request, "the schedd")
         except NotRunning as e:
             if not auto_retry:
                 raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
@@ -1841,41 +2301,45 @@ def wait_for_job(desk, auto_retry):
             time.sleep(2)
 
 
-def run_client(config_path, argv):
-    opts = parse_client_args(argv)
-    if opts["help"]:
-        sys.stdout.write(CLIENT_USAGE)
-        return 0
-    if opts["debug"]:
-        logging.getLogger().setLevel(logging.DEBUG)
-    if opts["pool"]:
-        config_path = find_config_path(opts["pool"])
-    config = Config(find_config_path(config_path))
-    cluster, proc, _node = parse_job_id(opts["job"])
-    job = job_name(cluster, proc)
-    schedd = config.schedd_address(opts["name"])
-    with private_tempdir() as tmp:
-        key = make_session_key(config, tmp, opts["keygen-options"])
-        shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
-        with open(key + ".pub") as f:
-            request = {"op": "ssh_ticket", "job": opts["job"], "key": parse_public_key(f.read()),
-                       "shells": [s for s in shells.split(",") if s],
-                       "command": " ".join(opts["command"]) if opts["command"] else None}
-        desk = TicketDesk(schedd, request, tmp)
-        try:
-            wait_for_job(desk, opts["auto-retry"])
-            info = desk.info
-            log.debug("job %s runs as %s on %s; transport: openssh", job, info["user"], info["starter"])
-            argv = ssh_command(config, opts, job, info, tmp, key, desk.proxy_command())
-            log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
-            status = run_foreground(argv)
-        finally:
-            desk.close()
-        if status == 255 and desk.error:
-            raise desk.error
-    if status == 255:
-        explain_lost_session(schedd, job)
+def run_openssh(config, opts, schedd, request, ticket, tmp, key):
+    desk = TicketDesk(schedd, request, tmp)
+    try:
+        desk.prepare(ticket)
+        argv = ssh_command(config, opts, ticket["job"], ticket, tmp, key, desk.proxy_command())
+        log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
+        status = run_foreground(argv)
+    finally:
+        desk.close()
+    if status == 255 and desk.error:
+        raise desk.error
     return status
+
+
+def run_builtin(ticket, holder, command, streams=(0, 1, 2)):
+    """A session over the built-in transport, on the given stdin, stdout and
+    stderr; returns the remote exit status."""
+    what = "the starter of job %s" % ticket["job"]
+    tls = pinned_tls_connection(connect(ticket["address"], what), ticket["tls_fingerprint"], what)
+    interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
+    request = {"op": "builtin", "job": ticket["run"], "holder": holder, "ticket": ticket["ticket"],
+               "command": command, "env": {k: v for k, v in os.environ.items()
+                                           if CLIENT_VARIABLES.fullmatch(k) and not k.startswith("SSH_")}}
+    if interactive:
+        rows, columns = window_size(0)
+        request["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
+    with tls, contextlib.ExitStack() as stack:
+        try:
+            send_msg(tls, request)
+            raise_for_reply(recv_msg(tls))
+        except OSError as e:
+            raise Unreachable("%s did not answer (%s)" % (what, e)) from None
+        tls.settimeout(None)
+        if interactive:
+            stack.enter_context(raw_terminal(0))
+        try:
+            return relay_to_job(tls, interactive, streams)
+        except OSError as e:
+            raise Unreachable("the connection to job %s broke (%s)" % (ticket["job"], e)) from None
 
 
 def run_foreground(argv):
@@ -1901,6 +2365,144 @@ def explain_lost_session(schedd, job):
         return
     if state in LOST_SESSION:
         raise JobGone("the session ended because job %s %s" % (job, LOST_SESSION[state]))
+
+
+# ---------------------------------------------------------------------------
+# Files: sshjob cp JOB:PATH LOCAL and sshjob cp LOCAL JOB:PATH.  Over OpenSSH
+# it is scp -r -p; over the built-in transport, a tar stream (tar on the
+# node, the tarfile module here), modes kept.
+# ---------------------------------------------------------------------------
+
+REMOTE_PATH = re.compile(r"(\d+(?:\.\d+){0,2}):(.*)", re.DOTALL)
+
+UPLOAD_SCRIPT = """\
+p=%(path)s; n=%(name)s
+if [ -d "$p" ]; then cd -- "$p" && exec tar -xpf -; fi
+cd -- "$(dirname -- "$p")" && tar -xpf - && { [ "$n" = "$(basename -- "$p")" ] || mv -f -- "$n" "$(basename -- "$p")"; }
+"""
+
+
+def run_cp(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob cp", description="Copy files and directories to or from a job.")
+    parser.add_argument("--transport", "-transport", default="auto", choices=("auto", "openssh", "builtin"))
+    parser.add_argument("--debug", "-debug", action="store_true")
+    parser.add_argument("source")
+    parser.add_argument("target")
+    args = parser.parse_args(argv)
+    remote = [REMOTE_PATH.fullmatch(a) for a in (args.source, args.target)]
+    if (remote[0] is None) == (remote[1] is None):
+        raise UsageError("name exactly one side as JOB:PATH, e.g. sshjob cp 1.0:results.dat . ")
+    download = remote[0] is not None
+    job, path = (remote[0] if download else remote[1]).groups()
+    local = args.target if download else args.source
+    if not download and not os.path.exists(local):
+        raise UsageError("%s does not exist" % local)
+    scp_args = ["remote:" + path, local] if download else [local, "remote:" + path]
+    opts = dict(parse_client_args([job]), ssh="scp -r -p -q", command=scp_args, transport=args.transport,
+                debug=args.debug)
+
+    def copy_builtin(ticket, holder, command):
+        return (download_tree if download else upload_tree)(ticket, holder, path, local)
+
+    return enter_job(config_path, opts, copy_builtin)
+
+
+def download_tree(ticket, holder, path, local):
+    """Remote tar out, extracted here: into LOCAL if it is a directory, else as LOCAL."""
+    parent, name = os.path.split(path.rstrip("/") or "/")
+    command = "cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))
+    into_dir = os.path.isdir(local)
+    staging = local if into_dir else tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(local) or ".")
+    read_end, write_end = os.pipe()
+    status = []
+    with os.fdopen(read_end, "rb") as incoming, open(os.devnull, "rb") as nothing:
+        relay = threading.Thread(target=lambda: status.append(
+            run_builtin_closing(ticket, holder, command, (nothing.fileno(), write_end, 2))))
+        relay.start()
+        try:
+            with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
+                for member in archive:
+                    if not safe_member(member):
+                        raise UsageError("the job sent an unsafe path in its archive: %s" % member.name)
+                    archive.extract(member, staging, set_attrs=True)
+        except tarfile.TarError as e:
+            relay.join()
+            if status and status[0]:
+                return status[0]
+            raise UsageError("the copy from the job failed: %s" % e) from None
+        finally:
+            relay.join()
+            if not into_dir:
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(staging, name), local)
+                shutil.rmtree(staging, ignore_errors=True)
+    return status[0] if status else 1
+
+
+def upload_tree(ticket, holder, path, local):
+    """A tar stream of LOCAL, unpacked in the job at PATH (into it, if it is a directory)."""
+    name = os.path.basename(os.path.abspath(local))
+    command = UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}
+    read_end, write_end = os.pipe()
+
+    def pack():
+        with os.fdopen(write_end, "wb") as outgoing, contextlib.suppress(BrokenPipeError), tarfile.open(
+                fileobj=Progress(outgoing, "sent"), mode="w|") as archive:
+            archive.add(local, arcname=name)
+
+    packer = threading.Thread(target=pack, daemon=True)
+    packer.start()
+    try:
+        return run_builtin(ticket, holder, command, (read_end, 1, 2))
+    finally:
+        os.close(read_end)
+        packer.join(timeout=5)
+
+
+def run_builtin_closing(ticket, holder, command, streams):
+    """run_builtin, then close its stdout so that the reader sees the end."""
+    try:
+        return run_builtin(ticket, holder, command, streams)
+    finally:
+        os.close(streams[1])
+
+
+def safe_member(member):
+    """No absolute paths, no way out of the target directory, no devices."""
+    parts = member.name.split("/")
+    if member.name.startswith("/") or ".." in parts or member.isdev():
+        return False
+    if member.issym() or member.islnk():
+        target = member.linkname
+        return not target.startswith("/") and ".." not in target.split("/")
+    return True
+
+
+class Progress:
+    """A file wrapper that counts bytes, shown on stderr when it is a terminal."""
+
+    def __init__(self, stream, verb):
+        self.stream = stream
+        self.verb = verb
+        self.count = 0
+        self.shown = 0.0
+        self.visible = sys.stderr.isatty()
+
+    def read(self, size=-1):
+        return self.tally(self.stream.read(size))
+
+    def write(self, data):
+        self.stream.write(data)
+        self.tally(data)
+        return len(data)
+
+    def tally(self, data):
+        self.count += len(data)
+        if self.visible and (time.time() - self.shown > 0.2 or not data):
+            self.shown = time.time()
+            sys.stderr.write("\r%s %.1f MiB " % (self.verb, self.count / 1048576.0) + ("\n" if not data else ""))
+            sys.stderr.flush()
+        return data
 
 
 # ---------------------------------------------------------------------------
@@ -2136,6 +2738,7 @@ def job_state(schedd, job):
 ROLES = """\
 roles:
   client [options] JOB [command]   an ssh session inside a running job (client -help)
+  cp JOB:PATH LOCAL | LOCAL JOB:PATH   copy files and directories to or from a job
   submit [options] -- COMMAND      queue a job; prints its id
   q [--all]                        list the queue
   rm | suspend | continue | vacate JOB...
@@ -2154,8 +2757,9 @@ def dispatch(args):
     role, rest = args.role, args.args
     if role == "client":
         return run_client(args.config, rest)
-    if role in ("submit", "q", "pool", "demo"):
-        return {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo}[role](args.config, rest)
+    if role in ("submit", "q", "pool", "demo", "cp"):
+        return {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp}[role](
+            args.config, rest)
     if role in ACTION_DONE:
         return run_action(role, args.config, rest)
     if role == "bridge":
