@@ -1087,6 +1087,10 @@ class Schedd:
             row, starter = self.ssh_target(message, uid)
             key = message.get("key") and parse_public_key(field(message, "key", str))
             transport, why = self.choose_transport(message, row, starter)
+            if transport == "openssh" and not key:
+                raise ProtocolError("a ticket for OpenSSH needs the client's public key")
+            if transport == "builtin" and not isinstance(message.get("holder"), str):
+                raise ProtocolError("a ticket for the built-in transport needs a holder")
         except SshjobError as e:
             self.audit(uid, message, False, str(e))
             raise

@@ -97,7 +97,7 @@ def test_missing_programs_are_named_with_their_package(make_pool, pool):
 
     nosshd = make_pool({"sshd": "/nonexistent/sshd"})
     job = nosshd.running_job()
-    message = one_sentence(nosshd.sshjob("client", job, "true"))
+    message = one_sentence(nosshd.sshjob("client", "-transport", "openssh", job, "true"))
     assert message.startswith("sshjob: /nonexistent/sshd was not found on node starter@")
     assert "install the openssh-server package" in message
 
