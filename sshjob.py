@@ -7,7 +7,8 @@ small batch pool; its first argument picks the role:
     schedd      the job queue, and the authority on who may enter which job
     starter     runs jobs on an execute node and starts `sshd -i` inside them
     client      sshjob client JOB [command]: the condor_ssh_to_job command line
-    bridge      ssh's ProxyCommand: fetches a ticket, hands ssh the connection
+    cp          copies files to or from a job
+    bridge      ssh's ProxyCommand, which the client starts
     submit, q, rm, suspend, continue, vacate    the user's handles on the queue
     pool, demo  a personal pool on this one machine
 
@@ -15,18 +16,19 @@ How a session comes about (each step is a function below):
 
 1. The client makes a key pair in a private temporary directory; the private
    key never leaves it.
-2. The client asks the schedd about the job.  The schedd checks that the
+2. The client asks the schedd for a ticket.  The schedd checks that the
    requester owns the job (or is a queue super user) and that the job runs,
-   and answers with the job's user, its sshd host key and its starter.
-3. The client runs ssh with the job's host key pinned and this program's
-   `bridge` role as ProxyCommand.
-4. The bridge asks the schedd for a ticket: single-use, short-lived, bound to
-   the job, the node and the client's public key, signed with a secret that
-   the schedd shares with the job's starter for that job alone.
-5. The bridge connects to the starter and presents the ticket.  The starter
-   checks it and starts `sshd -i` on that very socket as the job's user,
-   authorising the client's key only; the bridge passes the socket to ssh
-   (ProxyUseFdpass), so that only ssh and sshd ever touch the session's bytes.
+   and answers with the job's user, its sshd host key, its starter and a
+   ticket: single-use, short-lived, bound to the job, the node and the
+   client's public key, signed with a secret that the schedd shares with the
+   job's starter for that job alone.
+3. The client presents the ticket to the starter, which checks it and starts
+   `sshd -i` on that very socket as the job's user, authorising the client's
+   key only.  The client runs ssh with the job's host key pinned and a
+   ProxyCommand that passes the socket to ssh (ProxyUseFdpass), so that only
+   ssh and sshd ever touch the session's bytes.
+4. Where either end lacks OpenSSH, the starter runs the session itself (a PTY
+   or pipes) and relays it inside TLS: the built-in transport.
 """
 
 import argparse

@@ -9,20 +9,30 @@ listening sshd on 127.0.0.1; then prints, as ratios to plain ssh:
 - the wall time of `sshjob client JOB true` (median of --runs) against
   `ssh -i KEY -p PORT 127.0.0.1 true`;
 - the throughput of --gib GiB through `client JOB 'cat > /dev/null'` against
-  the same through plain ssh.
+  the same through plain ssh;
+
+and the built-in transport (`-transport builtin`) against the OpenSSH one:
+
+- the keystroke echo round trip on an interactive session (median of 200);
+- the throughput of --gib GiB.
 
 Needs root (the plain sshd) and a built pyz (python3 build.py).
 """
 
 import argparse
+import fcntl
 import os
+import pty
+import select
 import shlex
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +81,45 @@ def throughput(command, gib):
     return gib / (time.perf_counter() - start)
 
 
+def echo_round_trip(argv, env, keystrokes=200):
+    """Median seconds from a keystroke to its echo, on a terminal session."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+
+    def controlling_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, preexec_fn=controlling_terminal)
+    os.close(slave)
+
+    def read_until(text, timeout=20):
+        seen, deadline = b"", time.time() + timeout
+        while text not in seen:
+            if time.time() > deadline:
+                raise RuntimeError("no %r in %r" % (text, seen[-200:]))
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        return seen
+
+    try:
+        read_until(b"pid(s)")
+        os.write(master, b"exec cat\n")
+        read_until(b"exec cat\r\n")
+        time.sleep(0.5)
+        times = []
+        for _ in range(keystrokes):
+            start = time.perf_counter()
+            os.write(master, b"x")
+            read_until(b"x")
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -107,6 +156,16 @@ def main():
                                                        quoted(client + ["cat > /dev/null"])), args.gib)
         print("throughput of %d GiB: plain ssh %.0f MiB/s, sshjob client %.0f MiB/s: ratio %.2f"
               % (args.gib, g_plain * 1024, g_client * 1024, g_client / g_plain))
+
+        transports = {t: client[:-1] + ["-transport", t, job] for t in ("openssh", "builtin")}
+        echo = {t: echo_round_trip(argv, dict(env, TERM="xterm", SHELL="/bin/sh")) for t, argv in transports.items()}
+        print("keystroke echo (median of 200): openssh %.2f ms, builtin %.2f ms: ratio %.2f"
+              % (echo["openssh"] * 1000, echo["builtin"] * 1000, echo["builtin"] / echo["openssh"]))
+        rate = {t: throughput("SSHJOB_CONFIG=%s %s" % (shlex.quote(env["SSHJOB_CONFIG"]),
+                                                       quoted(argv + ["cat > /dev/null"])), args.gib)
+                for t, argv in transports.items()}
+        print("throughput of %d GiB: openssh transport %.0f MiB/s, builtin %.0f MiB/s: ratio %.2f"
+              % (args.gib, rate["openssh"] * 1024, rate["builtin"] * 1024, rate["builtin"] / rate["openssh"]))
     finally:
         subprocess.run(sshjob + ["pool", "stop", "--dir", pool_dir], stdout=subprocess.DEVNULL)
         sshd.terminate()

@@ -259,7 +259,30 @@ def test_a_malformed_frame_ends_that_session_only(pool_without_sshd, tmp_path):
     assert b"the built-in transport runs inside TLS only" in plain.recv(65536)
 
 
+def test_builtin_sessions_belong_to_the_job(pool_without_sshd):
+    job = pool_without_sshd.running_job()
+    session = subprocess.Popen(pool_without_sshd.argv("client", job, "echo $$; sleep 300"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True)
+    shell = int(session.stdout.readline())
+    pool_without_sshd.sshjob("suspend", job)
+    deadline = time.time() + 10
+    while True:
+        with open("/proc/%d/stat" % shell) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        assert time.time() < deadline, "the session's shell was not stopped"
+        time.sleep(0.05)
+    pool_without_sshd.sshjob("continue", job)
+    pool_without_sshd.sshjob("rm", job)
+    _, err = session.communicate(timeout=30)
+    assert session.returncode != 0
+    assert err.splitlines()[-1] == "sshjob: the session ended because job %s was removed" % job
+    assert not os.path.exists("/proc/%d" % shell)
+
+
 def test_the_demo_works_without_openssh(pool):
-    result = pool.sshjob("demo", config=False, env={"SSHJOB_SSHD": "/nonexistent/sshd"}, timeout=120)
+    nothing = {"SSHJOB_SSHD": "/nonexistent/sshd", "SSHJOB_SSH": "/nonexistent/ssh",
+               "SSHJOB_SSH_KEYGEN": "/nonexistent/ssh-keygen"}
+    result = pool.sshjob("demo", config=False, env=nothing, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hello from the job: root in /tmp/sshjob-demo-" in result.stdout
