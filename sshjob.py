@@ -1486,7 +1486,7 @@ class Job:
                 os.close(slave)
                 if command is None:
                     send_frame(sock, STDOUT, self.welcome(self.pids()).replace("\n", "\r\n").encode())
-            BuiltinSession(sock, proc, master).run()
+            BuiltinSession(self, sock, proc, master).run()
         except (OSError, SshjobError) as e:
             log.info("job %s: built-in %s lost its client: %s", self.name, part, e)
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1829,7 +1829,8 @@ class BuiltinSession:
     """The starter's half: the job's shell or command, on a PTY or on pipes,
     relayed to and from the client's TLS stream."""
 
-    def __init__(self, sock, proc, master=None):
+    def __init__(self, job, sock, proc, master=None):
+        self.job = job
         self.sock = sock
         self.proc = proc
         self.master = master
@@ -1868,7 +1869,8 @@ class BuiltinSession:
                     self.pass_output(fd)
         status = exit_status(self.proc.wait())
         with contextlib.suppress(OSError):
-            send_frame(self.sock, EXIT, json.dumps({"status": status}).encode())
+            send_frame(self.sock, EXIT, json.dumps({"status": status, "ending": self.job.ending,
+                                                         "job": self.job.name}).encode())
         return status
 
     def take_from_client(self):
@@ -1937,6 +1939,15 @@ def raw_terminal(fd):
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def session_end(news):
+    """The remote exit status; a sentence instead if the job's end ended the session."""
+    ending = news.get("ending")
+    if ending in ("rm", "vacate"):
+        raise JobGone("the session ended because job %s %s" % (
+            news.get("job"), "was removed" if ending == "rm" else "was pre-empted (vacated)"))
+    return field(news, "status", int)
+
+
 def relay_to_job(sock, interactive, streams):
     """The client's half: stdin to the job, its output to stdout and stderr
     (`streams`, three fds), window changes on a terminal; returns the remote
@@ -1958,7 +1969,7 @@ def relay_to_job(sock, interactive, streams):
                     if kind is None:
                         raise Unreachable("the connection to the job closed before the session ended")
                     if kind == EXIT:
-                        return field(json.loads(payload.decode()), "status", int)
+                        return session_end(json.loads(payload.decode()))
                     write_all(stdout if kind == STDOUT else stderr, payload)
                 elif source == stdin:
                     data = os.read(stdin, MAX_CHUNK)
