@@ -286,3 +286,21 @@ def test_the_demo_works_without_openssh(pool):
     result = pool.sshjob("demo", config=False, env=nothing, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hello from the job: root in /tmp/sshjob-demo-" in result.stdout
+
+
+def test_an_ordinary_users_interactive_session(pool, users):
+    """A PTY for a job of an ordinary user: the built-in transport makes it
+    as root and hands it to the user (sshd as that user cannot chown its PTY
+    in this sandbox's devpts)."""
+    alice = users[0]
+    workdir = pool.workdir(alice)
+    job = pool.running_job("sleep", "600", user=alice, workdir=workdir)
+    term = Terminal(pool.argv("client", "-transport", "builtin", job, user=alice, env={"SHELL": "/bin/bash"}))
+    try:
+        term.expect("pid(s)")
+        term.send("echo who-$(id -un)-$(pwd); tty\n")
+        term.expect("who-%s-%s" % (alice, workdir))
+        term.send("exit 3\n")
+        assert term.proc.wait(timeout=20) == 3
+    finally:
+        term.close()
