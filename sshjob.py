@@ -420,7 +420,7 @@ def pinned_tls_connection(sock, fingerprint, what):
         raise Unreachable("no TLS with %s (%s)" % (what, e)) from None
     if not hmac.compare_digest(hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest(), fingerprint):
         tls.close()
-        raise Refused("the TLS certificate of %s is not the one the schedd vouches for" % what)
+        raise Refused("the TLS certificate of %s does not match its pinned fingerprint" % what)
     return tls
 
 
@@ -438,6 +438,55 @@ def make_certificate(config, directory, name):
     with open(cert) as f:
         der = ssl.PEM_cert_to_DER_cert(f.read())
     return cert, key, hashlib.sha256(der).hexdigest()
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def from_b64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Tokens:
+    """Identity tokens, as HTCondor's IDTOKENS: who (`sub`), for what
+    (`scope`: "user" or "starter"), until when; HMAC-SHA256 with the pool's
+    signing key, which only the schedd's host holds."""
+
+    def __init__(self, key_path):
+        try:
+            with open(key_path, "rb") as f:
+                self.key = f.read()
+        except FileNotFoundError:
+            self.key = None
+
+    def create(self, subject, scope, lifetime):
+        if not self.key:
+            raise ConfigError("this pool has no signing key: run sshjob init first")
+        now = int(time.time())
+        claims = {"sub": subject, "scope": scope, "iat": now, "exp": now + int(lifetime),
+                  "jti": secrets.token_hex(8)}
+        body = b64url(json.dumps(claims, sort_keys=True).encode())
+        return body + "." + b64url(hmac.new(self.key, body.encode(), hashlib.sha256).digest())
+
+    def verify(self, token):
+        """The token's claims, or Refused saying why."""
+        if not self.key:
+            raise Refused("this schedd takes no tokens: its pool has no signing key")
+        body, _, mac = token.partition(".")
+        expected = b64url(hmac.new(self.key, body.encode(), hashlib.sha256).digest())
+        if not hmac.compare_digest(mac.encode(), expected.encode()):
+            raise Refused("the token is not signed by this pool")
+        try:
+            claims = json.loads(from_b64url(body).decode())
+        except (ValueError, UnicodeDecodeError):
+            raise Refused("the token is malformed") from None
+        if not isinstance(claims, dict) or claims.get("scope") not in ("user", "starter") or \
+                not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), int):
+            raise Refused("the token is malformed")
+        if claims["exp"] < time.time():
+            raise Refused("the token of %s has expired: ask the pool's admin for a new one" % claims["sub"])
+        return claims
 
 
 class TicketBook:
@@ -488,6 +537,10 @@ DEFAULTS = {
     "schedd_name": "{host}",
     "schedd_address": "{pool_dir}/schedd.sock",
     "schedd_db": "{pool_dir}/queue.db",
+    "schedd_tls_address": "",
+    "schedd_fingerprint": "",
+    "signing_key": "{pool_dir}/signing.key",
+    "token_file": "",
     "schedd_enable_ssh_to_job": "true",
     "queue_super_users": "root",
     "audit_log": "{pool_dir}/audit.log",
@@ -554,14 +607,45 @@ class Config:
     def names(self, key):
         return [name.strip() for name in self[key].split(",") if name.strip()]
 
-    def schedd_address(self, name=None):
-        """The address of the schedd called `name` (default: the pool's own)."""
+    def schedd(self, name=None):
+        """How to reach the schedd called `name` (default: the pool's own)."""
         if name is None or name == self["schedd_name"]:
-            return self["schedd_address"]
+            return Link(self["schedd_address"], "the schedd", self["schedd_fingerprint"], self["token_file"])
         section = "schedd " + name
         if self._file.has_option(section, "address"):
-            return self._file.get(section, "address")
+            return Link(self._file.get(section, "address"), "schedd " + name,
+                        self._file.get(section, "fingerprint", fallback=""), self["token_file"])
         raise NotFound("there is no schedd named %r in this pool" % name)
+
+
+class Link:
+    """How to reach a schedd: a Unix socket (peer credentials say who we
+    are), or host:port over TLS with its certificate pinned and a token."""
+
+    def __init__(self, address, what, fingerprint="", token_file=""):
+        self.address = address
+        self.what = what
+        self.tcp = parse_address(address)[0] == "tcp"
+        self.fingerprint = fingerprint.replace(":", "").lower()
+        self.token_file = token_file
+        if self.tcp and not (self.fingerprint and token_file):
+            raise ConfigError("to reach %s at %s over TCP, set schedd_fingerprint and token_file" % (what, address))
+
+    def call(self, request, timeout=IO_TIMEOUT):
+        if not self.tcp:
+            return call(self.address, request, self.what, timeout)
+        try:
+            with open(self.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ConfigError("cannot read the token %s (%s)" % (self.token_file, e.strerror)) from None
+        with pinned_tls_connection(connect(self.address, self.what, timeout), self.fingerprint, self.what) as tls:
+            try:
+                send_msg(tls, dict(request, token=token))
+                reply = recv_msg(tls)
+            except OSError as e:
+                raise Unreachable("%s at %s did not answer (%s)" % (self.what, self.address, e)) from None
+        return raise_for_reply(reply)
 
 
 def find_config_path(explicit=None):
@@ -583,7 +667,7 @@ def write_pool_config(pool_dir, extra=None):
     os.makedirs(pool_dir, mode=0o755, exist_ok=True)
     path = os.path.join(os.path.abspath(pool_dir), "sshjob.conf")
     if not os.path.exists(path):
-        lines = ["# sshjob pool configuration; keys and defaults: sshjob --help-config", "[sshjob]"]
+        lines = ["# sshjob pool configuration; its keys and defaults: README.md, section Configuration", "[sshjob]"]
         lines += ["%s = %s" % item for item in sorted((extra or {}).items())]
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -859,13 +943,30 @@ def run_id(row):
     return "%d.%d.%d" % (row["cluster"], row["proc"], row["node"])
 
 
+class Identity:
+    """Who asks: a local user known by peer credentials, or a remote one
+    known by a token.  `starter` says whether it may act as a starter."""
+
+    def __init__(self, name, starter=False, user=True):
+        self.name = name
+        self.starter = starter
+        self.user = user
+
+    @property
+    def uid(self):
+        try:
+            return pwd.getpwnam(self.name).pw_uid
+        except KeyError:
+            return -1
+
+
 class StarterRecord:
     """What the schedd knows of one connected starter."""
 
     def __init__(self, name):
         self.name = name
         self.address = None
-        self.uid = None
+        self.user = None
         self.enable_ssh = True
         self.ssh_problem = None  # why this node cannot start sshd, if it cannot
         self.tls_fingerprint = None  # its certificate, for the built-in transport
@@ -886,6 +987,7 @@ class Schedd:
         self.super_users = set(config.names("queue_super_users")) | {user_name(self.uid)}
         self.ticket_lifetime = config.number("ticket_lifetime")
         self.enable_ssh = config.flag("schedd_enable_ssh_to_job")
+        self.tokens = Tokens(config["signing_key"])
         self.lost_after = config.number("starter_lost_after")
         self.requeue_lost = config.flag("requeue_lost_jobs")
         self.started = time.time()
@@ -931,20 +1033,34 @@ class Schedd:
 
     # -- requests ----------------------------------------------------------
 
+    STARTER_OPS = ("ping", "poll", "update")
+
     def answer(self, message, sock):
-        _pid, uid, _gid = peer_credentials(sock)
         op = field(message, "op", str)
         handler = getattr(self, "op_" + op, None)
         if handler is None:
             raise ProtocolError("unknown request %r" % op)
-        return handler(message, uid)
+        who = self.identify(message, sock)
+        if op not in self.STARTER_OPS and not who.user:
+            raise Refused("a starter's token is not a user's: %s may not %s" % (who.name, op))
+        return handler(message, who)
 
-    def op_ping(self, message, uid):
+    def identify(self, message, sock):
+        """Local users by the kernel's peer credentials; remote ones by their
+        token, never by what a message claims."""
+        if sock.family == socket.AF_UNIX:
+            uid = peer_credentials(sock)[1]
+            return Identity(user_name(uid), starter=uid in (0, self.uid))
+        claims = self.tokens.verify(field(message, "token", str))
+        starter = claims["scope"] == "starter"
+        return Identity(claims["sub"], starter=starter, user=not starter)
+
+    def op_ping(self, message, who):
         now = time.time()
         live = [s.name for s in self.starters.values() if now - s.last_poll < 3 * POLL_WAIT]
         return {"ok": True, "name": self.name, "version": __version__, "starters": live}
 
-    def op_submit(self, message, uid):
+    def op_submit(self, message, who):
         cmd = field(message, "cmd", list)
         env = field(message, "env", dict)
         if not cmd or not all(isinstance(a, str) for a in cmd):
@@ -969,19 +1085,19 @@ class Schedd:
                             "INSERT INTO jobs (cluster, proc, node, nodes, owner, uid, state, cmd, env, workdir,"
                             " output, error, submitted, updated)"
                             " VALUES (?, ?, ?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
-                            (cluster, proc, node, nodes, user_name(uid), uid, json.dumps(cmd), json.dumps(env),
+                            (cluster, proc, node, nodes, who.name, who.uid, json.dumps(cmd), json.dumps(env),
                              workdir, output, error, now, now),
                         )
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        log.info("user %s submitted cluster %d (%d jobs of %d nodes)", user_name(uid), cluster, count, nodes)
+        log.info("user %s submitted cluster %d (%d jobs of %d nodes)", who.name, cluster, count, nodes)
         with self.changed:
             self.changed.notify_all()
         return {"ok": True, "jobs": [job_name(cluster, proc) for proc in range(count)]}
 
-    def op_q(self, message, uid):
+    def op_q(self, message, who):
         rows = self.query("SELECT * FROM jobs WHERE state NOT IN ('completed', 'removed') OR ?"
                           " ORDER BY cluster, proc, node", (bool(message.get("all")),))
         jobs = [
@@ -991,16 +1107,16 @@ class Schedd:
         ]
         return {"ok": True, "jobs": jobs}
 
-    def authorize(self, row, uid, what):
+    def authorize(self, row, who, what):
         """Only the job's owner and the queue super users may touch a job."""
-        requester = user_name(uid)
-        if uid != row["uid"] and requester not in self.super_users:
+        requester = who.name
+        if requester != row["owner"] and requester not in self.super_users:
             raise Refused(
                 "user %s may not %s job %s: it belongs to %s, and only its owner or a queue "
                 "super user may" % (requester, what, job_name(row["cluster"], row["proc"]), row["owner"])
             )
 
-    def op_act(self, message, uid):
+    def op_act(self, message, who):
         """rm, suspend, continue or vacate every node of a job."""
         text = field(message, "job", str)
         action = field(message, "action", str)
@@ -1008,7 +1124,7 @@ class Schedd:
             raise ProtocolError("unknown job action %r" % action)
         rows = self.find_rows(text)
         name = job_name(rows[0]["cluster"], rows[0]["proc"])
-        self.authorize(rows[0], uid, {"rm": "remove"}.get(action, action))
+        self.authorize(rows[0], who, {"rm": "remove"}.get(action, action))
         states = {row["state"] for row in rows}
         if states <= {"completed", "removed"}:
             raise JobGone("job %s has already %s" % (name, "been removed" if "removed" in states else "finished"))
@@ -1019,14 +1135,14 @@ class Schedd:
             if (wanted and row["state"] not in wanted) or row["state"] in ("completed", "removed"):
                 continue
             if action == "rm":
-                self.update_row(row, state="removed", note="removed by " + user_name(uid))
+                self.update_row(row, state="removed", note="removed by " + who.name)
             elif action == "vacate":
-                self.update_row(row, state="idle", starter=None, hostkey=None, note="vacated by " + user_name(uid))
+                self.update_row(row, state="idle", starter=None, hostkey=None, note="vacated by " + who.name)
             else:
                 self.update_row(row, state="suspended" if action == "suspend" else "running")
             if row["starter"] and row["state"] in ACTIVE_STATES:
                 self.send_command(row["starter"], {"do": action, "job": run_id(row)})
-        log.info("user %s: %s %s", user_name(uid), action, name)
+        log.info("user %s: %s %s", who.name, action, name)
         return {"ok": True, "job": name}
 
     def send_command(self, starter, command):
@@ -1038,12 +1154,12 @@ class Schedd:
 
     # -- ssh to job --------------------------------------------------------
 
-    def ssh_target(self, message, uid):
+    def ssh_target(self, message, who):
         """The node a user asks to enter, once every check has passed."""
         rows = self.find_rows(field(message, "job", str))
         row = rows[0]
         name = row_id(row)
-        self.authorize(row, uid, "enter")
+        self.authorize(row, who, "enter")
         if not self.enable_ssh:
             raise Refused("ssh to jobs is disabled on schedd %s (schedd_enable_ssh_to_job = false)" % self.name)
         state = row["state"]
@@ -1078,15 +1194,15 @@ class Schedd:
             return "builtin", "asked for"
         return "builtin", sshd_problem or "this machine has no ssh client"
 
-    def audit(self, uid, message, granted, reason=""):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user_name(uid), "job": message.get("job"),
+    def audit(self, who, message, granted, reason=""):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": who.name, "job": message.get("job"),
                  "granted": granted, "reason": reason, "command": message.get("command")}
         with self.db_lock, open(self.config["audit_log"], "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def op_ssh_ticket(self, message, uid):
+    def op_ssh_ticket(self, message, who):
         try:
-            row, starter = self.ssh_target(message, uid)
+            row, starter = self.ssh_target(message, who)
             key = message.get("key") and parse_public_key(field(message, "key", str))
             transport, why = self.choose_transport(message, row, starter)
             if transport == "openssh" and not key:
@@ -1094,12 +1210,12 @@ class Schedd:
             if transport == "builtin" and not isinstance(message.get("holder"), str):
                 raise ProtocolError("a ticket for the built-in transport needs a holder")
         except SshjobError as e:
-            self.audit(uid, message, False, str(e))
+            self.audit(who, message, False, str(e))
             raise
         shells = [s for s in field(message, "shells", list, []) if isinstance(s, str)]
         claims = {"job": run_id(row), "key": key and key_fingerprint(key), "holder": message.get("holder"),
-                  "user": user_name(uid), "shells": shells}
-        self.audit(uid, message, True, "transport " + transport)
+                  "user": who.name, "shells": shells}
+        self.audit(who, message, True, "transport " + transport)
         return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
                 "starter": starter.name, "address": starter.address, "transport": transport, "why": why,
                 "tls_fingerprint": starter.tls_fingerprint,
@@ -1107,13 +1223,14 @@ class Schedd:
 
     # -- starters ----------------------------------------------------------
 
-    def require_starter(self, uid):
-        if uid not in (0, self.uid):
-            raise Refused("user %s may not act as a starter of this pool" % user_name(uid))
+    @staticmethod
+    def require_starter(who):
+        if not who.starter:
+            raise Refused("%s may not act as a starter of this pool" % who.name)
 
-    def op_poll(self, message, uid):
+    def op_poll(self, message, who):
         """A starter's long poll: it reports, and waits for work or commands."""
-        self.require_starter(uid)
+        self.require_starter(who)
         name = field(message, "name", str)
         for update in field(message, "updates", list, []):
             try:
@@ -1123,7 +1240,7 @@ class Schedd:
         with self.changed:
             record = self.starters.setdefault(name, StarterRecord(name))
             record.address = field(message, "address", str)
-            record.uid = uid
+            record.user = field(message, "user", str)  # a starter that is not root runs this user's jobs only
             record.enable_ssh = field(message, "enable_ssh", bool, True)
             record.ssh_problem = message.get("ssh_problem")
             record.tls_fingerprint = message.get("tls_fingerprint")
@@ -1181,8 +1298,8 @@ class Schedd:
         free = record.slots - busy
         if free <= 0:
             return []
-        rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND (? OR uid = ?)"
-                          " ORDER BY cluster, proc, node LIMIT ?", (record.uid == 0, record.uid, free))
+        rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND (? OR owner = ?)"
+                          " ORDER BY cluster, proc, node LIMIT ?", (record.user == "root", record.user, free))
         commands = []
         for row in rows:
             if run_id(row) in running:
@@ -1196,8 +1313,8 @@ class Schedd:
             })
         return commands
 
-    def op_update(self, message, uid):
-        self.require_starter(uid)
+    def op_update(self, message, who):
+        self.require_starter(who)
         self.apply_update(message, field(message, "name", str))
         return {"ok": True}
 
@@ -1229,18 +1346,37 @@ class Schedd:
         log.info("job %s: %s", text, event)
 
 
+class TLSRequestHandler(RequestHandler):
+    """The schedd's TCP endpoint: TLS first, then a request with its token."""
+
+    def handle(self):
+        self.request.settimeout(IO_TIMEOUT)
+        try:
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.warning("refused a connection from %s: no TLS (%s)", self.client_address[0], e)
+            return
+        super().handle()
+
+
 def serve_schedd(config):
     schedd = Schedd(config)
-    address = config["schedd_address"]
-    family, path = parse_address(address)
+    family, path = parse_address(config["schedd_address"])
     if family != "unix":
-        raise ConfigError("schedd_address must be a Unix socket path in this version")
+        raise ConfigError("schedd_address must be the schedd's Unix socket; schedd_tls_address is for TCP")
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             probe_stale_socket(path)
     server = Server(path, RequestHandler)
     os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
     server.app = schedd
+    if config["schedd_tls_address"]:
+        cert, key, fingerprint = make_certificate(config, os.path.join(config["pool_dir"], "tls"), schedd.name)
+        remote = TCPServer(parse_address(config["schedd_tls_address"])[1], TLSRequestHandler)
+        remote.app, remote.tls = schedd, server_tls_context(cert, key)
+        threading.Thread(target=remote.serve_forever, daemon=True).start()
+        log.info("schedd %s listening on %s:%d with TLS, certificate SHA-256 %s", schedd.name,
+                 *remote.server_address[:2], fingerprint)
     threading.Thread(target=schedd.reap_lost_starters, daemon=True).start()
     log.info("schedd %s listening on %s", schedd.name, path)
     run_until_signalled(server)
@@ -1562,7 +1698,7 @@ class Starter:
         slots = int(config.number("starter_slots"))
         self.slots = slots if slots > 0 else os.cpu_count() or 1
         self.enable_ssh = config.flag("enable_ssh_to_job")
-        self.schedd = config.schedd_address()
+        self.schedd = config.schedd()
         self.jobs = {}
         self.pending = []  # updates the schedd has not acknowledged yet
         self.lock = threading.RLock()
@@ -1587,7 +1723,7 @@ class Starter:
     def report(self, update):
         """Tell the schedd; if it is away, the next poll carries the news."""
         try:
-            call(self.schedd, dict(update, op="update", name=self.name), "the schedd")
+            self.schedd.call(dict(update, op="update", name=self.name))
         except (Unreachable, ProtocolError) as e:
             log.warning("schedd unreachable (%s); the update waits for the next poll", e)
             with self.lock:
@@ -1616,12 +1752,13 @@ class Starter:
             with self.lock:
                 updates, self.pending = self.pending, []
                 running = list(self.jobs)
-            request = {"op": "poll", "name": self.name, "address": self.address, "enable_ssh": self.enable_ssh,
+            request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
+                       "enable_ssh": self.enable_ssh,
                        "ssh_problem": self.ssh_problem(), "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
                        "updates": updates, "wait": POLL_WAIT}
             try:
-                reply = call(self.schedd, request, "the schedd", timeout=POLL_WAIT + IO_TIMEOUT)
+                reply = self.schedd.call(request, timeout=POLL_WAIT + IO_TIMEOUT)
             except (Unreachable, ProtocolError) as e:
                 with self.lock:
                     self.pending[:0] = updates
@@ -2031,7 +2168,7 @@ class TicketDesk:
 
     def connect_to_job(self, reply=None):
         """A ticket (fresh unless given), presented to the starter: a socket sshd answers."""
-        reply = reply or call(self.schedd, self.request, "the schedd")
+        reply = reply or self.schedd.call(self.request)
         job = self.request["job"]
         sock = connect(reply["address"], "the starter of job %s" % job)
         try:
@@ -2258,7 +2395,7 @@ def enter_job(config_path, opts, builtin_session):
     config = Config(find_config_path(config_path))
     cluster, proc, _node = parse_job_id(opts["job"])
     job = job_name(cluster, proc)
-    schedd = config.schedd_address(opts["name"])
+    schedd = config.schedd(opts["name"])
     command = " ".join(opts["command"]) if opts["command"] else None
     with private_tempdir() as tmp:
         key = session_key(config, tmp, opts)
@@ -2309,7 +2446,7 @@ def wait_for_ticket(schedd, request, auto_retry):
     started = time.time()
     while True:
         try:
-            return call(schedd, request, "the schedd")
+            return schedd.call(request)
         except NotRunning as e:
             if not auto_retry:
                 raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
@@ -2528,7 +2665,7 @@ class Progress:
 
 
 def schedd_of(config_path):
-    return Config(find_config_path(config_path)).schedd_address()
+    return Config(find_config_path(config_path)).schedd()
 
 
 def run_submit(config_path, argv):
@@ -2553,9 +2690,8 @@ def run_submit(config_path, argv):
         env[name] = value
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
-    reply = call(schedd_of(config_path), dict(
-        op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths),
-        "the schedd")
+    reply = schedd_of(config_path).call(dict(
+        op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths))
     print("\n".join(reply["jobs"]))
     return 0
 
@@ -2564,7 +2700,7 @@ def run_q(config_path, argv):
     parser = argparse.ArgumentParser(prog="sshjob q", description="List the jobs in the queue.")
     parser.add_argument("--all", action="store_true", help="include finished and removed jobs")
     args = parser.parse_args(argv)
-    reply = call(schedd_of(config_path), {"op": "q", "all": args.all}, "the schedd")
+    reply = schedd_of(config_path).call({"op": "q", "all": args.all})
     rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
     for job in reply["jobs"]:
         state = job["state"]
@@ -2591,7 +2727,7 @@ def run_action(action, config_path, argv):
     for text in args.jobs:
         parse_job_id(text)
     for text in args.jobs:
-        reply = call(schedd, {"op": "act", "job": text, "action": action}, "the schedd")
+        reply = schedd.call({"op": "act", "job": text, "action": action})
         print("Job %s %s." % (reply["job"], ACTION_DONE[action]))
     return 0
 
@@ -2629,7 +2765,7 @@ def pool_start(pool_dir, quiet=False):
     pool_dir = os.path.abspath(pool_dir)
     config_path = write_pool_config(pool_dir)
     config = Config(config_path)
-    schedd = config.schedd_address()
+    schedd = config.schedd()
     missing = [role for role in ("schedd", "starter") if daemon_pid(pool_dir, role, config_path) is None]
     if not missing:
         raise UsageError("a pool is already running in %s" % pool_dir)
@@ -2647,7 +2783,7 @@ def pool_start(pool_dir, quiet=False):
 
 def ping_quietly(schedd):
     try:
-        return call(schedd, {"op": "ping"}, "the schedd", timeout=2)
+        return schedd.call({"op": "ping"}, timeout=2)
     except (Unreachable, ProtocolError):
         return None
 
@@ -2730,7 +2866,7 @@ def run_demo(config_path, argv):
         with contextlib.redirect_stdout(sys.stderr):
             run_submit(config_path, ["--workdir", workdir, "--env", "DEMO=hello from the job", "--",
                                      "sleep", "3600"])
-        schedd = Config(config_path).schedd_address()
+        schedd = Config(config_path).schedd()
         wait_until(lambda: job_state(schedd, "1.0") == "running", [], "the demo job", pool_dir)
         command = argv or ([] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR])
         print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(command))
@@ -2743,8 +2879,57 @@ def run_demo(config_path, argv):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def run_init(config_path, argv):
+    """A pool that starters and users on other hosts can join."""
+    parser = argparse.ArgumentParser(prog="sshjob init", description="Set up a pool's credentials and configuration.")
+    parser.add_argument("--dir", required=True, help="the pool's directory")
+    parser.add_argument("--listen", default="0.0.0.0:9618", help="the schedd's TLS address (default 0.0.0.0:9618)")
+    args = parser.parse_args(argv)
+    pool_dir = os.path.abspath(args.dir)
+    config = Config(write_pool_config(pool_dir, {"schedd_tls_address": args.listen}))
+    if not os.path.exists(config["signing_key"]):
+        write_private(config["signing_key"], secrets.token_hex(32))
+    _, _, fingerprint = make_certificate(config, os.path.join(pool_dir, "tls"), config["schedd_name"])
+    host, port = parse_address(args.listen)[1]
+    print("pool configuration: %s" % config.path)
+    print("schedd certificate SHA-256: %s" % fingerprint)
+    print("A starter or a user on another host needs the pyz, a token (sshjob token create --for starter|USER)\n"
+          "and in its sshjob.conf:\n[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\n"
+          "token_file = /path/to/the.token" % (socket.getfqdn() if host in ("0.0.0.0", "") else host, port,
+                                              fingerprint))
+    return 0
+
+
+DURATION = re.compile(r"(\d+)([smhd]?)")
+
+
+def run_token(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob token", description="Issue an identity token of this pool.")
+    parser.add_argument("action", choices=("create",))
+    parser.add_argument("--for", dest="subject", required=True, metavar="starter|USER",
+                        help="a starter's token, or a user's")
+    parser.add_argument("--expires", default="30d", help="lifetime: N seconds, or Ns, Nm, Nh, Nd (default 30d)")
+    parser.add_argument("--output", help="write it to this file (0600) instead of stdout")
+    args = parser.parse_args(argv)
+    match = DURATION.fullmatch(args.expires)
+    if not match:
+        raise UsageError("--expires %r is not a duration such as 3600, 90m, 12h or 30d" % args.expires)
+    lifetime = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    config = Config(find_config_path(config_path))
+    scope = "starter" if args.subject == "starter" else "user"
+    try:
+        token = Tokens(config["signing_key"]).create(args.subject, scope, lifetime)
+    except PermissionError:
+        raise Refused("only the pool's admin may read its signing key %s" % config["signing_key"]) from None
+    if args.output:
+        write_private(args.output, token + "\n")
+    else:
+        print(token)
+    return 0
+
+
 def job_state(schedd, job):
-    jobs = call(schedd, {"op": "q", "all": True}, "the schedd")["jobs"]
+    jobs = schedd.call({"op": "q", "all": True})["jobs"]
     return next((j["state"] for j in jobs if j["id"] == job), None)
 
 
@@ -2760,6 +2945,8 @@ roles:
   q [--all]                        list the queue
   rm | suspend | continue | vacate JOB...
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
+  init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
+  token create --for starter|USER  an identity token for them
   demo [command]                   a personal pool, a job and a session inside it
   schedd                           the job queue daemon
   starter                          the execute node daemon
@@ -2774,9 +2961,10 @@ def dispatch(args):
     role, rest = args.role, args.args
     if role == "client":
         return run_client(args.config, rest)
-    if role in ("submit", "q", "pool", "demo", "cp"):
-        return {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp}[role](
-            args.config, rest)
+    simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
+              "init": run_init, "token": run_token}
+    if role in simple:
+        return simple[role](args.config, rest)
     if role in ACTION_DONE:
         return run_action(role, args.config, rest)
     if role == "bridge":

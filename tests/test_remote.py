@@ -1,0 +1,210 @@
+"""A pool across hosts: a schedd on TLS with tokens, a starter in another
+network namespace, remote users (part of issue 3)."""
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+from conftest import INTERPRETERS, run
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Host:
+    """A network namespace with a veth link to this one: another host."""
+
+    def __init__(self, index):
+        self.name = "sshjob-t%d-%d" % (os.getpid() % 10000, index)
+        self.outer, self.inner = "10.231.%d.1" % index, "10.231.%d.2" % index
+        link = "sjv%d%d" % (os.getpid() % 1000, index)
+        for argv in (["ip", "netns", "add", self.name],
+                     ["ip", "link", "add", link + "a", "type", "veth", "peer", "name", link + "b"],
+                     ["ip", "link", "set", link + "b", "netns", self.name],
+                     ["ip", "addr", "add", self.outer + "/24", "dev", link + "a"],
+                     ["ip", "link", "set", link + "a", "up"],
+                     ["ip", "netns", "exec", self.name, "ip", "addr", "add", self.inner + "/24", "dev", link + "b"],
+                     ["ip", "netns", "exec", self.name, "ip", "link", "set", link + "b", "up"],
+                     ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(argv, check=True)
+        self.link = link + "a"
+
+    def remove(self):
+        subprocess.run(["ip", "netns", "delete", self.name])
+        subprocess.run(["ip", "link", "delete", self.link], stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def cluster(base):
+    """A schedd on TLS (this host) and a starter in another network namespace."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    probe = subprocess.run(["ip", "netns", "add", "sshjob-probe"], stderr=subprocess.PIPE)
+    if probe.returncode != 0:
+        pytest.skip("cannot make network namespaces here: %s" % probe.stderr.decode().strip())
+    subprocess.run(["ip", "netns", "delete", "sshjob-probe"])
+    host = Host(1)
+    python = INTERPRETERS[-1]
+    pyz = os.path.join(base, "sshjob.pyz")
+    submit_dir = tempfile.mkdtemp(prefix="submit-", dir=base)
+    exec_dir = tempfile.mkdtemp(prefix="exec-", dir=base)
+    port = free_port()
+    init = run([python, pyz, "init", "--dir", submit_dir, "--listen", "%s:%d" % (host.outer, port)])
+    assert init.returncode == 0, init.stderr
+    fingerprint = init.stdout.split("schedd certificate SHA-256: ")[1].split()[0]
+    token = run([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "token", "create", "--for",
+                 "starter", "--output", os.path.join(exec_dir, "starter.token")])
+    assert token.returncode == 0, token.stderr
+    with open(os.path.join(exec_dir, "sshjob.conf"), "w") as f:
+        f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
+                "starter_name = exec@%s\nstarter_address = %s:0\nstarter_slots = 16\n"
+                % (host.outer, port, fingerprint, os.path.join(exec_dir, "starter.token"), host.name, host.inner))
+    logs = [open(os.path.join(d, role + ".log"), "w")  # noqa: SIM115 (closed at teardown)
+            for d, role in ((submit_dir, "schedd"), (exec_dir, "starter"))]
+    daemons = [subprocess.Popen([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "schedd"],
+                                stdout=logs[0], stderr=logs[0])]
+    time.sleep(1)
+    daemons.append(subprocess.Popen(["ip", "netns", "exec", host.name, python, pyz, "--config",
+                                     os.path.join(exec_dir, "sshjob.conf"), "starter"],
+                                    stdout=logs[1], stderr=logs[1]))
+    env = {"SSHJOB_CONFIG": os.path.join(submit_dir, "sshjob.conf"), "PATH": os.environ["PATH"], "HOME": "/root"}
+    deadline = time.time() + 30
+    while "listening on" not in read(os.path.join(exec_dir, "starter.log")):
+        assert time.time() < deadline, read(os.path.join(exec_dir, "starter.log"))
+        time.sleep(0.2)
+    state = {"python": python, "pyz": pyz, "submit": submit_dir, "exec": exec_dir, "host": host, "port": port,
+             "fingerprint": fingerprint, "env": env}
+    yield state
+    for daemon in reversed(daemons):
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    for log in logs:
+        log.close()
+    host.remove()
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def sshjob(cluster, *args, config=None, **kwargs):
+    env = dict(cluster["env"])
+    if config:
+        env["SSHJOB_CONFIG"] = config
+    return run([cluster["python"], cluster["pyz"]] + list(args), env=env, **kwargs)
+
+
+def remote_config(cluster, tmp_path, subject, fingerprint=None, expires="1d"):
+    """A user's configuration on another host: the schedd's address, its
+    pinned certificate, and a token."""
+    token = str(tmp_path / (subject + ".token"))
+    made = sshjob(cluster, "token", "create", "--for", subject, "--expires", expires, "--output", token)
+    assert made.returncode == 0, made.stderr
+    path = str(tmp_path / (subject + ".conf"))
+    with open(path, "w") as f:
+        f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
+                % (cluster["host"].outer, cluster["port"], fingerprint or cluster["fingerprint"], token))
+    return path
+
+
+def running_job(cluster):
+    job = sshjob(cluster, "submit", "--workdir", cluster["submit"], "--", "sleep", "600").stdout.strip()
+    deadline = time.time() + 30
+    while "running" not in sshjob(cluster, "q").stdout:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    return job
+
+
+def test_a_starter_on_another_host_runs_jobs_and_sessions(cluster):
+    job = running_job(cluster)
+    assert "exec@" + cluster["host"].name in sshjob(cluster, "q").stdout
+    inner = cluster["host"].inner
+    result = sshjob(cluster, "client", "-debug", job, 'ip -o -4 addr show | grep -c " %s/"; echo in-$SSHJOB_JOB_ID'
+                    % inner)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1", "in-" + job]  # the session runs on the other host
+    assert "transport: openssh" in result.stderr
+    builtin = sshjob(cluster, "client", "-transport", "builtin", job, "echo builtin-ok")
+    assert builtin.stdout == "builtin-ok\n", builtin.stderr
+
+
+def test_remote_users_come_with_tokens(cluster, tmp_path):
+    job = running_job(cluster)
+    root = remote_config(cluster, tmp_path, "root")
+    assert sshjob(cluster, "client", job, "echo by-token", config=root).stdout == "by-token\n"
+    assert job in sshjob(cluster, "q", config=root).stdout
+    bob = remote_config(cluster, tmp_path, "bob")
+    refused = sshjob(cluster, "client", job, "true", config=bob)
+    assert refused.returncode == 1
+    assert refused.stderr == ("sshjob: user bob may not enter job %s: it belongs to root, and only its owner or "
+                              "a queue super user may\n" % job)
+    submitted = sshjob(cluster, "submit", "--", "true", config=bob).stdout.strip()
+    assert "bob" in [line.split()[1] for line in sshjob(cluster, "q", "--all").stdout.splitlines()
+                     if line.startswith(submitted)]
+
+
+def test_tokens_and_certificates_that_do_not_hold_are_refused(cluster, tmp_path):
+    expired = remote_config(cluster, tmp_path, "carol", expires="1s")
+    time.sleep(2)
+    result = sshjob(cluster, "q", config=expired)
+    assert result.returncode == 1 and result.stderr == (
+        "sshjob: the token of carol has expired: ask the pool's admin for a new one\n")
+
+    forged = remote_config(cluster, tmp_path, "dave")
+    token = str(tmp_path / "dave.token")
+    with open(token) as f:
+        body, _, mac = f.read().strip().partition(".")
+    with open(token, "w") as f:
+        f.write(body.replace(body[5], "A" if body[5] != "A" else "B", 1) + "." + mac)
+    assert sshjob(cluster, "q", config=forged).stderr == "sshjob: the token is not signed by this pool\n"
+
+    as_user = remote_config(cluster, tmp_path, "starter")  # a starter's token, used for a user's request
+    refused = sshjob(cluster, "submit", "--", "true", config=as_user)
+    assert refused.returncode == 1 and "a starter's token is not a user's" in refused.stderr
+
+    wrong = remote_config(cluster, tmp_path, "erin", fingerprint="ab" * 32)
+    mismatch = sshjob(cluster, "q", config=wrong)
+    assert mismatch.stderr == "sshjob: the TLS certificate of the schedd does not match its pinned fingerprint\n"
+
+    plain = socket.create_connection((cluster["host"].outer, cluster["port"]))
+    plain.sendall(b"\x00\x00\x00\x0f{\"op\": \"ping\"}")
+    plain.settimeout(20)
+    try:
+        answer = plain.recv(100)
+    except ConnectionResetError:  # closed with our bytes unread
+        answer = b""
+    assert answer == b""  # no TLS, no answer
+    plain.close()
+    assert sshjob(cluster, "q").returncode == 0  # and the schedd serves on
+    with open(os.path.join(cluster["submit"], "schedd.log")) as f:
+        log = f.read()
+    assert "no TLS" in log
+
+
+def test_secrets_are_private_files_and_stay_off_the_process_list(cluster, tmp_path):
+    for path, mode in (("signing.key", 0o600), ("tls", 0o700), ("tls/key.pem", 0o600)):
+        assert stat.S_IMODE(os.stat(os.path.join(cluster["submit"], path)).st_mode) == mode, path
+    assert stat.S_IMODE(os.stat(os.path.join(cluster["exec"], "starter.token")).st_mode) == 0o600
+    with open(os.path.join(cluster["exec"], "starter.token")) as f:
+        token = f.read().strip()
+    with open(os.path.join(cluster["submit"], "signing.key")) as f:
+        key = f.read().strip()
+    processes = run(["ps", "-eo", "args"]).stdout
+    assert token not in processes and key not in processes
+    for log in ("submit/schedd.log", "exec/starter.log"):
+        with open(os.path.join(cluster[log.split("/")[0]], log.split("/")[1])) as f:
+            text = f.read()
+        assert token not in text and key not in text
+    job = running_job(cluster)
+    environment = sshjob(cluster, "client", job, "env").stdout
+    assert token not in environment and key not in environment
