@@ -288,6 +288,29 @@ def call(address, request, what, timeout=IO_TIMEOUT):
     return raise_for_reply(reply)
 
 
+def splice(a, b):
+    """Copy between two connected sockets until both directions end."""
+    a.settimeout(None)
+    b.settimeout(None)
+    peers = {a: b, b: a}
+    open_ = {a, b}
+    while open_:
+        for sock in select.select(list(open_), [], [])[0]:
+            try:
+                data = sock.recv(MAX_FRAME)
+            except OSError:
+                data = b""
+            if data:
+                try:
+                    peers[sock].sendall(data)
+                    continue
+                except OSError:
+                    open_.discard(peers[sock])
+            open_.discard(sock)
+            with contextlib.suppress(OSError):
+                peers[sock].shutdown(socket.SHUT_WR)
+
+
 def peer_credentials(sock):
     """(pid, uid, gid) of the process on the other end of a Unix socket."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -329,8 +352,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except Exception:
             log.exception("internal error while answering a request")
             reply = {"ok": False, "kind": "error", "error": "internal error in the daemon"}
-        with contextlib.suppress(OSError):
-            send_msg(self.request, reply)
+        if reply is not None:  # None: the request took the connection over
+            with contextlib.suppress(OSError):
+                send_msg(self.request, reply)
 
 
 # ---------------------------------------------------------------------------
@@ -552,6 +576,7 @@ DEFAULTS = {
     "starter_dir": "{pool_dir}/execute",
     "starter_slots": "0",
     "enable_ssh_to_job": "true",
+    "starter_reachable": "true",
     "use_cgroups": "true",
     "ssh": "ssh",
     "sshd": "sshd",
@@ -632,20 +657,35 @@ class Link:
             raise ConfigError("to reach %s at %s over TCP, set schedd_fingerprint and token_file" % (what, address))
 
     def call(self, request, timeout=IO_TIMEOUT):
+        sock, reply = self.stream(request, timeout, keep=False)
+        sock.close()
+        return reply
+
+    def stream(self, request, timeout=IO_TIMEOUT, keep=True):
+        """Send one request; return (connection, reply).  A connection kept
+        for what follows (a relayed session, authenticated end to end) is
+        unwrapped from its TLS by both ends."""
         if not self.tcp:
-            return call(self.address, request, self.what, timeout)
-        try:
-            with open(self.token_file) as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise ConfigError("cannot read the token %s (%s)" % (self.token_file, e.strerror)) from None
-        with pinned_tls_connection(connect(self.address, self.what, timeout), self.fingerprint, self.what) as tls:
+            sock = connect(self.address, self.what, timeout)
+        else:
             try:
-                send_msg(tls, dict(request, token=token))
-                reply = recv_msg(tls)
+                with open(self.token_file) as f:
+                    request = dict(request, token=f.read().strip())
             except OSError as e:
-                raise Unreachable("%s at %s did not answer (%s)" % (self.what, self.address, e)) from None
-        return raise_for_reply(reply)
+                raise ConfigError("cannot read the token %s (%s)" % (self.token_file, e.strerror)) from None
+            sock = pinned_tls_connection(connect(self.address, self.what, timeout), self.fingerprint, self.what)
+        try:
+            send_msg(sock, request)
+            reply = raise_for_reply(recv_msg(sock))
+            if self.tcp and keep:
+                sock = sock.unwrap()
+        except OSError as e:
+            sock.close()
+            raise Unreachable("%s at %s did not answer (%s)" % (self.what, self.address, e)) from None
+        except SshjobError:
+            sock.close()
+            raise
+        return sock, reply
 
 
 def find_config_path(explicit=None):
@@ -971,6 +1011,7 @@ class StarterRecord:
         self.ssh_problem = None  # why this node cannot start sshd, if it cannot
         self.tls_fingerprint = None  # its certificate, for the built-in transport
         self.builtin_problem = None  # why it offers no built-in transport, if it does not
+        self.reachable = True  # False: behind a firewall, reached through the schedd
         self.slots = 1
         self.last_poll = 0.0
         self.commands = []
@@ -992,6 +1033,7 @@ class Schedd:
         self.requeue_lost = config.flag("requeue_lost_jobs")
         self.started = time.time()
         self.starters = {}
+        self.relays = {}  # id: the client's connection, waiting for its starter to connect back
         self.changed = threading.Condition()
         self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
         os.chmod(config["schedd_db"], 0o600)
@@ -1033,7 +1075,8 @@ class Schedd:
 
     # -- requests ----------------------------------------------------------
 
-    STARTER_OPS = ("ping", "poll", "update")
+    STARTER_OPS = ("ping", "poll", "update", "relay_accept")
+    TAKEOVER_OPS = ("relay", "relay_accept")  # these keep the connection, and send their own reply
 
     def answer(self, message, sock):
         op = field(message, "op", str)
@@ -1043,6 +1086,9 @@ class Schedd:
         who = self.identify(message, sock)
         if op not in self.STARTER_OPS and not who.user:
             raise Refused("a starter's token is not a user's: %s may not %s" % (who.name, op))
+        if op in self.TAKEOVER_OPS:
+            sock.settimeout(None)
+            return handler(message, who, sock)
         return handler(message, who)
 
     def identify(self, message, sock):
@@ -1217,9 +1263,44 @@ class Schedd:
                   "user": who.name, "shells": shells}
         self.audit(who, message, True, "transport " + transport)
         return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
-                "starter": starter.name, "address": starter.address, "transport": transport, "why": why,
+                "starter": starter.name, "address": starter.address, "reachable": starter.reachable,
+                "transport": transport, "why": why,
                 "tls_fingerprint": starter.tls_fingerprint,
                 "ticket": make_ticket(row["secret"], claims, self.ticket_lifetime)}
+
+    def op_relay(self, message, who, sock):
+        """Reach a starter that takes no inbound connections (HTCondor's CCB):
+        ask it to connect back, then splice the two connections.  What they
+        carry is authenticated end to end: the ticket, then ssh or TLS."""
+        row, starter = self.ssh_target(message, who)
+        relay = {"id": secrets.token_hex(16), "ready": threading.Event(), "done": threading.Event(), "sock": None}
+        self.relays[relay["id"]] = relay
+        try:
+            self.send_command(starter.name, {"do": "connect_back", "id": relay["id"]})
+            if not relay["ready"].wait(POLL_WAIT + IO_TIMEOUT):
+                raise Unreachable("the starter of job %s did not connect back to the schedd" % row_id(row))
+        finally:
+            del self.relays[relay["id"]]
+        try:
+            send_msg(sock, {"ok": True})
+            client = sock.unwrap() if isinstance(sock, ssl.SSLSocket) else sock
+            log.info("relaying a session of %s to job %s on %s", who.name, row_id(row), starter.name)
+            splice(client, relay["sock"])
+        except OSError as e:
+            log.info("a relayed session ended: %s", e)
+        finally:
+            relay["done"].set()
+
+    def op_relay_accept(self, message, who, sock):
+        """A starter's connection back, for the relay that names it."""
+        self.require_starter(who)
+        relay = self.relays.get(field(message, "id", str))
+        if relay is None or relay["ready"].is_set():
+            raise NotFound("no relay waits for this connection")
+        send_msg(sock, {"ok": True})
+        relay["sock"] = sock.unwrap() if isinstance(sock, ssl.SSLSocket) else sock
+        relay["ready"].set()
+        relay["done"].wait()
 
     # -- starters ----------------------------------------------------------
 
@@ -1245,6 +1326,7 @@ class Schedd:
             record.ssh_problem = message.get("ssh_problem")
             record.tls_fingerprint = message.get("tls_fingerprint")
             record.builtin_problem = message.get("builtin_problem")
+            record.reachable = field(message, "reachable", bool, True)
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
         running = field(message, "jobs", list, [])
@@ -1698,6 +1780,7 @@ class Starter:
         slots = int(config.number("starter_slots"))
         self.slots = slots if slots > 0 else os.cpu_count() or 1
         self.enable_ssh = config.flag("enable_ssh_to_job")
+        self.reachable = config.flag("starter_reachable")
         self.schedd = config.schedd()
         self.jobs = {}
         self.pending = []  # updates the schedd has not acknowledged yet
@@ -1754,7 +1837,8 @@ class Starter:
                 running = list(self.jobs)
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
                        "enable_ssh": self.enable_ssh,
-                       "ssh_problem": self.ssh_problem(), "tls_fingerprint": self.tls_fingerprint,
+                       "reachable": self.reachable, "ssh_problem": self.ssh_problem(),
+                       "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
                        "updates": updates, "wait": POLL_WAIT}
             try:
@@ -1774,6 +1858,9 @@ class Starter:
         action = command.get("do")
         if action == "run":
             self.run_job(command)
+            return
+        if action == "connect_back":
+            threading.Thread(target=self.connect_back, args=(command.get("id"),), daemon=True).start()
             return
         job = self.jobs.get(command.get("job"))
         if job is None:
@@ -1839,6 +1926,34 @@ class Starter:
         else:
             job.open_session(sock, key, claims.get("shells") or [])
 
+    def connect_back(self, relay_id):
+        """A client reaches us through the schedd: connect out to it, and
+        serve what comes as if the client had connected here."""
+        try:
+            sock, _ = self.schedd.stream({"op": "relay_accept", "id": relay_id})
+        except SshjobError as e:
+            log.warning("could not connect back to the schedd for a relay: %s", e)
+            return
+        self.serve_connection(sock, "the schedd's relay")
+
+    def serve_connection(self, sock, peer):
+        """A ticket, then the ssh protocol itself (or TLS for the built-in transport)."""
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(IO_TIMEOUT)
+        try:
+            if sock.recv(1, socket.MSG_PEEK) == b"\x16" and self.tls:  # a TLS handshake
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            self.answer(recv_msg(sock), sock)
+        except SshjobError as e:
+            log.warning("refused an ssh request from %s: %s", peer, e)
+            with contextlib.suppress(OSError):
+                send_msg(sock, error_reply(e))
+        except OSError as e:  # ssl.SSLError included
+            log.debug("dropped a connection: %s", e)
+        finally:
+            sock.close()
+
     def clean_up_after_crash(self):
         """A previous starter here died without ending its jobs: end what is
         left of them, processes and files."""
@@ -1875,19 +1990,7 @@ class StarterHandler(RequestHandler):
     """The starter's ssh endpoint: a ticket, then the ssh protocol itself."""
 
     def handle(self):
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.request.settimeout(IO_TIMEOUT)
-        try:
-            sock = self.request
-            if sock.recv(1, socket.MSG_PEEK) == b"\x16" and self.server.app.tls:  # a TLS handshake
-                sock = self.server.app.tls.wrap_socket(sock, server_side=True)
-            self.server.app.answer(recv_msg(sock), sock)
-        except SshjobError as e:
-            log.warning("refused an ssh request from %s: %s", self.client_address[0], e)
-            with contextlib.suppress(OSError):
-                send_msg(sock, error_reply(e))
-        except OSError as e:  # ssl.SSLError included
-            log.debug("dropped a connection: %s", e)
+        self.server.app.serve_connection(self.request, self.client_address[0])
 
 
 def serve_starter(config):
@@ -2148,6 +2251,26 @@ ssh.sendmsg([b"\\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary[0][2][:4
 """
 
 
+def reach_starter(schedd, ticket):
+    """A connection to the job's starter: direct, the fast path; or relayed
+    by the schedd where the starter takes no inbound connections, as it
+    says, or as a failed direct connection shows."""
+    what = "the starter of job %s" % ticket["job"]
+    if ticket.get("reachable", True):
+        try:
+            sock = connect(ticket["address"], what, timeout=5)
+            sock.settimeout(IO_TIMEOUT)
+            return sock
+        except Unreachable as e:
+            log.debug("%s; asking the schedd to relay", e)
+    sock, _ = schedd.stream({"op": "relay", "job": ticket["job"]})
+    log.debug("the schedd relays the connection to %s", what)
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
 def pass_socket(channel, sock):
     channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
 
@@ -2170,7 +2293,7 @@ class TicketDesk:
         """A ticket (fresh unless given), presented to the starter: a socket sshd answers."""
         reply = reply or self.schedd.call(self.request)
         job = self.request["job"]
-        sock = connect(reply["address"], "the starter of job %s" % job)
+        sock = reach_starter(self.schedd, reply)
         try:
             send_msg(sock, {"op": "ssh", "job": reply["run"], "key": self.request["key"], "ticket": reply["ticket"]})
             raise_for_reply(recv_msg(sock))
@@ -2373,19 +2496,19 @@ def run_client(config_path, argv):
         sys.stdout.write(CLIENT_USAGE)
         return 0
 
-    def builtin_session(ticket, holder, command):
+    def builtin_session(schedd, ticket, holder, command):
         if opts["ssh"] or opts["X"]:
             raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only"
                                  " (sshjob cp copies files without it)" % (opts["ssh"] or "-X", ticket["job"]))
-        return run_builtin(ticket, holder, command)
+        return run_builtin(schedd, ticket, holder, command)
 
     return enter_job(config_path, opts, builtin_session)
 
 
 def enter_job(config_path, opts, builtin_session):
     """Reach the job as `opts` say: over OpenSSH (ssh, or the -ssh command)
-    where both ends have it, else with `builtin_session(ticket, holder,
-    command)`.  Returns the exit status."""
+    where both ends have it, else with `builtin_session(schedd, ticket,
+    holder, command)`.  Returns the exit status."""
     if opts["debug"]:
         logging.getLogger().setLevel(logging.DEBUG)
     if opts["transport"] not in ("auto", "openssh", "builtin"):
@@ -2411,7 +2534,7 @@ def enter_job(config_path, opts, builtin_session):
             status = run_openssh(config, opts, schedd, dict(request, transport="openssh"), ticket, tmp, key)
         else:
             try:
-                status = builtin_session(ticket, holder, command)
+                status = builtin_session(schedd, ticket, holder, command)
             except Unreachable:
                 explain_lost_session(schedd, job)
                 raise
@@ -2469,11 +2592,11 @@ def run_openssh(config, opts, schedd, request, ticket, tmp, key):
     return status
 
 
-def run_builtin(ticket, holder, command, streams=(0, 1, 2)):
+def run_builtin(schedd, ticket, holder, command, streams=(0, 1, 2)):
     """A session over the built-in transport, on the given stdin, stdout and
     stderr; returns the remote exit status."""
     what = "the starter of job %s" % ticket["job"]
-    tls = pinned_tls_connection(connect(ticket["address"], what), ticket["tls_fingerprint"], what)
+    tls = pinned_tls_connection(reach_starter(schedd, ticket), ticket["tls_fingerprint"], what)
     interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
     request = {"op": "builtin", "job": ticket["run"], "holder": holder, "ticket": ticket["ticket"],
                "command": command, "env": {k: v for k, v in os.environ.items()
@@ -2555,13 +2678,13 @@ def run_cp(config_path, argv):
     opts = dict(parse_client_args([job]), ssh="scp -r -p -q", command=scp_args, transport=args.transport,
                 debug=args.debug)
 
-    def copy_builtin(ticket, holder, command):
-        return (download_tree if download else upload_tree)(ticket, holder, path, local)
+    def copy_builtin(schedd, ticket, holder, command):
+        return (download_tree if download else upload_tree)(schedd, ticket, holder, path, local)
 
     return enter_job(config_path, opts, copy_builtin)
 
 
-def download_tree(ticket, holder, path, local):
+def download_tree(schedd, ticket, holder, path, local):
     """Remote tar out, extracted here: into LOCAL if it is a directory, else as LOCAL."""
     parent, name = os.path.split(path.rstrip("/") or "/")
     command = "cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))
@@ -2571,7 +2694,7 @@ def download_tree(ticket, holder, path, local):
     status = []
     with os.fdopen(read_end, "rb") as incoming, open(os.devnull, "rb") as nothing:
         relay = threading.Thread(target=lambda: status.append(
-            run_builtin_closing(ticket, holder, command, (nothing.fileno(), write_end, 2))))
+            run_builtin_closing(schedd, ticket, holder, command, (nothing.fileno(), write_end, 2))))
         relay.start()
         try:
             with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
@@ -2593,7 +2716,7 @@ def download_tree(ticket, holder, path, local):
     return status[0] if status else 1
 
 
-def upload_tree(ticket, holder, path, local):
+def upload_tree(schedd, ticket, holder, path, local):
     """A tar stream of LOCAL, unpacked in the job at PATH (into it, if it is a directory)."""
     name = os.path.basename(os.path.abspath(local))
     command = UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}
@@ -2607,16 +2730,16 @@ def upload_tree(ticket, holder, path, local):
     packer = threading.Thread(target=pack, daemon=True)
     packer.start()
     try:
-        return run_builtin(ticket, holder, command, (read_end, 1, 2))
+        return run_builtin(schedd, ticket, holder, command, (read_end, 1, 2))
     finally:
         os.close(read_end)
         packer.join(timeout=5)
 
 
-def run_builtin_closing(ticket, holder, command, streams):
+def run_builtin_closing(schedd, ticket, holder, command, streams):
     """run_builtin, then close its stdout so that the reader sees the end."""
     try:
-        return run_builtin(ticket, holder, command, streams)
+        return run_builtin(schedd, ticket, holder, command, streams)
     finally:
         os.close(streams[1])
 

@@ -1,6 +1,7 @@
 """A pool across hosts: a schedd on TLS with tokens, a starter in another
 network namespace, remote users (part of issue 3)."""
 
+import hashlib
 import os
 import shutil
 import socket
@@ -42,16 +43,32 @@ class Host:
         subprocess.run(["ip", "link", "delete", self.link], stderr=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-def cluster(base):
-    """A schedd on TLS (this host) and a starter in another network namespace."""
+def require_namespaces():
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need root and iproute2")
     probe = subprocess.run(["ip", "netns", "add", "sshjob-probe"], stderr=subprocess.PIPE)
     if probe.returncode != 0:
         pytest.skip("cannot make network namespaces here: %s" % probe.stderr.decode().strip())
     subprocess.run(["ip", "netns", "delete", "sshjob-probe"])
-    host = Host(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(base):
+    """A schedd on TLS (this host) and a starter in another network namespace."""
+    require_namespaces()
+    yield from make_cluster(base, 1, "starter_address = %s:0" % "10.231.1.2")
+
+
+@pytest.fixture(scope="module")
+def firewalled(base):
+    """The same, but the starter takes no connections from outside its host:
+    it listens on its own loopback only, as behind a firewall or NAT."""
+    require_namespaces()
+    yield from make_cluster(base, 2, "starter_address = 127.0.0.1:0")
+
+
+def make_cluster(base, index, starter_settings):
+    host = Host(index)
     python = INTERPRETERS[-1]
     pyz = os.path.join(base, "sshjob.pyz")
     submit_dir = tempfile.mkdtemp(prefix="submit-", dir=base)
@@ -65,8 +82,9 @@ def cluster(base):
     assert token.returncode == 0, token.stderr
     with open(os.path.join(exec_dir, "sshjob.conf"), "w") as f:
         f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
-                "starter_name = exec@%s\nstarter_address = %s:0\nstarter_slots = 16\n"
-                % (host.outer, port, fingerprint, os.path.join(exec_dir, "starter.token"), host.name, host.inner))
+                "starter_name = exec@%s\nstarter_slots = 16\n%s\n"
+                % (host.outer, port, fingerprint, os.path.join(exec_dir, "starter.token"), host.name,
+                   starter_settings))
     logs = [open(os.path.join(d, role + ".log"), "w")  # noqa: SIM115 (closed at teardown)
             for d, role in ((submit_dir, "schedd"), (exec_dir, "starter"))]
     daemons = [subprocess.Popen([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "schedd"],
@@ -208,3 +226,20 @@ def test_secrets_are_private_files_and_stay_off_the_process_list(cluster, tmp_pa
     job = running_job(cluster)
     environment = sshjob(cluster, "client", job, "env").stdout
     assert token not in environment and key not in environment
+
+
+def test_a_firewalled_starter_is_reached_through_the_schedd(firewalled, tmp_path):
+    job = running_job(firewalled)
+    result = sshjob(firewalled, "client", "-debug", job, "echo relayed-$SSHJOB_JOB_ID")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "relayed-%s\n" % job
+    assert "asking the schedd to relay" in result.stderr and "the schedd relays the connection" in result.stderr
+    builtin = sshjob(firewalled, "client", "-transport", "builtin", job, "echo builtin-relayed")
+    assert builtin.stdout == "builtin-relayed\n", builtin.stderr
+    remote = remote_config(firewalled, tmp_path, "root")
+    over_tls = sshjob(firewalled, "client", job, "echo tls-relayed", config=remote)
+    assert over_tls.stdout == "tls-relayed\n", over_tls.stderr
+    data = os.urandom(5 << 20)
+    copied = subprocess.run([firewalled["python"], firewalled["pyz"], "client", job, "md5sum"], input=data,
+                            stdout=subprocess.PIPE, env=firewalled["env"], timeout=60)
+    assert copied.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
