@@ -345,6 +345,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
             message = recv_msg(self.request)
             reply = self.server.app.answer(message, self.request)
         except SshjobError as e:
+            log.info("answered a request with an error: %s", e)
             reply = error_reply(e)
         except OSError as e:
             log.debug("dropped a connection: %s", e)
@@ -563,7 +564,7 @@ DEFAULTS = {
     "schedd_db": "{pool_dir}/queue.db",
     "schedd_tls_address": "",
     "schedd_fingerprint": "",
-    "signing_key": "{pool_dir}/signing.key",
+    "signing_key": "{pool_dir}/private/signing.key",
     "token_file": "",
     "schedd_enable_ssh_to_job": "true",
     "queue_super_users": "root",
@@ -1453,7 +1454,7 @@ def serve_schedd(config):
     os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
     server.app = schedd
     if config["schedd_tls_address"]:
-        cert, key, fingerprint = make_certificate(config, os.path.join(config["pool_dir"], "tls"), schedd.name)
+        cert, key, fingerprint = make_certificate(config, os.path.join(config["pool_dir"], "private"), schedd.name)
         remote = TCPServer(parse_address(config["schedd_tls_address"])[1], TLSRequestHandler)
         remote.app, remote.tls = schedd, server_tls_context(cert, key)
         threading.Thread(target=remote.serve_forever, daemon=True).start()
@@ -3010,9 +3011,9 @@ def run_init(config_path, argv):
     args = parser.parse_args(argv)
     pool_dir = os.path.abspath(args.dir)
     config = Config(write_pool_config(pool_dir, {"schedd_tls_address": args.listen}))
+    _, _, fingerprint = make_certificate(config, os.path.join(pool_dir, "private"), config["schedd_name"])
     if not os.path.exists(config["signing_key"]):
         write_private(config["signing_key"], secrets.token_hex(32))
-    _, _, fingerprint = make_certificate(config, os.path.join(pool_dir, "tls"), config["schedd_name"])
     host, port = parse_address(args.listen)[1]
     print("pool configuration: %s" % config.path)
     print("schedd certificate SHA-256: %s" % fingerprint)

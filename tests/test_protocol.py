@@ -108,10 +108,10 @@ def test_malformed_frames_get_an_error_or_a_close_and_the_daemon_serves_on(pool,
     time.sleep(0.5)
     fds_before, threads_before = open_fds(pid), threads(pid)
     rng = random.Random(7)
-    payloads = GARBAGE + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(300)]
+    payloads = GARBAGE + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(1000)]
     payloads += [frame({"op": rng.choice(["ssh", "poll", "update", "act", "submit", "ssh_ticket"]),
                         "job": rng.choice([None, 5, "1.0", "x" * 1000]), "ticket": rng.choice([None, {}, [], "t"])})
-                 for _ in range(300)]
+                 for _ in range(1000)]
     for payload in payloads:
         reply = exchange(connect, payload)
         assert reply is None or (reply["ok"] is False and reply["error"]), (payload[:60], reply)

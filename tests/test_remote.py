@@ -207,15 +207,16 @@ def test_tokens_and_certificates_that_do_not_hold_are_refused(cluster, tmp_path)
     with open(os.path.join(cluster["submit"], "schedd.log")) as f:
         log = f.read()
     assert "no TLS" in log
+    assert "the token of carol has expired" in log and "the token is not signed by this pool" in log
 
 
 def test_secrets_are_private_files_and_stay_off_the_process_list(cluster, tmp_path):
-    for path, mode in (("signing.key", 0o600), ("tls", 0o700), ("tls/key.pem", 0o600)):
+    for path, mode in (("private", 0o700), ("private/signing.key", 0o600), ("private/key.pem", 0o600)):
         assert stat.S_IMODE(os.stat(os.path.join(cluster["submit"], path)).st_mode) == mode, path
     assert stat.S_IMODE(os.stat(os.path.join(cluster["exec"], "starter.token")).st_mode) == 0o600
     with open(os.path.join(cluster["exec"], "starter.token")) as f:
         token = f.read().strip()
-    with open(os.path.join(cluster["submit"], "signing.key")) as f:
+    with open(os.path.join(cluster["submit"], "private", "signing.key")) as f:
         key = f.read().strip()
     processes = run(["ps", "-eo", "args"]).stdout
     assert token not in processes and key not in processes
@@ -243,3 +244,18 @@ def test_a_firewalled_starter_is_reached_through_the_schedd(firewalled, tmp_path
     copied = subprocess.run([firewalled["python"], firewalled["pyz"], "client", job, "md5sum"], input=data,
                             stdout=subprocess.PIPE, env=firewalled["env"], timeout=60)
     assert copied.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def declared_firewalled(base):
+    """A starter reachable in fact, but configured as not (starter_reachable = false)."""
+    require_namespaces()
+    yield from make_cluster(base, 3, "starter_address = 10.231.3.2:0\nstarter_reachable = false")
+
+
+def test_a_starter_configured_unreachable_is_relayed_at_once(declared_firewalled):
+    job = running_job(declared_firewalled)
+    result = sshjob(declared_firewalled, "client", "-debug", job, "echo declared")
+    assert result.stdout == "declared\n", result.stderr
+    assert "the schedd relays the connection" in result.stderr
+    assert "asking the schedd to relay" not in result.stderr  # no direct attempt first

@@ -6,6 +6,8 @@ import os
 import pwd
 import shutil
 import stat
+import tempfile
+import time
 
 import pytest
 
@@ -89,3 +91,35 @@ def test_the_pyz_runs_whatever_the_home_directory(pool, alice_job, tmp_path, hom
     assert info.st_uid == record.pw_uid
     if home != "unset":  # the fallback is private; ~/.shiv is shiv's own business
         assert stat.S_IMODE(info.st_mode) == 0o700
+
+
+def test_a_personal_pool_of_an_ordinary_user(base, users, pool):
+    """A starter running as an ordinary user runs that user's jobs only, with
+    the environment tag to track them (it cannot make cgroups)."""
+    record = pwd.getpwnam(ALICE)
+    pool_dir = tempfile.mkdtemp(prefix="alice-pool-", dir=base)
+    os.chmod(pool_dir, 0o755)
+    os.chown(pool_dir, record.pw_uid, record.pw_gid)
+    config = {"SSHJOB_CONFIG": os.path.join(pool_dir, "sshjob.conf")}
+    started = pool.sshjob("pool", "start", "--dir", pool_dir, user=ALICE, config=False)
+    assert started.returncode == 0, started.stderr
+    try:
+        mine = pool.sshjob("submit", "--workdir", pool_dir, "--", "sleep", "600", user=ALICE, env=config)
+        theirs = pool.sshjob("submit", "--workdir", "/tmp", "--", "sleep", "600", user=BOB, env=config)
+        job, other = mine.stdout.strip(), theirs.stdout.strip()
+        deadline = time.time() + 30
+        while "running" not in pool.sshjob("q", user=ALICE, env=config).stdout:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        session = pool.sshjob("client", job, "id -un; echo $_SSHJOB_JOB_PIDS", user=ALICE, env=config)
+        assert session.stdout.split()[0] == ALICE, session.stderr
+        time.sleep(1)
+        queue = {line.split()[0]: line.split()[2] for line in
+                 pool.sshjob("q", user=ALICE, env=config).stdout.splitlines()[1:]}
+        assert queue == {job: "running", other: "idle"}  # alice's starter does not run bob's job
+        with open(os.path.join(pool_dir, "starter.log")) as f:
+            assert "process tracking: environment tag" in f.read()
+        refused = pool.sshjob("client", job, "true", user=BOB, env=config)
+        assert "may not enter job %s" % job in refused.stderr
+    finally:
+        pool.sshjob("pool", "stop", "--dir", pool_dir, user=ALICE, config=False)
