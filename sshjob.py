@@ -11,6 +11,7 @@ small batch pool; its first argument picks the role:
     bridge      ssh's ProxyCommand, which the client starts
     submit, q, rm, suspend, continue, vacate    the user's handles on the queue
     pool, demo  a personal pool on this one machine
+    init, token a pool for several hosts: credentials, configuration, tokens
 
 How a session comes about (each step is a function below):
 
@@ -29,6 +30,8 @@ How a session comes about (each step is a function below):
    ssh and sshd ever touch the session's bytes.
 4. Where either end lacks OpenSSH, the starter runs the session itself (a PTY
    or pipes) and relays it inside TLS: the built-in transport.
+5. A starter that takes no inbound connections is reached through the
+   schedd, which asks it to connect back and splices the two connections.
 """
 
 import argparse
@@ -359,9 +362,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# Security: public keys, tickets.  A ticket is a set of claims with an
-# HMAC-SHA256 over their canonical JSON, keyed with the job's own secret,
-# which only the schedd and the job's starter know.
+# Security: public keys, tickets, tokens, TLS.  A ticket is a set of claims
+# with an HMAC-SHA256 over their canonical JSON, keyed with the job's own
+# secret, which only the schedd and the job's starter know.  A token names
+# a user or a starter to a schedd on another host; TLS certificates are
+# pinned by fingerprint, learnt over an authenticated channel.
 # ---------------------------------------------------------------------------
 
 KEY_TYPES = frozenset(
@@ -928,13 +933,11 @@ class ProcessFamily:
             os.rmdir(self.cgroup)
 
 
-def write_private(path, text, owner=None, mode=0o600):
-    """Create a new file (never through a symlink) and hand it to `owner`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+def write_private(path, text):
+    """Create a new file, mode 0600, never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    if owner is not None and os.geteuid() == 0:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
 # ---------------------------------------------------------------------------
@@ -1589,18 +1592,28 @@ class Job:
     def make_host_key(self):
         """The job's sshd host key; None on a node without ssh-keygen, where
         the job runs all the same, without ssh sessions."""
-        path = os.path.join(self.dir, "ssh_host_ed25519_key")
         try:
             keygen = find_program(self.starter.config, "ssh_keygen")
         except MissingProgram as e:
             log.warning("job %s gets no ssh host key: %s", self.name, e)
             return None
+        path = self.host_key_path()
+        os.mkdir(os.path.dirname(path), 0o700)
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", path],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        if os.geteuid() == 0:
-            os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
+        self.hand_over(path, path + ".pub", os.path.dirname(path))
         with open(path + ".pub") as f:
             return parse_public_key(f.read())
+
+    def host_key_path(self):
+        return os.path.join(self.dir, "hostkey", "ssh_host_ed25519_key")
+
+    def hand_over(self, *paths):
+        """Give files that root made in a directory of root's to the job's
+        owner, for the sshd that runs as the owner."""
+        if os.geteuid() == 0:
+            for path in paths:
+                os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
 
     def pids(self):
         """The job's pids, its first process first; session processes excluded."""
@@ -1639,11 +1652,13 @@ class Job:
         with self.starter.lock:
             self.session_count += 1
             sdir = os.path.join(self.dir, "session-%d" % self.session_count)
-        os.mkdir(sdir, 0o711)
+        os.mkdir(sdir, 0o700)  # in the job's directory, which is root's: no one swaps it meanwhile
         owner = self.owner
-        write_private(os.path.join(sdir, "authorized_keys"), key + "\n", mode=0o644)
-        write_private(os.path.join(sdir, "session.sh"), self.session_script(shells), owner)
-        write_private(os.path.join(sdir, "sshd_config"), self.sshd_config(sdir), mode=0o644)
+        files = {"authorized_keys": key + "\n", "session.sh": self.session_script(shells),
+                 "sshd_config": self.sshd_config(sdir)}
+        for name, text in files.items():
+            write_private(os.path.join(sdir, name), text)
+        self.hand_over(sdir, *(os.path.join(sdir, name) for name in files))
         if os.geteuid() == 0 and owner.pw_uid == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         part = os.path.basename(sdir)
@@ -1732,7 +1747,7 @@ class Job:
                 template = f.read()
         try:
             return string.Template(template).substitute(
-                host_key=os.path.join(self.dir, "ssh_host_ed25519_key"),
+                host_key=self.host_key_path(),
                 authorized_keys=os.path.join(sdir, "authorized_keys"),
                 force_command="/bin/sh " + shlex.quote(os.path.join(sdir, "session.sh")),
                 user=self.owner.pw_name,
@@ -2857,7 +2872,8 @@ def run_action(action, config_path, argv):
 
 
 # ---------------------------------------------------------------------------
-# A personal pool on this machine: pool start / stop, and the demo.
+# Pools: a personal one on this machine (pool start / stop, the demo), and
+# one across hosts (init, token).
 # ---------------------------------------------------------------------------
 
 

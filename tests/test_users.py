@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 
@@ -123,3 +124,24 @@ def test_a_personal_pool_of_an_ordinary_user(base, users, pool):
         assert "may not enter job %s" % job in refused.stderr
     finally:
         pool.sshjob("pool", "stop", "--dir", pool_dir, user=ALICE, config=False)
+
+
+def test_key_files_are_private_to_the_job_owner(pool, alice_job, tmp_path):
+    job, _ = alice_job
+    record = pwd.getpwnam(ALICE)
+    keydir = os.path.join(pool.dir, "execute", job + ".0", "hostkey")
+    for path, mode in ((keydir, 0o700), (os.path.join(keydir, "ssh_host_ed25519_key"), 0o600)):
+        info = os.stat(path)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (mode, record.pw_uid), path
+    session = subprocess.Popen(pool.argv("client", job, "echo open; sleep 5", user=ALICE),
+                               stdout=subprocess.PIPE, universal_newlines=True)
+    assert session.stdout.readline() == "open\n"
+    sessions = [e.path for e in os.scandir(os.path.join(pool.dir, "execute", job + ".0"))
+                if e.name.startswith("session-")]
+    assert sessions
+    for directory in sessions:
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        for name in os.listdir(directory):
+            info = os.stat(os.path.join(directory, name))
+            assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, record.pw_uid), name
+    session.wait(timeout=30)
