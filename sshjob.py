@@ -292,26 +292,21 @@ def call(address, request, what, timeout=IO_TIMEOUT):
 
 
 def splice(a, b):
-    """Copy between two connected sockets until both directions end."""
+    """Copy both ways between two connected sockets until both directions end."""
+
+    def pump(source, target):
+        with contextlib.suppress(OSError):
+            for data in iter(lambda: source.recv(256 * 1024), b""):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
     a.settimeout(None)
     b.settimeout(None)
-    peers = {a: b, b: a}
-    open_ = {a, b}
-    while open_:
-        for sock in select.select(list(open_), [], [])[0]:
-            try:
-                data = sock.recv(MAX_FRAME)
-            except OSError:
-                data = b""
-            if data:
-                try:
-                    peers[sock].sendall(data)
-                    continue
-                except OSError:
-                    open_.discard(peers[sock])
-            open_.discard(sock)
-            with contextlib.suppress(OSError):
-                peers[sock].shutdown(socket.SHUT_WR)
+    backward = threading.Thread(target=pump, args=(b, a), daemon=True)
+    backward.start()
+    pump(a, b)
+    backward.join()
 
 
 def peer_credentials(sock):
