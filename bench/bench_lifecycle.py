@@ -10,7 +10,6 @@ shell, the double-forked sleep) is gone, and how many processes outlived
 their job over all cycles (must be 0).  Needs a built dist/sshjob.pyz.
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -19,8 +18,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYZ = os.path.join(ROOT, "dist", "sshjob.pyz")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import PYZ, bench_parser
 
 
 def processes_in(directory):
@@ -36,10 +35,8 @@ def processes_in(directory):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--cycles", type=int, default=100)
-    parser.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
-                        else sys.executable)
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="sshjob-bench-")
     pool_dir = os.path.join(scratch, "pool")

@@ -12,7 +12,6 @@ run: the wall time of `client JOB true` from a remote user's configuration
 path's.  Needs root and a built dist/sshjob.pyz.
 """
 
-import argparse
 import os
 import shlex
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import PYZ, SSH_ISOLATION, free_port, start_plain_sshd, throughput, timed
+from bench import PYZ, SSH_ISOLATION, bench_parser, free_port, start_plain_sshd, throughput, timed
 
 
 def start_pool(python, scratch, name, reachable):
@@ -58,11 +57,9 @@ def start_pool(python, scratch, name, reachable):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--gib", type=int, default=1)
-    parser.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
-                        else sys.executable)
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="sshjob-bench-")
     sshd, port, key = start_plain_sshd(scratch)
