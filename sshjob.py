@@ -74,7 +74,9 @@ __version__ = "0.1.0"
 log = logging.getLogger("sshjob")
 
 MAX_FRAME = 64 * 1024  # bytes; no message of the protocol comes near it
-IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply
+IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply, TLS handshake included
+MAX_UNANSWERED = 256  # connections a daemon holds at once before their first request is read
+MAX_UNANSWERED_PER_PEER = 16  # of those, from one address (one uid on a Unix socket)
 POLL_WAIT = 10.0  # seconds a starter's poll waits at the schedd for work
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job ends
 DEFAULT_CONFIG = "/etc/sshjob/sshjob.conf"
@@ -191,6 +193,14 @@ ERRORS = {
 }
 
 
+def describe(error):
+    """An exception as one line for a log or a user: ours say it all; others
+    name their type, which tracebacks would."""
+    if isinstance(error, (SshjobError, OSError)):
+        return str(error)
+    return "%s: %s" % (type(error).__name__, error)
+
+
 def error_reply(error):
     return {"ok": False, "kind": error.kind, "error": str(error)}
 
@@ -256,8 +266,8 @@ def parse_address(address):
     if address.startswith("unix:"):
         return "unix", address[5:]
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError("address %r is neither a socket path nor host:port" % address)
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("address %r is neither a socket path nor host:port (a port of 0 to 65535)" % address)
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
 
 
@@ -315,15 +325,92 @@ def peer_credentials(sock):
     return struct.unpack("3i", creds)
 
 
-class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A Unix-socket server whose handler threads never block shutdown."""
+class Gate:
+    """Admission to a daemon: who has not sent a whole request yet.
+
+    Anyone may connect before proving who they are, so that phase is where
+    a peer without credentials could hold a daemon's threads and fds for
+    ever (slowloris).  The gate caps it, in all and per peer, and gives it
+    one deadline for the TLS handshake and the request together; a
+    watchdog shuts the connections that miss it.  What follows the request
+    is authenticated and not the gate's business."""
+
+    def __init__(self, total=MAX_UNANSWERED, per_peer=MAX_UNANSWERED_PER_PEER, deadline=IO_TIMEOUT):
+        self.total = total
+        self.per_peer = per_peer
+        self.deadline = deadline
+        self.waiting = {}  # connection: (peer, deadline, a duplicate socket to shut it with)
+        self.lock = threading.Lock()
+        self.refused = 0
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def enter(self, sock, peer):
+        with self.lock:
+            from_peer = sum(1 for p, _, _ in self.waiting.values() if p == peer)
+            if len(self.waiting) >= self.total or from_peer >= self.per_peer:
+                self.refused += 1
+                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                    log.warning("refused %d connection(s) so far: too many unanswered ones (%d from %s)",
+                                self.refused, from_peer, peer)
+                return False
+            self.waiting[sock] = (peer, time.monotonic() + self.deadline, sock.dup())
+        return True
+
+    def leave(self, sock):
+        with self.lock:
+            entry = self.waiting.pop(sock, None)
+        if entry:
+            entry[2].close()
+
+    def watch(self):
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self.lock:
+                late = [sock for sock, (_, deadline, _) in self.waiting.items() if deadline < now]
+                for sock in late:
+                    _, _, handle = self.waiting.pop(sock)
+                    with contextlib.suppress(OSError):
+                        handle.shutdown(socket.SHUT_RDWR)
+                    handle.close()
+
+
+class GatedServer(socketserver.ThreadingMixIn):
+    """A threading server whose connections pass a Gate first."""
 
     daemon_threads = True
 
+    def __init__(self, *args, **kwargs):
+        self.gate = Gate()
+        super().__init__(*args, **kwargs)
 
-class TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
+    def process_request(self, request, client_address):
+        if not self.gate.enter(request, self.peer_of(request, client_address)):
+            self.close_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.leave(request)
+
+
+class Server(GatedServer, socketserver.UnixStreamServer):
+    """The Unix-socket server: peers are told apart by their uid."""
+
+    @staticmethod
+    def peer_of(request, client_address):
+        return peer_credentials(request)[1]
+
+
+class TCPServer(GatedServer, socketserver.TCPServer):
     allow_reuse_address = True
+
+    @staticmethod
+    def peer_of(request, client_address):
+        return client_address[0]
 
     def shutdown_request(self, request):
         """Close our copy only: a handed-off socket lives on in sshd, and
@@ -337,10 +424,14 @@ class RequestHandler(socketserver.BaseRequestHandler):
     A malformed request gets an error reply; a peer that stalls is dropped
     after IO_TIMEOUT; neither disturbs the daemon."""
 
+    def setup(self):
+        self.admission = self.request  # the gate knows the connection by its first socket
+
     def handle(self):
         self.request.settimeout(IO_TIMEOUT)
         try:
             message = recv_msg(self.request)
+            self.server.gate.leave(self.admission)
             reply = self.server.app.answer(message, self.request)
         except SshjobError as e:
             log.info("answered a request with an error: %s", e)
@@ -474,23 +565,29 @@ def from_b64url(text):
 
 
 class Tokens:
-    """Identity tokens, as HTCondor's IDTOKENS: who (`sub`), for what
-    (`scope`: "user" or "starter"), until when; HMAC-SHA256 with the pool's
-    signing key, which only the schedd's host holds."""
+    """Identity tokens, as HTCondor's IDTOKENS: who (`sub`: a user, or the
+    one starter it speaks for), for what (`scope`: "user" or "starter"),
+    until when; HMAC-SHA256 with the pool's signing key, which only the
+    schedd's host holds.  A starter's token may also name the one user whose
+    jobs that starter may run (`user`).  Revoking a subject refuses every
+    token of it issued until then."""
 
-    def __init__(self, key_path):
+    def __init__(self, key_path, revoked_path=None):
+        self.revoked_path = revoked_path
         try:
             with open(key_path, "rb") as f:
                 self.key = f.read()
         except FileNotFoundError:
             self.key = None
 
-    def create(self, subject, scope, lifetime):
+    def create(self, subject, scope, lifetime, user=None):
         if not self.key:
             raise ConfigError("this pool has no signing key: run sshjob init first")
-        now = int(time.time())
-        claims = {"sub": subject, "scope": scope, "iat": now, "exp": now + int(lifetime),
+        now = time.time()
+        claims = {"sub": subject, "scope": scope, "iat": now, "exp": int(now) + int(lifetime),
                   "jti": secrets.token_hex(8)}
+        if user:
+            claims["user"] = user
         body = b64url(json.dumps(claims, sort_keys=True).encode())
         return body + "." + b64url(hmac.new(self.key, body.encode(), hashlib.sha256).digest())
 
@@ -507,11 +604,36 @@ class Tokens:
         except (ValueError, UnicodeDecodeError):
             raise Refused("the token is malformed") from None
         if not isinstance(claims, dict) or claims.get("scope") not in ("user", "starter") or \
-                not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), int):
+                not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), int) or \
+                not isinstance(claims.get("iat"), (int, float)) or not isinstance(claims.get("user", ""), str):
             raise Refused("the token is malformed")
+        self.check_current(claims)
+        return claims
+
+    def check_current(self, claims):
+        """Refused if the token has expired or its subject was revoked since."""
         if claims["exp"] < time.time():
             raise Refused("the token of %s has expired: ask the pool's admin for a new one" % claims["sub"])
-        return claims
+        if claims["iat"] <= self.revoked().get(claims["sub"], -1):
+            raise Refused("the token of %s was revoked: ask the pool's admin for a new one" % claims["sub"])
+
+    def revoked(self):
+        """{subject: time}: tokens of that subject issued until then are void."""
+        try:
+            with open(self.revoked_path or "") as f:
+                lines = [line.split() for line in f]
+        except OSError:
+            return {}
+        found = {}
+        for fields in lines:
+            with contextlib.suppress(ValueError, IndexError):
+                found[fields[0]] = max(float(fields[1]), found.get(fields[0], -1))
+        return found
+
+    def revoke(self, subject):
+        fd = os.open(self.revoked_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write("%s %.6f\n" % (subject, time.time()))
 
 
 class TicketBook:
@@ -565,6 +687,7 @@ DEFAULTS = {
     "schedd_tls_address": "",
     "schedd_fingerprint": "",
     "signing_key": "{pool_dir}/private/signing.key",
+    "revoked_tokens": "{pool_dir}/private/revoked_tokens",
     "token_file": "",
     "schedd_enable_ssh_to_job": "true",
     "queue_super_users": "root",
@@ -572,6 +695,7 @@ DEFAULTS = {
     "ticket_lifetime": "60",
     "starter_lost_after": "60",
     "requeue_lost_jobs": "true",
+    "max_jobs_per_user": "50000",
     "starter_name": "starter@{host}",
     "starter_address": "127.0.0.1:0",
     "starter_dir": "{pool_dir}/execute",
@@ -595,6 +719,9 @@ class Config:
     def __init__(self, path=None):
         self.path = os.path.abspath(path) if path else None
         self._file = configparser.ConfigParser(interpolation=None)
+        if path and os.geteuid() == 0 and os.path.exists(path):  # root runs what the file names
+            check_trusted(self.path, "file")
+            check_trusted(os.path.dirname(self.path), "directory")
         if path:
             try:
                 with open(path) as f:
@@ -703,15 +830,40 @@ def find_config_path(explicit=None):
     return path
 
 
+def check_trusted(path, kind):
+    """Refuse a file or directory that another user could have written: a
+    pool's configuration names the programs its daemons run, as root too.
+    It must belong to us or to root, and be writable by no one else (a
+    directory with the sticky bit, such as /tmp, protects what others own)."""
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        raise ConfigError("cannot use %s (%s)" % (path, e.strerror)) from None
+    is_kind = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
+    writable = info.st_mode & 0o022 and not (kind == "directory" and info.st_mode & stat.S_ISVTX)
+    if not is_kind(info.st_mode) or info.st_uid not in (0, os.geteuid()) or writable:
+        who = "root" if os.geteuid() == 0 else "%s or root" % user_name(os.geteuid())
+        raise ConfigError("%s is not a %s that only %s may change: make a new one, or fix its owner and mode"
+                          % (path, kind, who))
+
+
 def write_pool_config(pool_dir, extra=None):
-    """Create a pool directory with a configuration file, unless it has one."""
-    os.makedirs(pool_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(os.path.abspath(pool_dir), "sshjob.conf")
-    if not os.path.exists(path):
-        lines = ["# sshjob pool configuration; its keys and defaults: README.md, section Configuration", "[sshjob]"]
-        lines += ["%s = %s" % item for item in sorted((extra or {}).items())]
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    """Create a pool directory with a configuration file, unless it has one;
+    one that exists must be ours (see check_trusted)."""
+    pool_dir = os.path.abspath(pool_dir)
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(pool_dir, mode=0o755)
+    check_trusted(pool_dir, "directory")
+    path = os.path.join(pool_dir, "sshjob.conf")
+    lines = ["# sshjob pool configuration; its keys and defaults: README.md, section Configuration", "[sshjob]"]
+    lines += ["%s = %s" % item for item in sorted((extra or {}).items())]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        check_trusted(path, "file")
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
     return path
 
 
@@ -864,7 +1016,7 @@ class ProcessFamily:
         self.cgroup = os.path.join(base, name) if base else None
         if self.cgroup and not adopt:
             os.mkdir(self.cgroup)
-        self.leaders = []  # process group leaders: the job's first process, each session's sshd
+        self.leaders = []  # Popen objects of the group leaders: the job's first process, each session's
 
     def enter(self, part):
         """A step for preexec_fn that puts the new process in the family
@@ -893,9 +1045,12 @@ class ProcessFamily:
     def signal(self, signum):
         signal_pids(self.pids(), signum)
         if not self.cgroup:
-            for leader in self.leaders:
+            for leader in list(self.leaders):
+                if leader.poll() is not None:  # reaped: its pid may be someone else's by now
+                    self.leaders.remove(leader)
+                    continue
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(leader, signum)
+                    os.killpg(leader.pid, signum)
 
     def suspend(self):
         """Stop every process, as HTCondor suspends a job (state T); with a
@@ -928,10 +1083,19 @@ class ProcessFamily:
             os.rmdir(self.cgroup)
 
 
-def write_private(path, text):
-    """Create a new file, mode 0600, never through a symlink."""
+def open_log(path, mode="a"):
+    """A log file to append to, readable by its owner only: logs hold users'
+    commands and errors."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), mode)
+
+
+def write_private(path, text, owner=None):
+    """Create a new file, mode 0600, never through a symlink; given to
+    `owner` (uid, gid) by its descriptor."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
+        if owner:
+            os.fchown(fd, *owner)
         f.write(text)
 
 
@@ -968,6 +1132,26 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 ACTIVE_STATES = ("starting", "running", "suspended")
+MAX_SUBMIT = 10000  # node rows one submit may queue
+
+
+def check_job_spec(cmd, env, *paths):
+    """What a starter cannot start, refused at submit rather than on the node."""
+    texts = list(cmd) + list(env) + list(env.values()) + list(paths)
+    if any("\0" in text for text in texts):
+        raise UsageError("the job's command, environment or paths hold a NUL byte")
+    bad = next((name for name in env if not name or "=" in name), None)
+    if bad is not None:
+        raise UsageError("%r is not a valid name for an environment variable" % bad)
+    if not all(os.path.isabs(path) for path in paths):
+        raise UsageError("the job's working directory and output files must be absolute paths")
+
+
+def run_generation(secret):
+    """Tells one run of a node row from the next: a job requeued may go to
+    the same starter again, and news or commands of the old run must not
+    touch the new one."""
+    return hashlib.sha256((secret or "").encode()).hexdigest()[:12]
 
 
 def row_id(row):
@@ -984,12 +1168,15 @@ def run_id(row):
 
 class Identity:
     """Who asks: a local user known by peer credentials, or a remote one
-    known by a token.  `starter` says whether it may act as a starter."""
+    known by a token (`claims`).  `starter` says whether it may act as a
+    starter; `runs_for`, whose jobs such a starter may run ("root": all)."""
 
-    def __init__(self, name, starter=False, user=True):
+    def __init__(self, name, starter=False, user=True, claims=None, runs_for=None):
         self.name = name
         self.starter = starter
         self.user = user
+        self.claims = claims
+        self.runs_for = runs_for
 
     @property
     def uid(self):
@@ -1013,7 +1200,14 @@ class StarterRecord:
         self.reachable = True  # False: behind a firewall, reached through the schedd
         self.slots = 1
         self.last_poll = 0.0
+        self.waiting = 0  # its polls waiting at the schedd now: while one waits, it is heard from
         self.commands = []
+        self.credential = {}  # the claims of the token it speaks with; none on the Unix socket
+        self.stopping = set()  # (run, generation) it was told to stop
+
+    def silence(self, now=None):
+        """Seconds since the starter was last heard from."""
+        return 0.0 if self.waiting else (now or time.time()) - self.last_poll
 
 
 class Schedd:
@@ -1027,8 +1221,9 @@ class Schedd:
         self.super_users = set(config.names("queue_super_users")) | {user_name(self.uid)}
         self.ticket_lifetime = config.number("ticket_lifetime")
         self.enable_ssh = config.flag("schedd_enable_ssh_to_job")
-        self.tokens = Tokens(config["signing_key"])
+        self.tokens = Tokens(config["signing_key"], config["revoked_tokens"])
         self.lost_after = config.number("starter_lost_after")
+        self.max_jobs = config.number("max_jobs_per_user")
         self.requeue_lost = config.flag("requeue_lost_jobs")
         self.started = time.time()
         self.starters = {}
@@ -1095,14 +1290,15 @@ class Schedd:
         token, never by what a message claims."""
         if sock.family == socket.AF_UNIX:
             uid = peer_credentials(sock)[1]
-            return Identity(user_name(uid), starter=uid in (0, self.uid))
+            return Identity(user_name(uid), starter=uid in (0, self.uid), runs_for=user_name(uid))
         claims = self.tokens.verify(field(message, "token", str))
-        starter = claims["scope"] == "starter"
-        return Identity(claims["sub"], starter=starter, user=not starter)
+        if claims["scope"] == "starter":
+            return Identity(claims["sub"], starter=True, user=False, claims=claims, runs_for=claims.get("user"))
+        return Identity(claims["sub"], claims=claims)
 
     def op_ping(self, message, who):
         now = time.time()
-        live = [s.name for s in self.starters.values() if now - s.last_poll < 3 * POLL_WAIT]
+        live = [s.name for s in self.starters.values() if s.silence(now) < 3 * POLL_WAIT]
         return {"ok": True, "name": self.name, "version": __version__, "starters": live}
 
     def op_submit(self, message, who):
@@ -1115,24 +1311,27 @@ class Schedd:
         workdir = field(message, "workdir", str)
         output = field(message, "output", str, "/dev/null")
         error = field(message, "error", str, "/dev/null")
+        check_job_spec(cmd, env, workdir, output, error)
         count = field(message, "count", int, 1)
         nodes = field(message, "nodes", int, 1)
-        if not 1 <= count <= 10000 or not 1 <= nodes <= 1000:
-            raise UsageError("a cluster holds 1 to 10000 jobs, of 1 to 1000 nodes each")
+        if not 1 <= count <= MAX_SUBMIT or not 1 <= nodes <= MAX_SUBMIT or count * nodes > MAX_SUBMIT:
+            raise UsageError("one submit queues at most %d node rows (jobs times nodes)" % MAX_SUBMIT)
         now = time.time()
         with self.db_lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                (queued,) = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state NOT IN"
+                                            " ('completed', 'removed')", (who.name,)).fetchone()
+                if queued + count * nodes > self.max_jobs:
+                    raise Refused("user %s has %d node rows in the queue, and may have %d at most (max_jobs_per_user)"
+                                  % (who.name, queued, self.max_jobs))
                 (cluster,) = self.db.execute("SELECT COALESCE(MAX(cluster), 0) + 1 FROM jobs").fetchone()
-                for proc in range(count):
-                    for node in range(nodes):
-                        self.db.execute(
-                            "INSERT INTO jobs (cluster, proc, node, nodes, owner, uid, state, cmd, env, workdir,"
-                            " output, error, submitted, updated)"
-                            " VALUES (?, ?, ?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
-                            (cluster, proc, node, nodes, who.name, who.uid, json.dumps(cmd), json.dumps(env),
-                             workdir, output, error, now, now),
-                        )
+                self.db.executemany(
+                    "INSERT INTO jobs (cluster, proc, node, nodes, owner, uid, state, cmd, env, workdir,"
+                    " output, error, submitted, updated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'idle', ?, ?, ?, ?, ?, ?, ?)",
+                    ((cluster, proc, node, nodes, who.name, who.uid, json.dumps(cmd), json.dumps(env),
+                      workdir, output, error, now, now) for proc in range(count) for node in range(nodes)))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -1140,17 +1339,35 @@ class Schedd:
         log.info("user %s submitted cluster %d (%d jobs of %d nodes)", who.name, cluster, count, nodes)
         with self.changed:
             self.changed.notify_all()
-        return {"ok": True, "jobs": [job_name(cluster, proc) for proc in range(count)]}
+        return {"ok": True, "cluster": cluster, "count": count}
 
     def op_q(self, message, who):
-        rows = self.query("SELECT * FROM jobs WHERE state NOT IN ('completed', 'removed') OR ?"
-                          " ORDER BY cluster, proc, node", (bool(message.get("all")),))
-        jobs = [
-            {"id": row_id(r), "owner": r["owner"], "state": r["state"], "starter": r["starter"] or "",
-             "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"], "note": r["note"] or ""}
-            for r in rows
-        ]
-        return {"ok": True, "jobs": jobs}
+        """One page of the queue, in order, after the row `after` names; a
+        page stays well inside the frame limit, and "more" says if one follows."""
+        after = field(message, "after", list, [0, 0, -1])
+        if len(after) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) for n in after):
+            raise ProtocolError("field 'after' is malformed")
+        where = "(cluster > ? OR (cluster = ? AND (proc > ? OR (proc = ? AND node > ?))))"
+        args = [after[0], after[0], after[1], after[1], after[2]]
+        if not message.get("all"):
+            where += " AND state NOT IN ('completed', 'removed')"
+        if message.get("job") is not None:
+            cluster, proc, _ = parse_job_id(field(message, "job", str))
+            where += " AND cluster = ? AND proc = ?"
+            args += [cluster, proc]
+        jobs, size, more = [], 0, False
+        with self.db_lock:
+            cursor = self.db.execute("SELECT * FROM jobs WHERE %s ORDER BY cluster, proc, node" % where, args)
+            for r in cursor:
+                job = {"id": row_id(r), "owner": r["owner"], "state": r["state"], "starter": r["starter"] or "",
+                       "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"], "note": r["note"] or "",
+                       "key": [r["cluster"], r["proc"], r["node"]]}
+                size += len(json.dumps(job))
+                if jobs and size > MAX_FRAME // 2:
+                    more = True
+                    break
+                jobs.append(job)
+        return {"ok": True, "jobs": jobs, "more": more}
 
     def authorize(self, row, who, what):
         """Only the job's owner and the queue super users may touch a job."""
@@ -1186,7 +1403,8 @@ class Schedd:
             else:
                 self.update_row(row, state="suspended" if action == "suspend" else "running")
             if row["starter"] and row["state"] in ACTIVE_STATES:
-                self.send_command(row["starter"], {"do": action, "job": run_id(row)})
+                self.send_command(row["starter"], {"do": action, "job": run_id(row),
+                                                   "gen": run_generation(row["secret"])})
         log.info("user %s: %s %s", who.name, action, name)
         return {"ok": True, "job": name}
 
@@ -1214,7 +1432,7 @@ class Schedd:
         if state != "running":
             raise NotRunning("job %s is %s, not running yet" % (name, state))
         starter = self.starters.get(row["starter"])
-        if starter is None or time.time() - starter.last_poll > 3 * POLL_WAIT:
+        if starter is None or starter.silence() > 3 * POLL_WAIT:
             raise NotRunning("the starter of job %s (%s) is not connected to the schedd" % (name, row["starter"]))
         if not starter.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % starter.name)
@@ -1242,7 +1460,7 @@ class Schedd:
     def audit(self, who, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": who.name, "job": message.get("job"),
                  "granted": granted, "reason": reason, "command": message.get("command")}
-        with self.db_lock, open(self.config["audit_log"], "a") as f:
+        with self.db_lock, open_log(self.config["audit_log"]) as f:
             f.write(json.dumps(entry) + "\n")
 
     def op_ssh_ticket(self, message, who):
@@ -1272,7 +1490,8 @@ class Schedd:
         ask it to connect back, then splice the two connections.  What they
         carry is authenticated end to end: the ticket, then ssh or TLS."""
         row, starter = self.ssh_target(message, who)
-        relay = {"id": secrets.token_hex(16), "ready": threading.Event(), "done": threading.Event(), "sock": None}
+        relay = {"id": secrets.token_hex(16), "ready": threading.Event(), "done": threading.Event(), "sock": None,
+                 "starter": starter.name}
         self.relays[relay["id"]] = relay
         try:
             self.send_command(starter.name, {"do": "connect_back", "id": relay["id"]})
@@ -1292,9 +1511,9 @@ class Schedd:
 
     def op_relay_accept(self, message, who, sock):
         """A starter's connection back, for the relay that names it."""
-        self.require_starter(who)
+        name = self.starter_name(message, who)
         relay = self.relays.get(field(message, "id", str))
-        if relay is None or relay["ready"].is_set():
+        if relay is None or relay["ready"].is_set() or relay["starter"] != name:
             raise NotFound("no relay waits for this connection")
         send_msg(sock, {"ok": True})
         relay["sock"] = sock.unwrap() if isinstance(sock, ssl.SSLSocket) else sock
@@ -1304,23 +1523,57 @@ class Schedd:
     # -- starters ----------------------------------------------------------
 
     @staticmethod
-    def require_starter(who):
+    def starter_name(message, who):
+        """The starter a request comes from: the one its token speaks for;
+        a local starter (root, or the schedd's own user) names itself."""
         if not who.starter:
             raise Refused("%s may not act as a starter of this pool" % who.name)
+        name = field(message, "name", str)
+        if who.claims is not None and name != who.name:
+            raise Refused("this token speaks for starter %s, not for %s: set starter_name = %s or ask the "
+                          "pool's admin for a token of %s" % (who.name, name, who.name, name))
+        return name
+
+    def claim_record(self, name, who):
+        """The record of starter `name`, for `who`: refused while another
+        token that still holds speaks for a connected starter of that name.
+        A local starter (root, or the schedd's user) is trusted outright."""
+        record = self.starters.get(name)
+        if record is None:
+            record = self.starters[name] = StarterRecord(name)
+        elif who.claims is not None and record.credential.get("jti") != who.claims["jti"] and self.holds(record):
+            raise Refused("starter %s is already connected with another token" % name)
+        record.credential = who.claims or {}
+        return record
+
+    def holds(self, record):
+        """Whether a starter's record stands for a connected starter whose
+        credential is still good."""
+        if record.silence() >= 3 * POLL_WAIT:
+            return False
+        if not record.credential:
+            return True
+        try:
+            self.tokens.check_current(record.credential)
+        except Refused:
+            return False
+        return True
 
     def op_poll(self, message, who):
         """A starter's long poll: it reports, and waits for work or commands."""
-        self.require_starter(who)
-        name = field(message, "name", str)
+        name = self.starter_name(message, who)
+        with self.changed:
+            record = self.claim_record(name, who)
         for update in field(message, "updates", list, []):
             try:
                 self.apply_update(update if isinstance(update, dict) else {}, name)
             except SshjobError as e:
                 log.warning("ignored an update from %s: %s", name, e)
         with self.changed:
-            record = self.starters.setdefault(name, StarterRecord(name))
             record.address = field(message, "address", str)
-            record.user = field(message, "user", str)  # a starter that is not root runs this user's jobs only
+            # whose jobs it runs: what its credential allows, narrowed by what it says
+            claimed = field(message, "user", str)
+            record.user = claimed if who.runs_for in (None, "root") else who.runs_for
             record.enable_ssh = field(message, "enable_ssh", bool, True)
             record.ssh_problem = message.get("ssh_problem")
             record.tls_fingerprint = message.get("tls_fingerprint")
@@ -1328,35 +1581,44 @@ class Schedd:
             record.reachable = field(message, "reachable", bool, True)
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
-        running = field(message, "jobs", list, [])
+        running = field(message, "jobs", dict, {})
+        if not all(isinstance(gen, str) for gen in running.values()):
+            raise ProtocolError("field 'jobs' is malformed")
         self.reconcile(record, running)
         deadline = time.time() + min(field(message, "wait", (int, float), POLL_WAIT), POLL_WAIT)
         with self.changed:
-            while True:
-                commands, record.commands = record.commands, []
-                commands += self.match(record, running)
-                remaining = deadline - time.time()
-                if commands or remaining <= 0:
-                    break
-                self.changed.wait(remaining)
-            record.last_poll = time.time()
+            record.waiting += 1
+            try:
+                while True:
+                    commands, record.commands = record.commands, []
+                    commands += self.match(record, running)
+                    remaining = deadline - time.time()
+                    if commands or remaining <= 0:
+                        break
+                    self.changed.wait(remaining)
+            finally:
+                record.waiting -= 1
+                record.last_poll = time.time()
         return {"ok": True, "commands": commands}
 
     def reconcile(self, record, running):
-        """Make the queue and a starter agree on what the starter runs: jobs
-        the starter no longer knows go back to idle (it restarted, or a reply
-        was lost); jobs it runs that the queue gave elsewhere or ended, it
-        must stop (it was cut off, and its jobs were given up for lost)."""
-        assigned = set()
+        """Make the queue and a starter agree on what the starter runs
+        (`running`: {run: generation}): runs the starter no longer knows go
+        back to idle (it restarted, or a reply was lost); runs it has that
+        the queue gave elsewhere or ended, it must stop, once (it was cut
+        off, and its jobs were given up for lost)."""
+        assigned = {}
         for row in self.query("SELECT * FROM jobs WHERE starter = ? AND state IN (?, ?, ?)",
                               (record.name,) + ACTIVE_STATES):
-            assigned.add(run_id(row))
-            if run_id(row) not in running:
+            assigned[run_id(row)] = run_generation(row["secret"])
+            if running.get(run_id(row)) != assigned[run_id(row)]:
                 log.warning("starter %s no longer runs job %s: it goes back to idle", record.name, row_id(row))
                 self.update_row(row, state="idle", starter=None, hostkey=None, pids=None, note="its starter lost it")
-        for stray in set(running) - assigned:
-            log.warning("starter %s runs job %s, which the queue gave up: it must stop", record.name, stray)
-            record.commands.append({"do": "rm", "job": stray})
+        strays = {(run, gen) for run, gen in running.items() if assigned.get(run) != gen}
+        for run, gen in strays - record.stopping:
+            log.warning("starter %s runs job %s, which the queue gave up: it must stop", record.name, run)
+            record.commands.append({"do": "rm", "job": run, "gen": gen})
+        record.stopping = strays
 
     def reap_lost_starters(self):
         """Jobs of a starter silent for starter_lost_after seconds are lost:
@@ -1366,7 +1628,7 @@ class Schedd:
             now = time.time()
             for row in self.query("SELECT * FROM jobs WHERE state IN (?, ?, ?)", ACTIVE_STATES):
                 record = self.starters.get(row["starter"])
-                if now - (record.last_poll if record else self.started) > self.lost_after:
+                if (record.silence(now) if record else now - self.started) > self.lost_after:
                     log.warning("starter %s is lost; job %s with it", row["starter"], row_id(row))
                     self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
                                     pids=None, note="its starter %s was lost" % row["starter"])
@@ -1388,15 +1650,15 @@ class Schedd:
             secret = secrets.token_hex(32)
             self.update_row(row, state="starting", starter=record.name, secret=secret, note=None)
             commands.append({
-                "do": "run", "job": run_id(row), "name": row_id(row), "node": row["node"], "nodes": row["nodes"],
+                "do": "run", "job": run_id(row), "gen": run_generation(secret), "name": row_id(row),
+                "node": row["node"], "nodes": row["nodes"],
                 "owner": row["owner"], "cmd": json.loads(row["cmd"]), "env": json.loads(row["env"]),
                 "workdir": row["workdir"], "output": row["output"], "error": row["error"], "secret": secret,
             })
         return commands
 
     def op_update(self, message, who):
-        self.require_starter(who)
-        self.apply_update(message, field(message, "name", str))
+        self.apply_update(message, self.starter_name(message, who))
         return {"ok": True}
 
     def apply_update(self, update, starter):
@@ -1408,6 +1670,8 @@ class Schedd:
         row = self.find_rows(text)[0]
         if row["starter"] != starter:
             raise Refused("job %s does not run on %s" % (text, starter))
+        if update.get("gen") != run_generation(row["secret"]):
+            raise Refused("news of an earlier run of job %s" % text)
         if event == "started":
             hostkey = update.get("hostkey")
             if row["state"] == "starting":
@@ -1448,12 +1712,12 @@ def serve_schedd(config):
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             probe_stale_socket(path)
-    server = Server(path, RequestHandler)
+    server = listen(Server, path, RequestHandler)
     os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
     server.app = schedd
     if config["schedd_tls_address"]:
         cert, key, fingerprint = make_certificate(config, os.path.join(config["pool_dir"], "private"), schedd.name)
-        remote = TCPServer(parse_address(config["schedd_tls_address"])[1], TLSRequestHandler)
+        remote = listen(TCPServer, parse_address(config["schedd_tls_address"])[1], TLSRequestHandler)
         remote.app, remote.tls = schedd, server_tls_context(cert, key)
         threading.Thread(target=remote.serve_forever, daemon=True).start()
         log.info("schedd %s listening on %s:%d with TLS, certificate SHA-256 %s", schedd.name,
@@ -1461,6 +1725,15 @@ def serve_schedd(config):
     threading.Thread(target=schedd.reap_lost_starters, daemon=True).start()
     log.info("schedd %s listening on %s", schedd.name, path)
     run_until_signalled(server)
+
+
+def listen(server_class, address, handler):
+    """A server on `address`, or one sentence on why there can be none."""
+    try:
+        return server_class(address, handler)
+    except (OSError, OverflowError) as e:
+        where = address if isinstance(address, str) else "%s:%d" % address
+        raise ConfigError("cannot listen on %s (%s)" % (where, getattr(e, "strerror", None) or e)) from None
 
 
 def probe_stale_socket(path):
@@ -1521,23 +1794,42 @@ Subsystem sftp ${sftp_server}
 LogLevel ERROR
 """
 
+def shell_and_workdir(shells, workdir):
+    """Shell code, run as the job's user, that exports SHELL as the first
+    of the client's `shells` that this user can run (else /bin/sh) and
+    enters the job's working directory.  Deciding as the user, not as a
+    root starter, tells the user nothing of paths closed to them."""
+    candidates = " ".join(shlex.quote(s) for s in shells if os.path.isabs(s))
+    lines = ["SHELL=/bin/sh"]
+    if candidates:
+        lines.append('for s in %s; do if [ -f "$s" ] && [ -x "$s" ]; then SHELL=$s; break; fi; done' % candidates)
+    lines += ["export SHELL",
+              "cd -- %s || { printf \"sshjob: cannot enter the job's working directory %%s\\n\" %s >&2; exit 1; }"
+              % (shlex.quote(workdir), shlex.quote(workdir))]
+    return lines
+
+
 # Variables the ssh client may bring into a session; the job's value applies
 # only when the client brought none.
-def choose_shell(shells):
-    """The first of the client's shells that exists here, else /bin/sh."""
-    return next((s for s in shells if os.path.isabs(s) and os.access(s, os.X_OK)), "/bin/sh")
-
-
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+GENERATION = re.compile(r"[0-9a-f]{0,64}")
 
 
 class Job:
-    """One job on the starter: its process, its sessions, its private directory."""
+    """One job on the starter: its process, its sessions, its private directory.
+
+    The job's directory and everything under it belong to root (a root
+    starter) and only files in it are handed to the job's owner, by
+    descriptor: so that no operation as root ever follows a path through a
+    directory that the owner controls."""
 
     def __init__(self, starter, spec):
         self.starter = starter
         self.run = field(spec, "job", str)  # cluster.proc.node, between schedd and starter
+        self.gen = field(spec, "gen", str, "")  # which run of that node row
+        if not JOB_ID.fullmatch(self.run) or parse_job_id(self.run)[2] is None or not GENERATION.fullmatch(self.gen):
+            raise ProtocolError("the job's id is malformed")
         self.name = field(spec, "name", str)  # the id users see
         self.node = field(spec, "node", int, 0)
         self.nodes = field(spec, "nodes", int, 1)
@@ -1545,13 +1837,17 @@ class Job:
         self.cmd = field(spec, "cmd", list)
         self.env = field(spec, "env", dict)
         workdir = field(spec, "workdir", str)
-        self.workdir = workdir if self.nodes == 1 else os.path.join(workdir, "node%d" % self.node)
         self.output = field(spec, "output", str)
         self.error = field(spec, "error", str)
+        if not all(isinstance(a, str) for a in self.cmd) or not all(isinstance(v, str) for v in self.env.values()):
+            raise ProtocolError("the job's command or environment is malformed")
+        check_job_spec(self.cmd, self.env, workdir, self.output, self.error)
+        self.workdir = workdir if self.nodes == 1 else os.path.join(workdir, "node%d" % self.node)
         self.secret = field(spec, "secret", str)
-        self.dir = os.path.join(starter.dir, self.run)
+        self.dir = os.path.join(starter.dir, "%s-%s" % (self.run, self.gen) if self.gen else self.run)
         self.family = None
         self.process = None
+        self.hostkey = None
         self.sessions = set()
         self.ending = None  # "rm" or "vacate" once the schedd ends it
         self.session_count = 0
@@ -1561,28 +1857,38 @@ class Job:
     def start(self):
         """Start the job's command: in its working directory (made if
         missing), with its environment, as its owner, in its own session and
-        process family."""
+        process family.  On failure, nothing of it is left."""
         os.mkdir(self.dir, 0o711)
-        tag = secrets.token_hex(8)
-        write_private(os.path.join(self.dir, "tag"), tag)  # for the clean-up after a starter crash
-        self.family = ProcessFamily(self.starter.cgroup_base, "job-" + self.run, tag)
-        self.hostkey = self.make_host_key()
-        env = dict(self.env)
-        env.setdefault("HOME", self.owner.pw_dir)
-        env.setdefault("USER", self.owner.pw_name)
-        env.setdefault("LOGNAME", self.owner.pw_name)
-        env.setdefault("PATH", os.defpath)
-        env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
-        wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
-                   'exec "$@" <"/dev/null" >>"$o" 2>>"$e"' % PIDS_VAR)
-        self.process = subprocess.Popen(
-            ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
-            env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=child_setup(self.family.enter("main"), privileges_of(self.owner.pw_name)),
-        )
-        self.family.leaders.append(self.process.pid)
+        try:
+            tag = secrets.token_hex(8)
+            write_private(os.path.join(self.dir, "tag"), tag)  # for the clean-up after a starter crash
+            self.family = ProcessFamily(self.starter.cgroup_base, "job-" + os.path.basename(self.dir), tag)
+            self.hostkey = self.make_host_key()
+            env = dict(self.env)
+            env.setdefault("HOME", self.owner.pw_dir)
+            env.setdefault("USER", self.owner.pw_name)
+            env.setdefault("LOGNAME", self.owner.pw_name)
+            env.setdefault("PATH", os.defpath)
+            env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
+            wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
+                       'exec "$@" <"/dev/null" >>"$o" 2>>"$e"' % PIDS_VAR)
+            self.process = subprocess.Popen(
+                ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
+                env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=child_setup(self.family.enter("main"), privileges_of(self.owner.pw_name)),
+            )
+        except BaseException:
+            self.discard()
+            raise
+        self.family.leaders.append(self.process)
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
+
+    def discard(self):
+        """Remove what a start that failed made."""
+        if self.family is not None:
+            self.family.remove()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def make_host_key(self):
         """The job's sshd host key; None on a node without ssh-keygen, where
@@ -1593,22 +1899,21 @@ class Job:
             log.warning("job %s gets no ssh host key: %s", self.name, e)
             return None
         path = self.host_key_path()
-        os.mkdir(os.path.dirname(path), 0o700)
+        os.mkdir(os.path.dirname(path), 0o711)
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", path],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        self.hand_over(path, path + ".pub", os.path.dirname(path))
         with open(path + ".pub") as f:
-            return parse_public_key(f.read())
+            public = parse_public_key(f.read())
+        if self.file_owner():
+            os.chown(path, *self.file_owner(), follow_symlinks=False)  # for the sshd that runs as the owner
+        return public
 
     def host_key_path(self):
         return os.path.join(self.dir, "hostkey", "ssh_host_ed25519_key")
 
-    def hand_over(self, *paths):
-        """Give files that root made in a directory of root's to the job's
-        owner, for the sshd that runs as the owner."""
-        if os.geteuid() == 0:
-            for path in paths:
-                os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
+    def file_owner(self):
+        """(uid, gid) to give the session's files to, when the starter is root."""
+        return (self.owner.pw_uid, self.owner.pw_gid) if os.geteuid() == 0 else None
 
     def pids(self):
         """The job's pids, its first process first; session processes excluded."""
@@ -1629,7 +1934,7 @@ class Job:
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
         if self.sessions and not self.ending:
-            self.starter.report({"event": "sessions_open", "job": self.run})
+            self.starter.report({"event": "sessions_open", "job": self.run, "gen": self.gen})
         with self.starter.lock:
             while self.sessions:
                 self.starter.sessions_changed.wait()
@@ -1637,76 +1942,102 @@ class Job:
         shutil.rmtree(self.dir, ignore_errors=True)
         event = {"rm": "removed", "vacate": "vacated"}.get(self.ending, "exited")
         log.info("job %s %s with status %d", self.name, event, status)
-        self.starter.finish(self, {"event": event, "job": self.run, "status": status})
+        self.starter.finish(self, {"event": event, "job": self.run, "gen": self.gen, "status": status})
 
     # -- ssh sessions ------------------------------------------------------
+
+    def new_session_part(self):
+        with self.starter.lock:
+            self.session_count += 1
+            return "session-%d" % self.session_count
 
     def open_session(self, sock, key, shells):
         """Start `sshd -i` on `sock`, as the job's owner, for `key` only."""
         sshd = find_program(self.starter.config, "sshd")
-        with self.starter.lock:
-            self.session_count += 1
-            sdir = os.path.join(self.dir, "session-%d" % self.session_count)
-        os.mkdir(sdir, 0o700)  # in the job's directory, which is root's: no one swaps it meanwhile
-        owner = self.owner
+        part = self.new_session_part()
+        sdir = os.path.join(self.dir, part)
+        os.mkdir(sdir, 0o711)  # stays root's: the owner's sshd reads the files, and the owner can swap none
         files = {"authorized_keys": key + "\n", "session.sh": self.session_script(shells),
                  "sshd_config": self.sshd_config(sdir)}
         for name, text in files.items():
-            write_private(os.path.join(sdir, name), text)
-        self.hand_over(sdir, *(os.path.join(sdir, name) for name in files))
-        if os.geteuid() == 0 and owner.pw_uid == 0:
+            write_private(os.path.join(sdir, name), text, self.file_owner())
+        if os.geteuid() == 0 and self.owner.pw_uid == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        part = os.path.basename(sdir)
-        with open(os.path.join(self.dir, "sshd.log"), "ab") as errors:
+        errors = os.open(os.path.join(self.dir, "sshd.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
+        try:
             proc = subprocess.Popen(
                 [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
                 stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
                 env={"PATH": os.defpath, TAG_VAR: self.family.tag, SESSION_VAR: part},
-                preexec_fn=child_setup(self.family.enter(part), privileges_of(owner.pw_name)),
+                preexec_fn=child_setup(self.family.enter(part), privileges_of(self.owner.pw_name)),
                 start_new_session=True,
             )
-        self.family.leaders.append(proc.pid)
+        finally:
+            os.close(errors)
+        self.family.leaders.append(proc)
         with self.starter.lock:
             self.sessions.add(proc)
         threading.Thread(target=self.end_session, args=(proc, sdir), daemon=True).start()
         log.info("job %s: session %s started, sshd pid %d", self.name, sdir, proc.pid)
 
+    @staticmethod
+    def builtin_request(request):
+        """(command, terminal, client environment) of a built-in session,
+        checked before anything is allocated for it.  terminal is None, or
+        (rows, columns, TERM) for a PTY."""
+        command = request.get("command")
+        if command is not None and (not isinstance(command, str) or "\0" in command):
+            raise ProtocolError("the command is malformed")
+        terminal = request.get("pty")
+        if terminal is not None:
+            if not isinstance(terminal, dict):
+                raise ProtocolError("the terminal is malformed")
+            rows, columns = field(terminal, "rows", int, 24), field(terminal, "columns", int, 80)
+            term = field(terminal, "term", str, "xterm")
+            if not (0 < rows < 65536 and 0 < columns < 65536) or "\0" in term:
+                raise ProtocolError("the terminal is malformed")
+            terminal = (rows, columns, term)
+        env = request.get("env") if isinstance(request.get("env"), dict) else {}
+        env = {k: v for k, v in env.items() if CLIENT_VARIABLES.fullmatch(k) and isinstance(v, str) and "\0" not in v}
+        return command, terminal, env
+
     def open_builtin_session(self, sock, request, shells):
         """Run the session's shell or command as the job's owner, in its
         working directory and environment, on a PTY if the client has a
         terminal; relay it over `sock` until it ends."""
-        command = request.get("command")
-        if command is not None and not isinstance(command, str):
-            raise ProtocolError("the command is malformed")
-        terminal = request.get("pty")
-        client_env = request.get("env") if isinstance(request.get("env"), dict) else {}
-        with self.starter.lock:
-            self.session_count += 1
-            part = "session-%d" % self.session_count
+        command, terminal, client_env = self.builtin_request(request)
+        part = self.new_session_part()
         env = {"HOME": self.owner.pw_dir, "USER": self.owner.pw_name, "LOGNAME": self.owner.pw_name,
                "PATH": os.defpath}
-        env.update({k: v for k, v in client_env.items() if isinstance(v, str) and CLIENT_VARIABLES.fullmatch(k)})
+        env.update(client_env)
         env.update({k: v for k, v in self.env.items() if not (CLIENT_VARIABLES.fullmatch(k) and k in env)})
         env.update({TAG_VAR: self.family.tag, PIDS_VAR: " ".join(str(p) for p in self.pids()), SESSION_VAR: part,
                     "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
-        shell = choose_shell(shells)
-        env["SHELL"] = shell
-        argv = [shell, "-c", command] if command is not None else [shell, "-l"]
-        steps = [self.family.enter(part), privileges_of(self.owner.pw_name), lambda: os.chdir(self.workdir)]
-        master = None
-        if isinstance(terminal, dict):
-            master, slave = pty.openpty()
-            set_window_size(master, field(terminal, "rows", int, 24), field(terminal, "columns", int, 80))
-            if os.geteuid() == 0:
-                os.fchown(slave, self.owner.pw_uid, self.owner.pw_gid)
-            env["TERM"] = field(terminal, "term", str, "xterm")
-            streams = {"stdin": slave, "stdout": slave, "stderr": slave}
-            steps.insert(0, controlling_terminal)
-        else:
-            streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, preexec_fn=child_setup(*steps),
-                                **streams)
-        self.family.leaders.append(proc.pid)
+        script = "\n".join(shell_and_workdir(shells, self.workdir) + [
+            'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
+        argv = ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else [])
+        steps = [self.family.enter(part), privileges_of(self.owner.pw_name)]
+        master = slave = None
+        try:
+            if terminal:
+                master, slave = pty.openpty()
+                set_window_size(master, terminal[0], terminal[1])
+                if self.file_owner():
+                    os.fchown(slave, *self.file_owner())
+                env["TERM"] = terminal[2]
+                streams = {"stdin": slave, "stdout": slave, "stderr": slave}
+                steps.insert(0, controlling_terminal)
+            else:
+                streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True,
+                                    preexec_fn=child_setup(*steps), **streams)
+        except BaseException:
+            for fd in (master, slave):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        self.family.leaders.append(proc)
         with self.starter.lock:
             self.sessions.add(proc)
         log.info("job %s: built-in %s started, pid %d%s", self.name, part, proc.pid, " on a PTY" * bool(master))
@@ -1759,7 +2090,6 @@ class Job:
         """The session's forced command: sshd gives every session a fresh
         environment in $HOME, so this script puts back the job's environment
         and working directory, then runs the requested command or a shell."""
-        shell = choose_shell(shells)
         q = shlex.quote
         lines = ["# sshjob session in job %s" % self.name]
         for name, value in sorted(self.env.items()):
@@ -1770,14 +2100,13 @@ class Job:
             else:
                 lines.append("export %s=%s" % (name, q(value)))
         pids = " ".join(str(pid) for pid in self.pids())
+        lines.append("export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%d" % (
+            TAG_VAR, q(self.family.tag), PIDS_VAR, q(pids), SESSION_VAR, q(self.name), self.node))
+        lines += shell_and_workdir(shells, self.workdir)
         lines += [
-            "export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%d" % (
-                TAG_VAR, q(self.family.tag), PIDS_VAR, q(pids), SESSION_VAR, q(self.name), self.node),
-            "cd %s || { echo \"sshjob: cannot enter the job's working directory %s\" >&2; exit 1; }"
-            % (q(self.workdir), self.workdir.replace('"', "")),
-            'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s -c "$SSH_ORIGINAL_COMMAND"; fi' % q(shell),
+            'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi',
             "printf %%s %s" % q(self.welcome(self.pids())),
-            "exec %s -l" % q(shell),
+            'exec "$SHELL" -l',
         ]
         return "\n".join(lines) + "\n"
 
@@ -1841,11 +2170,14 @@ class Starter:
                 del self.jobs[job.run]
 
     def poll_forever(self):
+        """Report and take work until the starter stops.  Nothing a schedd
+        answers or a command holds may end this loop: any failure is logged
+        in one line and retried after a growing pause."""
         backoff = 1.0
         while not self.stopping.is_set():
             with self.lock:
                 updates, self.pending = self.pending, []
-                running = list(self.jobs)
+                running = {run: job.gen for run, job in self.jobs.items()}
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
                        "enable_ssh": self.enable_ssh,
                        "reachable": self.reachable, "ssh_problem": self.ssh_problem(),
@@ -1854,16 +2186,19 @@ class Starter:
                        "updates": updates, "wait": POLL_WAIT}
             try:
                 reply = self.schedd.call(request, timeout=POLL_WAIT + IO_TIMEOUT)
-            except (Unreachable, ProtocolError) as e:
+            except Exception as e:
                 with self.lock:
                     self.pending[:0] = updates
-                log.warning("%s; retrying in %.0f s", e, backoff)
+                log.warning("%s; retrying in %.0f s", describe(e), backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
             for command in reply.get("commands", []):
-                self.execute(command)
+                try:
+                    self.execute(command if isinstance(command, dict) else {})
+                except Exception:
+                    log.exception("could not carry out the schedd's command %.200r", command)
 
     def execute(self, command):
         action = command.get("do")
@@ -1874,19 +2209,19 @@ class Starter:
             threading.Thread(target=self.connect_back, args=(command.get("id"),), daemon=True).start()
             return
         job = self.jobs.get(command.get("job"))
-        if job is None:
+        if job is None or command.get("gen", "") != job.gen:  # none, or a command for an earlier run
             return
         if action == "suspend":
             job.family.suspend()
         elif action == "continue":
             job.family.signal(signal.SIGCONT)
-        elif action in ("rm", "vacate"):
+        elif action in ("rm", "vacate") and not job.ending:
             threading.Thread(target=job.terminate, args=(action,), daemon=True).start()
 
     def run_job(self, spec):
+        news = {"event": "failed", "job": spec.get("job"), "gen": spec.get("gen", "")}
         if spec.get("job") in self.jobs:
-            self.report({"event": "failed", "job": spec.get("job"), "transient": True,
-                         "reason": "its previous run is still ending"})
+            self.report(dict(news, transient=True, reason="its previous run is still ending"))
             return
         try:
             job = Job(self, spec)
@@ -1895,16 +2230,15 @@ class Starter:
                     user_name(self.uid), job.owner.pw_name))
             job.start()
         except KeyError:
-            self.report({"event": "failed", "job": spec.get("job"),
-                         "reason": "user %s does not exist on %s" % (spec.get("owner"), self.name)})
+            self.report(dict(news, reason="user %s does not exist on %s" % (spec.get("owner"), self.name)))
             return
-        except (SshjobError, OSError, subprocess.CalledProcessError) as e:
-            log.error("cannot start job %s: %s", spec.get("job"), e)
-            self.report({"event": "failed", "job": spec.get("job"), "reason": str(e)})
+        except Exception as e:
+            log.error("cannot start job %s: %s", spec.get("job"), describe(e))
+            self.report(dict(news, reason=describe(e)))
             return
         with self.lock:
             self.jobs[job.run] = job
-        self.report({"event": "started", "job": job.run, "hostkey": job.hostkey, "pids": job.pids()})
+        self.report({"event": "started", "job": job.run, "gen": job.gen, "hostkey": job.hostkey, "pids": job.pids()})
         threading.Thread(target=job.supervise, daemon=True).start()
 
     # -- ssh requests ------------------------------------------------------
@@ -1941,27 +2275,32 @@ class Starter:
         """A client reaches us through the schedd: connect out to it, and
         serve what comes as if the client had connected here."""
         try:
-            sock, _ = self.schedd.stream({"op": "relay_accept", "id": relay_id})
+            sock, _ = self.schedd.stream({"op": "relay_accept", "id": relay_id, "name": self.name})
         except SshjobError as e:
             log.warning("could not connect back to the schedd for a relay: %s", e)
             return
         self.serve_connection(sock, "the schedd's relay")
 
-    def serve_connection(self, sock, peer):
-        """A ticket, then the ssh protocol itself (or TLS for the built-in transport)."""
+    def serve_connection(self, sock, peer, admitted=lambda: None):
+        """A ticket, then the ssh protocol itself (or TLS for the built-in
+        transport).  `admitted` is called once the request is in."""
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(IO_TIMEOUT)
         try:
             if sock.recv(1, socket.MSG_PEEK) == b"\x16" and self.tls:  # a TLS handshake
                 sock = self.tls.wrap_socket(sock, server_side=True)
-            self.answer(recv_msg(sock), sock)
+            message = recv_msg(sock)
+            admitted()
+            self.answer(message, sock)
         except SshjobError as e:
             log.warning("refused an ssh request from %s: %s", peer, e)
             with contextlib.suppress(OSError):
                 send_msg(sock, error_reply(e))
         except OSError as e:  # ssl.SSLError included
             log.debug("dropped a connection: %s", e)
+        except Exception:
+            log.exception("internal error while serving a connection from %s", peer)
         finally:
             sock.close()
 
@@ -2001,7 +2340,8 @@ class StarterHandler(RequestHandler):
     """The starter's ssh endpoint: a ticket, then the ssh protocol itself."""
 
     def handle(self):
-        self.server.app.serve_connection(self.request, self.client_address[0])
+        self.server.app.serve_connection(self.request, self.client_address[0],
+                                         admitted=lambda: self.server.gate.leave(self.admission))
 
 
 def serve_starter(config):
@@ -2014,7 +2354,7 @@ def serve_starter(config):
     else:
         log.info("process tracking: environment tag and process groups (no cgroup v2 for this starter, "
                  "or use_cgroups = false)")
-    server = TCPServer(parse_address(config["starter_address"])[1], StarterHandler)
+    server = listen(TCPServer, parse_address(config["starter_address"])[1], StarterHandler)
     server.app = starter
     host, port = server.server_address[:2]
     starter.address = "%s:%d" % (socket.getfqdn() if host in ("0.0.0.0", "::") else host, port)
@@ -2696,35 +3036,54 @@ def run_cp(config_path, argv):
 
 
 def download_tree(schedd, ticket, holder, path, local):
-    """Remote tar out, extracted here: into LOCAL if it is a directory, else as LOCAL."""
+    """Remote tar out, extracted here: into LOCAL if it is a directory, else
+    as LOCAL.  It is unpacked aside first, and put in place only whole."""
     parent, name = os.path.split(path.rstrip("/") or "/")
     command = "cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))
-    into_dir = os.path.isdir(local)
-    staging = local if into_dir else tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(local) or ".")
+    target = os.path.join(local, name) if os.path.isdir(local) else local
+    staging = tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(os.path.abspath(target)))
     read_end, write_end = os.pipe()
-    status = []
-    with os.fdopen(read_end, "rb") as incoming, open(os.devnull, "rb") as nothing:
-        relay = threading.Thread(target=lambda: status.append(
-            run_builtin_closing(schedd, ticket, holder, command, (nothing.fileno(), write_end, 2))))
-        relay.start()
-        try:
-            with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
-                for member in archive:
-                    if not safe_member(member):
-                        raise UsageError("the job sent an unsafe path in its archive: %s" % member.name)
-                    archive.extract(member, staging, set_attrs=True)
-        except tarfile.TarError as e:
-            relay.join()
-            if status and status[0]:
-                return status[0]
-            raise UsageError("the copy from the job failed: %s" % e) from None
-        finally:
-            relay.join()
-            if not into_dir:
-                with contextlib.suppress(OSError):
-                    os.replace(os.path.join(staging, name), local)
-                shutil.rmtree(staging, ignore_errors=True)
-    return status[0] if status else 1
+    outcome = []
+
+    def relay():
+        with open(os.devnull, "rb") as nothing:
+            try:
+                outcome.append(run_builtin_closing(schedd, ticket, holder, command, (nothing.fileno(), write_end, 2)))
+            except SshjobError as e:
+                outcome.append(e)
+
+    relayer = threading.Thread(target=relay)
+    relayer.start()
+    try:
+        with os.fdopen(read_end, "rb") as incoming:  # closed before the join: a relay still writing stops
+            try:
+                with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
+                    for member in archive:
+                        archive.extract(as_data(member, name), staging, set_attrs=True, **AS_FILTERED)
+            except tarfile.TarError as e:
+                outcome.append(UsageError("the copy from the job failed: %s" % e))
+        relayer.join()
+        statuses = [o for o in outcome if isinstance(o, int)]
+        errors = [o for o in outcome if isinstance(o, SshjobError)]
+        if statuses and statuses[0]:  # the remote tar failed, and said why on stderr
+            return statuses[0]
+        if errors or not statuses:
+            raise errors[0] if errors else UsageError("the copy from the job failed")
+        put_in_place(os.path.join(staging, name), target)
+        return 0
+    finally:
+        relayer.join()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def put_in_place(source, target):
+    """Move a downloaded file or tree to `target`, merging a tree into a
+    directory that is there already."""
+    if not (os.path.isdir(source) and os.path.isdir(target)):
+        os.replace(source, target)
+        return
+    for entry in os.listdir(source):
+        put_in_place(os.path.join(source, entry), os.path.join(target, entry))
 
 
 def upload_tree(schedd, ticket, holder, path, local):
@@ -2736,7 +3095,7 @@ def upload_tree(schedd, ticket, holder, path, local):
     def pack():
         with os.fdopen(write_end, "wb") as outgoing, contextlib.suppress(BrokenPipeError), tarfile.open(
                 fileobj=Progress(outgoing, "sent"), mode="w|") as archive:
-            archive.add(local, arcname=name)
+            archive.add(local, arcname=name, filter=without_owner)
 
     packer = threading.Thread(target=pack, daemon=True)
     packer.start()
@@ -2747,6 +3106,15 @@ def upload_tree(schedd, ticket, holder, path, local):
         packer.join(timeout=5)
 
 
+def without_owner(member):
+    """What an upload carries of a file: its data and its permissions, no
+    owner and no set-id bits."""
+    member.mode &= 0o777
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    return member
+
+
 def run_builtin_closing(schedd, ticket, holder, command, streams):
     """run_builtin, then close its stdout so that the reader sees the end."""
     try:
@@ -2755,15 +3123,35 @@ def run_builtin_closing(schedd, ticket, holder, command, streams):
         os.close(streams[1])
 
 
-def safe_member(member):
-    """No absolute paths, no way out of the target directory, no devices."""
-    parts = member.name.split("/")
-    if member.name.startswith("/") or ".." in parts or member.isdev():
-        return False
-    if member.issym() or member.islnk():
+# as_data() below filters every member, on every Python; where tarfile has
+# filters of its own (3.12, and security releases of 3.8 to 3.11), it is
+# told so, and keeps directories' modes, which its "data" filter drops.
+AS_FILTERED = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
+
+
+def as_data(member, name):
+    """A member of a job's archive, made safe to extract here, as data: it
+    must be `name` or under it, a file, directory or link that stays
+    inside; it comes out owned by whoever copies, without set-id or sticky
+    bits, so that a job cannot plant files for a super user who copies from
+    it.  Anything else ends the copy with Refused."""
+    parts = member.name.rstrip("/").split("/")
+    inside = parts[0] == name and ".." not in parts and "" not in parts and not member.name.startswith("/")
+    if member.issym():
         target = member.linkname
-        return not target.startswith("/") and ".." not in target.split("/")
-    return True
+        inside = inside and not target.startswith("/") and \
+            os.path.normpath(os.path.join(os.path.dirname(member.name), target)).split("/")[0] == name
+    elif member.islnk():
+        inside = inside and member.linkname.split("/")[0] == name and ".." not in member.linkname.split("/")
+    elif not (member.isfile() or member.isdir()):
+        inside = False
+    if not inside:
+        raise Refused("the job sent %s, which is not a plain file, directory or link inside %s: the copy stops"
+                         % (member.name, name))
+    member.mode &= 0o777
+    member.uid, member.gid = os.getuid(), os.getgid()
+    member.uname = member.gname = ""
+    return member
 
 
 class Progress:
@@ -2824,19 +3212,30 @@ def run_submit(config_path, argv):
         env[name] = value
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
+    check_job_spec(command, env, workdir, *paths.values())
     reply = schedd_of(config_path).call(dict(
         op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths))
-    print("\n".join(reply["jobs"]))
+    print("\n".join(job_name(reply["cluster"], proc) for proc in range(reply["count"])))
     return 0
+
+
+def queue(schedd, everything=False, job=None):
+    """The queue's rows, page after page as the schedd sends them."""
+    request = {"op": "q", "all": everything, "job": job}
+    while True:
+        reply = schedd.call(request)
+        yield from reply["jobs"]
+        if not reply["jobs"] or not reply.get("more"):
+            return
+        request["after"] = reply["jobs"][-1]["key"]
 
 
 def run_q(config_path, argv):
     parser = argparse.ArgumentParser(prog="sshjob q", description="List the jobs in the queue.")
     parser.add_argument("--all", action="store_true", help="include finished and removed jobs")
     args = parser.parse_args(argv)
-    reply = schedd_of(config_path).call({"op": "q", "all": args.all})
     rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
-    for job in reply["jobs"]:
+    for job in queue(schedd_of(config_path), args.all):
         state = job["state"]
         if state == "completed":
             state = "completed (%s)" % job["exit_status"]
@@ -2887,8 +3286,7 @@ def self_command():
 
 
 def start_daemon(config_path, role, pool_dir):
-    log_path = os.path.join(pool_dir, role + ".log")
-    with open(log_path, "ab") as log_file:
+    with open_log(os.path.join(pool_dir, role + ".log"), "ab") as log_file:
         proc = subprocess.Popen(self_command() + ["--config", config_path, role], stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=log_file, start_new_session=True)
     with open(os.path.join(pool_dir, role + ".pid"), "w") as f:
@@ -3028,7 +3426,8 @@ def run_init(config_path, argv):
     host, port = parse_address(args.listen)[1]
     print("pool configuration: %s" % config.path)
     print("schedd certificate SHA-256: %s" % fingerprint)
-    print("A starter or a user on another host needs the pyz, a token (sshjob token create --for starter|USER)\n"
+    print("A starter or a user on another host needs the pyz, a token (sshjob token create --for USER,\n"
+          "or --for starter --name STARTER_NAME for a starter)\n"
           "and in its sshjob.conf:\n[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\n"
           "token_file = /path/to/the.token" % (socket.getfqdn() if host in ("0.0.0.0", "") else host, port,
                                               fingerprint))
@@ -3039,23 +3438,42 @@ DURATION = re.compile(r"(\d+)([smhd]?)")
 
 
 def run_token(config_path, argv):
-    parser = argparse.ArgumentParser(prog="sshjob token", description="Issue an identity token of this pool.")
-    parser.add_argument("action", choices=("create",))
+    parser = argparse.ArgumentParser(
+        prog="sshjob token", description="Issue or revoke identity tokens of this pool.",
+        epilog="A starter's token speaks for that one starter: token create --for starter --name starter@node7. "
+               "If a token leaks: token revoke --for starter@node7 (or the user), then issue a new one.")
+    parser.add_argument("action", choices=("create", "revoke"))
     parser.add_argument("--for", dest="subject", required=True, metavar="starter|USER",
-                        help="a starter's token, or a user's")
+                        help="a starter's token, or a user's; with revoke, the starter's name or the user")
+    parser.add_argument("--name", help="the name of the starter the token speaks for (its starter_name)")
+    parser.add_argument("--user", help="a starter's token only: the one user whose jobs it may run")
     parser.add_argument("--expires", default="30d", help="lifetime: N seconds, or Ns, Nm, Nh, Nd (default 30d)")
     parser.add_argument("--output", help="write it to this file (0600) instead of stdout")
     args = parser.parse_args(argv)
-    match = DURATION.fullmatch(args.expires)
-    if not match:
-        raise UsageError("--expires %r is not a duration such as 3600, 90m, 12h or 30d" % args.expires)
-    lifetime = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     config = Config(find_config_path(config_path))
-    scope = "starter" if args.subject == "starter" else "user"
+    tokens = Tokens(config["signing_key"], config["revoked_tokens"])
     try:
-        token = Tokens(config["signing_key"]).create(args.subject, scope, lifetime)
+        if args.action == "revoke":
+            tokens.revoke(args.subject)
+            print("Every token of %s issued until now is revoked." % args.subject)
+            return 0
+        match = DURATION.fullmatch(args.expires)
+        if not match:
+            raise UsageError("--expires %r is not a duration such as 3600, 90m, 12h or 30d" % args.expires)
+        lifetime = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        if args.subject == "starter":
+            if not args.name:
+                raise UsageError("a starter's token speaks for one starter: add --name and the starter's "
+                                 "starter_name, e.g. --name starter@node7")
+            token = tokens.create(args.name, "starter", lifetime, user=args.user)
+        else:
+            if args.name or args.user:
+                raise UsageError("--name and --user are for starters' tokens (--for starter)")
+            token = tokens.create(args.subject, "user", lifetime)
     except PermissionError:
-        raise Refused("only the pool's admin may read its signing key %s" % config["signing_key"]) from None
+        raise Refused("only the pool's admin may use its signing key %s" % config["signing_key"]) from None
+    except OSError as e:
+        raise ConfigError("cannot record the revocation in %s (%s)" % (config["revoked_tokens"], e.strerror)) from None
     if args.output:
         write_private(args.output, token + "\n")
     else:
@@ -3064,8 +3482,7 @@ def run_token(config_path, argv):
 
 
 def job_state(schedd, job):
-    jobs = schedd.call({"op": "q", "all": True})["jobs"]
-    return next((j["state"] for j in jobs if j["id"] == job), None)
+    return next((j["state"] for j in queue(schedd, True, job) if j["id"] == job), None)
 
 
 # ---------------------------------------------------------------------------
@@ -3081,7 +3498,8 @@ roles:
   rm | suspend | continue | vacate JOB...
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
   init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
-  token create --for starter|USER  an identity token for them
+  token create --for USER | --for starter --name NAME   an identity token for them
+  token revoke --for USER|NAME     void every token of a user or starter issued until now
   demo [command]                   a personal pool, a job and a session inside it
   schedd                           the job queue daemon
   starter                          the execute node daemon
@@ -3090,6 +3508,16 @@ roles:
 The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
 %s.
 """ % DEFAULT_CONFIG
+
+
+def raise_fd_limit():
+    """A daemon may hold many connections: take all the fds it may have."""
+    import resource  # the daemons' only use of it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def dispatch(args):
@@ -3106,6 +3534,7 @@ def dispatch(args):
         return run_bridge(rest)
     if role in ("schedd", "starter"):
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+        raise_fd_limit()
         config = Config(find_config_path(args.config))
         (serve_schedd if role == "schedd" else serve_starter)(config)
         return 0

@@ -174,7 +174,7 @@ def raw_submit(pool, n):
             break
         reply += chunk
     sock.close()
-    return json.loads(reply[4:].decode())["jobs"][0]
+    return "%d.0" % json.loads(reply[4:].decode())["cluster"]
 
 
 def daemon_pid(pool, role):

@@ -78,7 +78,7 @@ def make_cluster(base, index, starter_settings):
     assert init.returncode == 0, init.stderr
     fingerprint = init.stdout.split("schedd certificate SHA-256: ")[1].split()[0]
     token = run([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "token", "create", "--for",
-                 "starter", "--output", os.path.join(exec_dir, "starter.token")])
+                 "starter", "--name", "exec@" + host.name, "--output", os.path.join(exec_dir, "starter.token")])
     assert token.returncode == 0, token.stderr
     with open(os.path.join(exec_dir, "sshjob.conf"), "w") as f:
         f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
@@ -121,11 +121,11 @@ def sshjob(cluster, *args, config=None, **kwargs):
     return run([cluster["python"], cluster["pyz"]] + list(args), env=env, **kwargs)
 
 
-def remote_config(cluster, tmp_path, subject, fingerprint=None, expires="1d"):
+def remote_config(cluster, tmp_path, subject, fingerprint=None, expires="1d", options=()):
     """A user's configuration on another host: the schedd's address, its
     pinned certificate, and a token."""
     token = str(tmp_path / (subject + ".token"))
-    made = sshjob(cluster, "token", "create", "--for", subject, "--expires", expires, "--output", token)
+    made = sshjob(cluster, "token", "create", "--for", subject, "--expires", expires, "--output", token, *options)
     assert made.returncode == 0, made.stderr
     path = str(tmp_path / (subject + ".conf"))
     with open(path, "w") as f:
@@ -186,7 +186,7 @@ def test_tokens_and_certificates_that_do_not_hold_are_refused(cluster, tmp_path)
         f.write(body.replace(body[5], "A" if body[5] != "A" else "B", 1) + "." + mac)
     assert sshjob(cluster, "q", config=forged).stderr == "sshjob: the token is not signed by this pool\n"
 
-    as_user = remote_config(cluster, tmp_path, "starter")  # a starter's token, used for a user's request
+    as_user = remote_config(cluster, tmp_path, "starter", options=("--name", "starter@x"))  # used for a user's request
     refused = sshjob(cluster, "submit", "--", "true", config=as_user)
     assert refused.returncode == 1 and "a starter's token is not a user's" in refused.stderr
 

@@ -1,6 +1,7 @@
 """Real Unix users: jobs run as their owners, only owners and queue super
 users get in, and the pyz runs for a user whose HOME is unusable."""
 
+import glob
 import json
 import os
 import pwd
@@ -126,22 +127,33 @@ def test_a_personal_pool_of_an_ordinary_user(base, users, pool):
         pool.sshjob("pool", "stop", "--dir", pool_dir, user=ALICE, config=False)
 
 
+def job_directory(pool, job):
+    """The starter's directory of a running job's (only) node."""
+    found = glob.glob(os.path.join(pool.dir, "execute", job + ".0-*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_key_files_are_private_to_the_job_owner(pool, alice_job, tmp_path):
+    """The job's files are its owner's, 0600; the directories that hold
+    them stay root's, so that the owner can swap none of them for a link."""
     job, _ = alice_job
     record = pwd.getpwnam(ALICE)
-    keydir = os.path.join(pool.dir, "execute", job + ".0", "hostkey")
-    for path, mode in ((keydir, 0o700), (os.path.join(keydir, "ssh_host_ed25519_key"), 0o600)):
-        info = os.stat(path)
-        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (mode, record.pw_uid), path
+    keydir = os.path.join(job_directory(pool, job), "hostkey")
+    for path, mode, owner in ((keydir, 0o711, 0), (os.path.join(keydir, "ssh_host_ed25519_key"), 0o600, record.pw_uid)):
+        info = os.lstat(path)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (mode, owner), path
     session = subprocess.Popen(pool.argv("client", job, "echo open; sleep 5", user=ALICE),
                                stdout=subprocess.PIPE, universal_newlines=True)
     assert session.stdout.readline() == "open\n"
-    sessions = [e.path for e in os.scandir(os.path.join(pool.dir, "execute", job + ".0"))
-                if e.name.startswith("session-")]
+    sessions = [e.path for e in os.scandir(job_directory(pool, job)) if e.name.startswith("session-")]
     assert sessions
     for directory in sessions:
-        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        info = os.lstat(directory)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o711, 0)
         for name in os.listdir(directory):
-            info = os.stat(os.path.join(directory, name))
+            info = os.lstat(os.path.join(directory, name))
             assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, record.pw_uid), name
+    log = os.lstat(os.path.join(job_directory(pool, job), "sshd.log"))
+    assert (stat.S_IMODE(log.st_mode), log.st_uid) == (0o600, 0)
     session.wait(timeout=30)
