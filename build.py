@@ -29,8 +29,7 @@ def _choose_shiv_root():
         return os.environ["SHIV_ROOT"]
     home = os.path.expanduser("~")
     shiv = os.path.join(home, ".shiv")
-    usable = shiv if os.path.isdir(shiv) else home
-    if home != "~" and os.path.isdir(usable) and os.access(usable, os.W_OK | os.X_OK):
+    if home != "~" and (os.path.isfile(os.path.join(_site(shiv), "sshjob.py")) or _writable(shiv)):
         return shiv
     root = os.path.join(tempfile.gettempdir(), "sshjob-shiv-%d" % os.getuid())
     try:
@@ -44,11 +43,31 @@ def _choose_shiv_root():
     return root
 
 
+def _writable(directory):
+    """Whether shiv can unpack into `directory`: tried, not guessed (os.access
+    says yes to root for /proc and for read-only mounts)."""
+    import os, tempfile
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def _site(root):
+    """Where shiv unpacks this very build under `root`."""
+    import os, sys
+    return os.path.join(root, "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), BUILD_ID), "site-packages")
+
+
 def _run_unpacked(root):
     """Once this very build is unpacked, import it from there: shiv's own
     bootstrap would cost some 40 ms of imports at every start."""
     import os, sys
-    site = os.path.join(root, "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), BUILD_ID), "site-packages")
+    site = _site(root)
     if os.path.isfile(os.path.join(site, "sshjob.py")):
         sys.path.insert(0, site)
         import sshjob
@@ -60,8 +79,12 @@ _run_unpacked(_choose_shiv_root())
 
 
 def build():
-    import shiv.builder
-    import shiv.cli
+    try:
+        import shiv.builder
+        import shiv.cli
+    except ImportError:
+        sys.exit("build.py: shiv is not installed; install it with: python3 -m pip install shiv==1.0.8 "
+                 "(only building needs it; `python3 sshjob.py` runs without building)")
 
     with open(os.path.join(HERE, "sshjob.py"), "rb") as f:
         source = f.read()

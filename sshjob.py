@@ -40,6 +40,7 @@ import base64
 import configparser
 import contextlib
 import fcntl
+import grp
 import hashlib
 import hmac
 import json
@@ -77,8 +78,11 @@ MAX_FRAME = 64 * 1024  # bytes; no message of the protocol comes near it
 IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply, TLS handshake included
 MAX_UNANSWERED = 256  # connections a daemon holds at once before their first request is read
 MAX_UNANSWERED_PER_PEER = 16  # of those, from one address (one uid on a Unix socket)
+MAX_RELAYS_PER_USER = 64  # sessions the schedd relays for one user at once
 POLL_WAIT = 10.0  # seconds a starter's poll waits at the schedd for work
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job ends
+LEASE_MARGIN = KILL_GRACE + 5.0  # after a lease runs out, seconds before its jobs may run elsewhere
+TOKEN_WARNING = 7 * 86400.0  # seconds before a starter's token expires that its logs and status say so
 DEFAULT_CONFIG = "/etc/sshjob/sshjob.conf"
 SBIN_PATH = "/usr/sbin:/usr/local/sbin:/sbin"
 
@@ -162,6 +166,12 @@ class TicketInvalid(SshjobError):
     kind = "ticket"
 
 
+class StorageError(SshjobError):
+    """A daemon cannot write what it must keep: a full disk, a read-only file system."""
+
+    kind = "storage"
+
+
 class MissingProgram(SshjobError):
     kind = "missing_program"
 
@@ -188,6 +198,7 @@ ERRORS = {
         JobGone,
         Refused,
         TicketInvalid,
+        StorageError,
         MissingProgram,
     )
 }
@@ -277,11 +288,19 @@ def connect(address, what, timeout=IO_TIMEOUT):
         if family == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
-            try:
-                sock.connect(where)
-            except OSError:
-                sock.close()
-                raise
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    sock.connect(where)
+                    break
+                except BlockingIOError:  # the daemon's queue is full for now: wait for room, as TCP would
+                    if time.monotonic() > deadline:
+                        sock.close()
+                        raise
+                    time.sleep(0.01)
+                except OSError:
+                    sock.close()
+                    raise
         else:
             sock = socket.create_connection(where, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -325,36 +344,68 @@ def peer_credentials(sock):
     return struct.unpack("3i", creds)
 
 
+def start_vital(target, what):
+    """Run one of a daemon's loops in a thread.  The loops catch and retry
+    what they expect; should one die all the same, the daemon exits with a
+    sentence in its log rather than live on without it."""
+
+    def run():
+        try:
+            target()
+        except BaseException as e:
+            log.critical("%s stopped (%s): the daemon exits", what, describe(e))
+            os._exit(70)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 class Gate:
     """Admission to a daemon: who has not sent a whole request yet.
 
     Anyone may connect before proving who they are, so that phase is where
     a peer without credentials could hold a daemon's threads and fds for
-    ever (slowloris).  The gate caps it, in all and per peer, and gives it
-    one deadline for the TLS handshake and the request together; a
-    watchdog shuts the connections that miss it.  What follows the request
-    is authenticated and not the gate's business."""
+    ever (slowloris).  The gate holds at most `total` such connections, each
+    with one deadline for the TLS handshake and the request together, which
+    a watchdog enforces.  It turns no one away: when it is full, the oldest
+    waiting connection goes, and once it is half full, a peer with
+    `per_peer` waiting connections loses its own oldest.  So a flood only
+    churns the flooder's own connections, while a real request, which takes
+    milliseconds, gets through.  What follows the request is authenticated
+    and not the gate's business."""
 
     def __init__(self, total=MAX_UNANSWERED, per_peer=MAX_UNANSWERED_PER_PEER, deadline=IO_TIMEOUT):
         self.total = total
         self.per_peer = per_peer
         self.deadline = deadline
-        self.waiting = {}  # connection: (peer, deadline, a duplicate socket to shut it with)
+        self.waiting = {}  # connection: (peer, deadline, a duplicate socket to shut it with); oldest first
         self.lock = threading.Lock()
-        self.refused = 0
-        threading.Thread(target=self.watch, daemon=True).start()
+        self.evicted = 0
+        start_vital(self.watch, "the watch over unanswered connections")
 
     def enter(self, sock, peer):
         with self.lock:
-            from_peer = sum(1 for p, _, _ in self.waiting.values() if p == peer)
-            if len(self.waiting) >= self.total or from_peer >= self.per_peer:
-                self.refused += 1
-                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
-                    log.warning("refused %d connection(s) so far: too many unanswered ones (%d from %s)",
-                                self.refused, from_peer, peer)
-                return False
-            self.waiting[sock] = (peer, time.monotonic() + self.deadline, sock.dup())
-        return True
+            if len(self.waiting) >= self.total // 2:
+                own = [s for s, (p, _, _) in self.waiting.items() if p == peer]
+                if len(own) >= self.per_peer:
+                    self.evict(own[0], peer)
+            if len(self.waiting) >= self.total:
+                self.evict(next(iter(self.waiting)), peer)
+            handle = socket.fromfd(sock.fileno(), sock.family, sock.type)  # dup(): SSLSocket has none
+            self.waiting[sock] = (peer, time.monotonic() + self.deadline, handle)
+
+    def evict(self, sock, newcomer):
+        """Shut a waiting connection (called with the lock held)."""
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+            log.warning("dropped %d unanswered connection(s) so far to make room (the last for %s)",
+                        self.evicted, newcomer)
+        self.shut(sock)
+
+    def shut(self, sock):
+        _, _, handle = self.waiting.pop(sock)
+        with contextlib.suppress(OSError):
+            handle.shutdown(socket.SHUT_RDWR)
+        handle.close()
 
     def leave(self, sock):
         with self.lock:
@@ -367,27 +418,22 @@ class Gate:
             time.sleep(1.0)
             now = time.monotonic()
             with self.lock:
-                late = [sock for sock, (_, deadline, _) in self.waiting.items() if deadline < now]
-                for sock in late:
-                    _, _, handle = self.waiting.pop(sock)
-                    with contextlib.suppress(OSError):
-                        handle.shutdown(socket.SHUT_RDWR)
-                    handle.close()
+                for sock in [sock for sock, (_, deadline, _) in self.waiting.items() if deadline < now]:
+                    self.shut(sock)
 
 
 class GatedServer(socketserver.ThreadingMixIn):
     """A threading server whose connections pass a Gate first."""
 
     daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # listen() backlog: bursts are accepted, then the gate judges
 
     def __init__(self, *args, **kwargs):
         self.gate = Gate()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address):
-        if not self.gate.enter(request, self.peer_of(request, client_address)):
-            self.close_request(request)
-            return
+        self.gate.enter(request, self.peer_of(request, client_address))
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
@@ -544,9 +590,11 @@ def make_certificate(config, directory, name):
     """A self-signed TLS certificate for a daemon, made once with openssl;
     returns (cert, key, SHA-256 fingerprint)."""
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    if os.path.isdir(directory):
+        check_trusted(directory, "directory")  # it holds the pool's signing key too
     if not os.path.exists(cert):
         openssl = find_program(config, "openssl", "node " + name)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        own_directory(directory, 0o700)
         subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                         "-nodes", "-days", "3650", "-subj", "/CN=sshjob", "-keyout", key, "-out", cert],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -693,7 +741,7 @@ DEFAULTS = {
     "queue_super_users": "root",
     "audit_log": "{pool_dir}/audit.log",
     "ticket_lifetime": "60",
-    "starter_lost_after": "60",
+    "job_lease": "1200",
     "requeue_lost_jobs": "true",
     "max_jobs_per_user": "50000",
     "starter_name": "starter@{host}",
@@ -833,27 +881,31 @@ def find_config_path(explicit=None):
 def check_trusted(path, kind):
     """Refuse a file or directory that another user could have written: a
     pool's configuration names the programs its daemons run, as root too.
-    It must belong to us or to root, and be writable by no one else (a
-    directory with the sticky bit, such as /tmp, protects what others own)."""
+    It must belong to us or to root, and be writable by no one else (not
+    even a sticky one such as /tmp, where others may create what we use)."""
     try:
         info = os.lstat(path)
     except OSError as e:
         raise ConfigError("cannot use %s (%s)" % (path, e.strerror)) from None
     is_kind = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
-    writable = info.st_mode & 0o022 and not (kind == "directory" and info.st_mode & stat.S_ISVTX)
-    if not is_kind(info.st_mode) or info.st_uid not in (0, os.geteuid()) or writable:
+    if not is_kind(info.st_mode) or info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
         who = "root" if os.geteuid() == 0 else "%s or root" % user_name(os.geteuid())
         raise ConfigError("%s is not a %s that only %s may change: make a new one, or fix its owner and mode"
                           % (path, kind, who))
+
+
+def own_directory(path, mode):
+    """Make a directory of ours, or check that the one there is ours alone."""
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, mode=mode)
+    check_trusted(path, "directory")
 
 
 def write_pool_config(pool_dir, extra=None):
     """Create a pool directory with a configuration file, unless it has one;
     one that exists must be ours (see check_trusted)."""
     pool_dir = os.path.abspath(pool_dir)
-    with contextlib.suppress(FileExistsError):
-        os.makedirs(pool_dir, mode=0o755)
-    check_trusted(pool_dir, "directory")
+    own_directory(pool_dir, 0o755)
     path = os.path.join(pool_dir, "sshjob.conf")
     lines = ["# sshjob pool configuration; its keys and defaults: README.md, section Configuration", "[sshjob]"]
     lines += ["%s = %s" % item for item in sorted((extra or {}).items())]
@@ -872,12 +924,15 @@ def find_program(config, key, where="this node"):
     name = config[key]
     found = shutil.which(name, path=os.environ.get("PATH", os.defpath) + ":" + SBIN_PATH)
     if not found:
-        package = PACKAGES.get(os.path.basename(name), "package that provides it")
-        raise MissingProgram(
-            "%s was not found on %s: install the %s package, or set %s in the "
-            "configuration" % (name, where, package, key)
-        )
+        raise MissingProgram("%s was not found on %s: %s, or set %s in the configuration" % (
+            name, where, how_to_install(name), key))
     return found
+
+
+def how_to_install(program):
+    """What to do about a program that is not there, as a user reads it."""
+    package = PACKAGES.get(os.path.basename(program))
+    return "install the %s package" % package if package else "check its name, or install it"
 
 
 def find_sftp_server(config):
@@ -996,6 +1051,62 @@ def cgroup_base(name, directory):
     return None
 
 
+def end_families(families):
+    """How every job ends: SIGTERM, a grace of KILL_GRACE, then SIGKILL."""
+    for family in families:
+        family.signal(signal.SIGCONT)
+        family.signal(signal.SIGTERM)
+    deadline = time.time() + KILL_GRACE
+    while time.time() < deadline and any(family.pids() for family in families):
+        time.sleep(0.05)
+    for family in families:
+        family.kill()
+
+
+def job_families(starter_dir, cgroup_base):
+    """(directory, process family) of each job a starter's directory holds,
+    found from the files alone: for a starter that died, or hangs."""
+    for entry in os.scandir(starter_dir):
+        if entry.name.startswith("."):  # the starter's own, such as its TLS certificate
+            continue
+        try:
+            with open(os.path.join(entry.path, "tag")) as f:
+                yield entry.path, ProcessFamily(cgroup_base, "job-" + entry.name, f.read(), adopt=True)
+        except OSError:
+            yield entry.path, None
+
+
+def keep_lease(starter_dir, cgroup_base, starter_pid):
+    """The lease's last guard, in a process of its own, so that it holds when
+    the starter hangs (SIGSTOP) or dies (SIGKILL): once the lease that the
+    starter renews at each poll (the file .lease: expiry, starter's pid) has
+    run out, end the jobs; the schedd runs them elsewhere only LEASE_MARGIN
+    later.  Returns once a new starter keeps the lease, or the jobs of a
+    dead starter have ended."""
+    path = os.path.join(starter_dir, ".lease")
+    ended = None
+    while True:
+        time.sleep(1.0)
+        try:
+            with open(path) as f:
+                expiry, writer = f.read().split()
+            expiry, writer = float(expiry), int(writer)
+        except (OSError, ValueError):
+            continue
+        starter_gone = os.getppid() != starter_pid
+        if starter_gone and writer != starter_pid:
+            return
+        if time.time() > expiry and ended != expiry:
+            ended = expiry
+            families = [family for _, family in job_families(starter_dir, cgroup_base) if family and family.pids()]
+            if families:
+                log.error("the starter has not renewed its lease with the schedd in time: ending %d job(s), "
+                          "which the schedd will run again", len(families))
+                end_families(families)
+            if starter_gone:
+                return
+
+
 def write_file(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -1089,6 +1200,19 @@ def open_log(path, mode="a"):
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), mode)
 
 
+def write_atomically(path, text):
+    """Replace a file of the daemon's own in one step."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def write_private(path, text, owner=None):
     """Create a new file, mode 0600, never through a symlink; given to
     `owner` (uid, gid) by its descriptor."""
@@ -1121,6 +1245,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL,
     starter TEXT,
     hostkey TEXT,
+    ssh_problem TEXT,
     secret TEXT,
     pids TEXT,
     exit_status INTEGER,
@@ -1133,6 +1258,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 ACTIVE_STATES = ("starting", "running", "suspended")
 MAX_SUBMIT = 10000  # node rows one submit may queue
+INTERACTIVE_PLACEHOLDER = 86400 * 7  # seconds of `sleep` in an interactive job without a command
 
 
 def check_job_spec(cmd, env, *paths):
@@ -1195,12 +1321,14 @@ class StarterRecord:
         self.user = None
         self.enable_ssh = True
         self.ssh_problem = None  # why this node cannot start sshd, if it cannot
+        self.pty_problem = None  # why sshd as an ordinary user gets no terminal there, if it gets none
         self.tls_fingerprint = None  # its certificate, for the built-in transport
         self.builtin_problem = None  # why it offers no built-in transport, if it does not
         self.reachable = True  # False: behind a firewall, reached through the schedd
         self.slots = 1
         self.last_poll = 0.0
         self.waiting = 0  # its polls waiting at the schedd now: while one waits, it is heard from
+        self.warned = 0.0  # when the log last said that its token expires soon
         self.commands = []
         self.credential = {}  # the claims of the token it speaks with; none on the Unix socket
         self.stopping = set()  # (run, generation) it was told to stop
@@ -1222,31 +1350,45 @@ class Schedd:
         self.ticket_lifetime = config.number("ticket_lifetime")
         self.enable_ssh = config.flag("schedd_enable_ssh_to_job")
         self.tokens = Tokens(config["signing_key"], config["revoked_tokens"])
-        self.lost_after = config.number("starter_lost_after")
+        self.lease = config.number("job_lease")
         self.max_jobs = config.number("max_jobs_per_user")
         self.requeue_lost = config.flag("requeue_lost_jobs")
         self.started = time.time()
         self.starters = {}
         self.relays = {}  # id: the client's connection, waiting for its starter to connect back
+        self.relaying = {}  # user: relayed sessions open
         self.changed = threading.Condition()
-        self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
-        os.chmod(config["schedd_db"], 0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self.db.row_factory = sqlite3.Row
         self.db_lock = threading.RLock()
+        with self.storage():
+            self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
+            os.chmod(config["schedd_db"], 0o600)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            if "ssh_problem" not in {column[1] for column in self.db.execute("PRAGMA table_info(jobs)")}:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN ssh_problem TEXT")  # a queue of sshjob 0.1.0
+            self.db.row_factory = sqlite3.Row
 
     # -- storage ---------------------------------------------------------
 
+    @contextlib.contextmanager
+    def storage(self):
+        """The queue's database, locked; a sentence if it cannot be used."""
+        try:
+            with self.db_lock:
+                yield
+        except (sqlite3.Error, OSError) as e:
+            raise StorageError("the schedd cannot use its queue %s (%s): free space there, or make it writable"
+                               % (self.config["schedd_db"], e)) from None
+
     def query(self, sql, args=()):
-        with self.db_lock:
+        with self.storage():
             return self.db.execute(sql, args).fetchall()
 
     def update_row(self, row, **values):
         values["updated"] = time.time()
         assignments = ", ".join("%s = ?" % key for key in values)
-        with self.db_lock:
+        with self.storage():
             self.db.execute(
                 "UPDATE jobs SET %s WHERE cluster = ? AND proc = ? AND node = ?" % assignments,
                 list(values.values()) + [row["cluster"], row["proc"], row["node"]],
@@ -1301,6 +1443,33 @@ class Schedd:
         live = [s.name for s in self.starters.values() if s.silence(now) < 3 * POLL_WAIT]
         return {"ok": True, "name": self.name, "version": __version__, "starters": live}
 
+    def op_status(self, message, who):
+        """The pool's starters, as condor_status shows them: for anyone."""
+        now = time.time()
+        with self.storage():
+            used = dict(self.db.execute("SELECT starter, COUNT(*) FROM jobs WHERE state IN (?, ?, ?) GROUP BY"
+                                        " starter", ACTIVE_STATES).fetchall())
+        starters = []
+        for record in sorted(self.starters.values(), key=lambda r: r.name):
+            problems = [p for p in (record.ssh_problem, record.builtin_problem, self.token_warning(record, now))
+                        if isinstance(p, str) and p]
+            if record.silence(now) > self.lease:
+                problems.insert(0, "not heard from for longer than its lease")
+            starters.append({"name": record.name, "address": record.address, "user": record.user,
+                             "slots": record.slots, "used": used.get(record.name, 0),
+                             "heard": round(record.silence(now), 1), "reachable": record.reachable,
+                             "token_expires": record.credential.get("exp"), "problems": problems})
+        return {"ok": True, "schedd": self.name, "lease": self.lease, "starters": starters}
+
+    @staticmethod
+    def token_warning(record, now):
+        """A sentence if the starter's token expires within a week."""
+        expires = record.credential.get("exp")
+        if expires is not None and expires - now < TOKEN_WARNING:
+            return "its token expires in %s: issue a new one (sshjob token create --for starter --name %s)" % (
+                "%.1f days" % ((expires - now) / 86400.0) if expires > now else "the past", record.name)
+        return None
+
     def op_submit(self, message, who):
         cmd = field(message, "cmd", list)
         env = field(message, "env", dict)
@@ -1317,7 +1486,7 @@ class Schedd:
         if not 1 <= count <= MAX_SUBMIT or not 1 <= nodes <= MAX_SUBMIT or count * nodes > MAX_SUBMIT:
             raise UsageError("one submit queues at most %d node rows (jobs times nodes)" % MAX_SUBMIT)
         now = time.time()
-        with self.db_lock:
+        with self.storage():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 (queued,) = self.db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state NOT IN"
@@ -1334,7 +1503,8 @@ class Schedd:
                       workdir, output, error, now, now) for proc in range(count) for node in range(nodes)))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (a full disk)
+                    self.db.execute("ROLLBACK")
                 raise
         log.info("user %s submitted cluster %d (%d jobs of %d nodes)", who.name, cluster, count, nodes)
         with self.changed:
@@ -1356,7 +1526,7 @@ class Schedd:
             where += " AND cluster = ? AND proc = ?"
             args += [cluster, proc]
         jobs, size, more = [], 0, False
-        with self.db_lock:
+        with self.storage():
             cursor = self.db.execute("SELECT * FROM jobs WHERE %s ORDER BY cluster, proc, node" % where, args)
             for r in cursor:
                 job = {"id": row_id(r), "owner": r["owner"], "state": r["state"], "starter": r["starter"] or "",
@@ -1379,10 +1549,10 @@ class Schedd:
             )
 
     def op_act(self, message, who):
-        """rm, suspend, continue or vacate every node of a job."""
+        """rm, suspend, continue, vacate, hold or release every node of a job."""
         text = field(message, "job", str)
         action = field(message, "action", str)
-        if action not in ("rm", "suspend", "continue", "vacate"):
+        if action not in ACTION_DONE:
             raise ProtocolError("unknown job action %r" % action)
         rows = self.find_rows(text)
         name = job_name(rows[0]["cluster"], rows[0]["proc"])
@@ -1390,7 +1560,8 @@ class Schedd:
         states = {row["state"] for row in rows}
         if states <= {"completed", "removed"}:
             raise JobGone("job %s has already %s" % (name, "been removed" if "removed" in states else "finished"))
-        wanted = {"rm": None, "suspend": {"running"}, "continue": {"suspended"}, "vacate": set(ACTIVE_STATES)}[action]
+        wanted = {"rm": None, "suspend": {"running"}, "continue": {"suspended"}, "vacate": set(ACTIVE_STATES),
+                  "hold": set(ACTIVE_STATES) | {"idle"}, "release": {"held"}}[action]
         if wanted and not states & wanted:
             raise NotRunning("job %s is %s: it cannot be %s" % (name, "/".join(sorted(states)), ACTION_DONE[action]))
         for row in rows:
@@ -1398,12 +1569,15 @@ class Schedd:
                 continue
             if action == "rm":
                 self.update_row(row, state="removed", note="removed by " + who.name)
-            elif action == "vacate":
-                self.update_row(row, state="idle", starter=None, hostkey=None, note="vacated by " + who.name)
+            elif action in ("vacate", "hold"):
+                self.update_row(row, state="idle" if action == "vacate" else "held", starter=None, hostkey=None,
+                                note="%s by %s" % ("vacated" if action == "vacate" else "held", who.name))
+            elif action == "release":
+                self.update_row(row, state="idle", note=None)
             else:
                 self.update_row(row, state="suspended" if action == "suspend" else "running")
             if row["starter"] and row["state"] in ACTIVE_STATES:
-                self.send_command(row["starter"], {"do": action, "job": run_id(row),
+                self.send_command(row["starter"], {"do": "vacate" if action == "hold" else action, "job": run_id(row),
                                                    "gen": run_generation(row["secret"])})
         log.info("user %s: %s %s", who.name, action, name)
         return {"ok": True, "job": name}
@@ -1443,8 +1617,10 @@ class Schedd:
         """openssh where both ends have it, else the built-in transport; or
         what the client asks for, if the node can.  Returns (transport, why)."""
         wanted = field(message, "transport", str, "auto")
-        sshd_problem = starter.ssh_problem or (None if row["hostkey"] else (
+        sshd_problem = starter.ssh_problem or row["ssh_problem"] or (None if row["hostkey"] else (
             "job %s has no ssh host key: ssh-keygen was missing on %s when it started" % (row_id(row), starter.name)))
+        if message.get("interactive") is True and row["uid"] != 0 and wanted == "auto":
+            sshd_problem = sshd_problem or starter.pty_problem  # commands need no terminal: sshd serves them
         if wanted == "openssh" or (wanted == "auto" and message.get("key") and not sshd_problem):
             if sshd_problem:
                 raise MissingProgram(sshd_problem)
@@ -1460,8 +1636,12 @@ class Schedd:
     def audit(self, who, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": who.name, "job": message.get("job"),
                  "granted": granted, "reason": reason, "command": message.get("command")}
-        with self.db_lock, open_log(self.config["audit_log"]) as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with self.db_lock, open_log(self.config["audit_log"]) as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as e:  # no record, no session
+            raise StorageError("the schedd cannot write its audit log %s (%s)" % (self.config["audit_log"],
+                                                                                e.strerror)) from None
 
     def op_ssh_ticket(self, message, who):
         try:
@@ -1490,6 +1670,18 @@ class Schedd:
         ask it to connect back, then splice the two connections.  What they
         carry is authenticated end to end: the ticket, then ssh or TLS."""
         row, starter = self.ssh_target(message, who)
+        with self.changed:
+            if self.relaying.get(who.name, 0) >= MAX_RELAYS_PER_USER:
+                raise Refused("user %s has %d relayed sessions open, the most one user may have"
+                              % (who.name, MAX_RELAYS_PER_USER))
+            self.relaying[who.name] = self.relaying.get(who.name, 0) + 1
+        try:
+            self.relay(row, starter, who, sock)
+        finally:
+            with self.changed:
+                self.relaying[who.name] -= 1
+
+    def relay(self, row, starter, who, sock):
         relay = {"id": secrets.token_hex(16), "ready": threading.Event(), "done": threading.Event(), "sock": None,
                  "starter": starter.name}
         self.relays[relay["id"]] = relay
@@ -1576,11 +1768,16 @@ class Schedd:
             record.user = claimed if who.runs_for in (None, "root") else who.runs_for
             record.enable_ssh = field(message, "enable_ssh", bool, True)
             record.ssh_problem = message.get("ssh_problem")
+            record.pty_problem = message.get("pty_problem")
             record.tls_fingerprint = message.get("tls_fingerprint")
             record.builtin_problem = message.get("builtin_problem")
             record.reachable = field(message, "reachable", bool, True)
             record.slots = field(message, "slots", int, 1)
             record.last_poll = time.time()
+            warning = self.token_warning(record, record.last_poll)
+            if warning and record.last_poll - record.warned > 3600:
+                record.warned = record.last_poll
+                log.warning("starter %s: %s", name, warning)
         running = field(message, "jobs", dict, {})
         if not all(isinstance(gen, str) for gen in running.values()):
             raise ProtocolError("field 'jobs' is malformed")
@@ -1599,7 +1796,7 @@ class Schedd:
             finally:
                 record.waiting -= 1
                 record.last_poll = time.time()
-        return {"ok": True, "commands": commands}
+        return {"ok": True, "commands": commands, "lease": self.lease}
 
     def reconcile(self, record, running):
         """Make the queue and a starter agree on what the starter runs
@@ -1621,17 +1818,22 @@ class Schedd:
         record.stopping = strays
 
     def reap_lost_starters(self):
-        """Jobs of a starter silent for starter_lost_after seconds are lost:
-        requeued (or held, by policy).  Runs every few seconds."""
+        """Jobs of a starter that has not renewed its lease, for the lease and
+        a margin, are lost: requeued (or held, by policy).  The starter has
+        stopped them by then (see keep_lease), so a job runs at most once."""
+        give_up_after = self.lease + LEASE_MARGIN
         while True:
-            time.sleep(min(POLL_WAIT, self.lost_after / 2))
-            now = time.time()
-            for row in self.query("SELECT * FROM jobs WHERE state IN (?, ?, ?)", ACTIVE_STATES):
-                record = self.starters.get(row["starter"])
-                if (record.silence(now) if record else now - self.started) > self.lost_after:
-                    log.warning("starter %s is lost; job %s with it", row["starter"], row_id(row))
-                    self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
-                                    pids=None, note="its starter %s was lost" % row["starter"])
+            time.sleep(min(POLL_WAIT, self.lease / 4))
+            try:
+                now = time.time()
+                for row in self.query("SELECT * FROM jobs WHERE state IN (?, ?, ?)", ACTIVE_STATES):
+                    record = self.starters.get(row["starter"])
+                    if (record.silence(now) if record else now - self.started) > give_up_after:
+                        log.warning("starter %s is lost; job %s with it", row["starter"], row_id(row))
+                        self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None,
+                                        hostkey=None, pids=None, note="its starter %s was lost" % row["starter"])
+            except Exception as e:
+                log.error("could not look for lost starters (%s); trying again", describe(e))
 
     def match(self, record, running):
         """Give idle node rows to a starter with free slots, except those it
@@ -1675,8 +1877,10 @@ class Schedd:
         if event == "started":
             hostkey = update.get("hostkey")
             if row["state"] == "starting":
+                problem = update.get("ssh_problem")
                 self.update_row(row, state="running", hostkey=hostkey if isinstance(hostkey, str) else None,
-                                pids=" ".join(str(p) for p in field(update, "pids", list)))
+                                pids=" ".join(str(p) for p in field(update, "pids", list)),
+                                ssh_problem=problem if isinstance(problem, str) else None)
         elif event == "sessions_open":
             self.update_row(row, note="its command exited; waiting for its ssh sessions to close")
         elif event == "exited":
@@ -1686,6 +1890,10 @@ class Schedd:
             state = "idle" if update.get("transient") else "held"
             self.update_row(row, state=state, starter=None, hostkey=None,
                             note="could not start: %s" % update.get("reason"))
+        elif event == "lost":  # the starter lost its lease and stopped the job: it runs again
+            if row["state"] in ACTIVE_STATES:
+                self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
+                                pids=None, note="its starter %s lost its lease" % starter)
         elif event not in ("removed", "vacated"):  # those the queue knew first
             raise ProtocolError("unknown job event %r" % event)
         log.info("job %s: %s", text, event)
@@ -1719,10 +1927,10 @@ def serve_schedd(config):
         cert, key, fingerprint = make_certificate(config, os.path.join(config["pool_dir"], "private"), schedd.name)
         remote = listen(TCPServer, parse_address(config["schedd_tls_address"])[1], TLSRequestHandler)
         remote.app, remote.tls = schedd, server_tls_context(cert, key)
-        threading.Thread(target=remote.serve_forever, daemon=True).start()
+        start_vital(remote.serve_forever, "the schedd's TLS endpoint")
         log.info("schedd %s listening on %s:%d with TLS, certificate SHA-256 %s", schedd.name,
                  *remote.server_address[:2], fingerprint)
-    threading.Thread(target=schedd.reap_lost_starters, daemon=True).start()
+    start_vital(schedd.reap_lost_starters, "the search for lost starters")
     log.info("schedd %s listening on %s", schedd.name, path)
     run_until_signalled(server)
 
@@ -1793,6 +2001,16 @@ AcceptEnv LANG LC_*
 Subsystem sftp ${sftp_server}
 LogLevel ERROR
 """
+
+def login_shell_problem(owner):
+    """Why sshd cannot run sessions for this user, or None: sshd runs every
+    session, forced command included, through the user's login shell, and
+    nologin or false (batch and service accounts) refuse them all."""
+    shell = owner.pw_shell or "/bin/sh"
+    if os.path.basename(shell) in ("nologin", "false") or not os.access(shell, os.X_OK):
+        return "user %s's login shell is %s, through which sshd runs every session" % (owner.pw_name, shell)
+    return None
+
 
 def shell_and_workdir(shells, workdir):
     """Shell code, run as the job's user, that exports SHELL as the first
@@ -1921,14 +2139,9 @@ class Job:
         return [self.process.pid] + others if self.process.poll() is None else others
 
     def terminate(self, reason):
-        """End the job and its sessions: SIGTERM, then SIGKILL after a grace."""
+        """End the job and its sessions: "rm", "vacate" or "lease" says why."""
         self.ending = reason
-        self.family.signal(signal.SIGCONT)
-        self.family.signal(signal.SIGTERM)
-        deadline = time.time() + KILL_GRACE
-        while time.time() < deadline and self.family.pids():
-            time.sleep(0.05)
-        self.family.kill()
+        end_families([self.family])
 
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
@@ -1940,7 +2153,7 @@ class Job:
                 self.starter.sessions_changed.wait()
         self.family.remove()  # what the job left behind goes with it
         shutil.rmtree(self.dir, ignore_errors=True)
-        event = {"rm": "removed", "vacate": "vacated"}.get(self.ending, "exited")
+        event = {"rm": "removed", "vacate": "vacated", "lease": "lost"}.get(self.ending, "exited")
         log.info("job %s %s with status %d", self.name, event, status)
         self.starter.finish(self, {"event": event, "job": self.run, "gen": self.gen, "status": status})
 
@@ -1951,16 +2164,25 @@ class Job:
             self.session_count += 1
             return "session-%d" % self.session_count
 
-    def open_session(self, sock, key, shells):
-        """Start `sshd -i` on `sock`, as the job's owner, for `key` only."""
+    def prepare_session(self, key, shells):
+        """The files of an sshd session for `key` only; returns its directory.
+        Made before the client hears yes, so that a full disk is a sentence."""
+        sdir = os.path.join(self.dir, self.new_session_part())
+        try:
+            os.mkdir(sdir, 0o711)  # stays root's: the owner's sshd reads the files, and the owner can swap none
+            files = {"authorized_keys": key + "\n", "session.sh": self.session_script(shells),
+                     "sshd_config": self.sshd_config(sdir)}
+            for name, text in files.items():
+                write_private(os.path.join(sdir, name), text, self.file_owner())
+        except OSError as e:
+            shutil.rmtree(sdir, ignore_errors=True)
+            raise StorageError("the starter %s cannot prepare the session (%s)" % (self.starter.name, e)) from None
+        return sdir
+
+    def open_session(self, sock, sdir):
+        """Start `sshd -i` on `sock`, as the job's owner, with the files in `sdir`."""
         sshd = find_program(self.starter.config, "sshd")
-        part = self.new_session_part()
-        sdir = os.path.join(self.dir, part)
-        os.mkdir(sdir, 0o711)  # stays root's: the owner's sshd reads the files, and the owner can swap none
-        files = {"authorized_keys": key + "\n", "session.sh": self.session_script(shells),
-                 "sshd_config": self.sshd_config(sdir)}
-        for name, text in files.items():
-            write_private(os.path.join(sdir, name), text, self.file_owner())
+        part = os.path.basename(sdir)
         if os.geteuid() == 0 and self.owner.pw_uid == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         errors = os.open(os.path.join(self.dir, "sshd.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
@@ -2131,6 +2353,11 @@ class Starter:
         self.address = None
         self.cgroup_base = cgroup_base(self.name, self.dir) if config.flag("use_cgroups") else None
         self.tls = self.tls_fingerprint = self.builtin_problem = None
+        self.lease = config.number("job_lease")
+        self.lease_expiry = time.time() + self.lease
+        self.lease_path = os.path.join(self.dir, ".lease")
+        self.keeper = None
+        self.gate = None  # the server's, once it listens: relayed connections pass it too
 
     def offer_builtin_transport(self):
         """The built-in transport needs a TLS certificate, made with openssl."""
@@ -2153,6 +2380,23 @@ class Starter:
                 self.pending.append(update)
         except SshjobError as e:  # the queue moved on (the job was vacated or removed meanwhile)
             log.info("the schedd declined news of job %s: %s", update.get("job"), e)
+
+    @staticmethod
+    def pty_problem():
+        """Why an sshd that runs as a job's owner gets no terminal here, or
+        None: it must give its PTY to the tty group, which a devpts mounted
+        without gid=5 (as in many containers) refuses."""
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split() for line in f]
+            options = next((m[3].split(",") for m in mounts if m[1:3] == ["/dev/pts", "devpts"]), None)
+            tty = grp.getgrnam("tty").gr_gid
+        except (OSError, KeyError):
+            return None
+        if options is None or "gid=%d" % tty in options:
+            return None
+        return "this node's /dev/pts is mounted without gid=%d (the tty group), so sshd gets no terminal for " \
+               "an ordinary user" % tty
 
     def ssh_problem(self):
         """Why this node cannot start sshd, in a sentence; None if it can."""
@@ -2179,26 +2423,41 @@ class Starter:
                 updates, self.pending = self.pending, []
                 running = {run: job.gen for run, job in self.jobs.items()}
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
-                       "enable_ssh": self.enable_ssh,
+                       "enable_ssh": self.enable_ssh, "pty_problem": self.pty_problem(),
                        "reachable": self.reachable, "ssh_problem": self.ssh_problem(),
                        "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
-                       "updates": updates, "wait": POLL_WAIT}
+                       "updates": updates, "wait": min(POLL_WAIT, self.lease / 4)}
+            asked = time.time()
             try:
-                reply = self.schedd.call(request, timeout=POLL_WAIT + IO_TIMEOUT)
+                reply = self.schedd.call(request, timeout=max(2.0, min(request["wait"] + IO_TIMEOUT,
+                                                                       self.lease_expiry - asked)))
             except Exception as e:
                 with self.lock:
                     self.pending[:0] = updates
-                log.warning("%s; retrying in %.0f s", describe(e), backoff)
-                self.stopping.wait(backoff)
+                pause = min(backoff, max(1.0, self.lease_expiry - time.time()))  # and check the lease on time
+                log.warning("%s; retrying in %.0f s", describe(e), pause)
+                self.check_lease()
+                self.stopping.wait(pause)
                 backoff = min(backoff * 2, 30.0)
+                self.schedd = self.reread_link()
                 continue
+            self.renew_lease(asked, reply.get("lease"))
             backoff = 1.0
             for command in reply.get("commands", []):
                 try:
                     self.execute(command if isinstance(command, dict) else {})
                 except Exception:
                     log.exception("could not carry out the schedd's command %.200r", command)
+
+    def reread_link(self):
+        """How to reach the schedd, from the configuration as it is now: an
+        admin may have fixed the fingerprint or the token file meanwhile."""
+        try:
+            return Config(self.config.path).schedd() if self.config.path else self.schedd
+        except SshjobError as e:
+            log.warning("keeping the previous way to the schedd: %s", e)
+            return self.schedd
 
     def execute(self, command):
         action = command.get("do")
@@ -2238,7 +2497,8 @@ class Starter:
             return
         with self.lock:
             self.jobs[job.run] = job
-        self.report({"event": "started", "job": job.run, "gen": job.gen, "hostkey": job.hostkey, "pids": job.pids()})
+        self.report({"event": "started", "job": job.run, "gen": job.gen, "hostkey": job.hostkey, "pids": job.pids(),
+                     "ssh_problem": login_shell_problem(job.owner)})
         threading.Thread(target=job.supervise, daemon=True).start()
 
     # -- ssh requests ------------------------------------------------------
@@ -2264,12 +2524,14 @@ class Starter:
         if job.process.poll() is not None:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
         claims = self.tickets.redeem(job.secret, message.get("ticket"), run, key=key, holder=holder)
+        shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
+        sdir = job.prepare_session(key, shells) if op == "ssh" else None
         send_msg(sock, {"ok": True})
         sock.settimeout(None)
         if op == "builtin":
-            job.open_builtin_session(sock, message, claims.get("shells") or [])
+            job.open_builtin_session(sock, message, shells)
         else:
-            job.open_session(sock, key, claims.get("shells") or [])
+            job.open_session(sock, sdir)
 
     def connect_back(self, relay_id):
         """A client reaches us through the schedd: connect out to it, and
@@ -2279,7 +2541,13 @@ class Starter:
         except SshjobError as e:
             log.warning("could not connect back to the schedd for a relay: %s", e)
             return
-        self.serve_connection(sock, "the schedd's relay")
+        try:
+            self.gate.enter(sock, "the schedd's relay")  # the request that comes has a deadline, as any
+            self.serve_connection(sock, "the schedd's relay", admitted=lambda: self.gate.leave(sock))
+        except Exception as e:
+            log.error("could not serve a relayed connection: %s", describe(e))
+        finally:
+            self.gate.leave(sock)
 
     def serve_connection(self, sock, peer, admitted=lambda: None):
         """A ticket, then the ssh protocol itself (or TLS for the built-in
@@ -2307,22 +2575,56 @@ class Starter:
     def clean_up_after_crash(self):
         """A previous starter here died without ending its jobs: end what is
         left of them, processes and files."""
-        for entry in os.scandir(self.dir):
-            if entry.name.startswith("."):  # the starter's own, such as its TLS certificate
-                continue
-            try:
-                with open(os.path.join(entry.path, "tag")) as f:
-                    family = ProcessFamily(self.cgroup_base, "job-" + entry.name, f.read(), adopt=True)
-            except OSError:
-                family = None
+        for path, family in job_families(self.dir, self.cgroup_base):
             if family is not None:
-                log.warning("ending the orphaned processes of job %s", entry.name)
+                log.warning("ending the orphaned processes of job %s", os.path.basename(path))
                 family.remove()
-            shutil.rmtree(entry.path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- the lease -----------------------------------------------------------
+
+    def renew_lease(self, asked, lease):
+        """The schedd answered a poll sent at `asked`: the lease runs from
+        then (never from later, so that it ends before the schedd's does)."""
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
+            self.lease = float(lease)
+        self.lease_expiry = asked + self.lease
+        try:
+            write_atomically(self.lease_path, "%.3f %d\n" % (self.lease_expiry, os.getpid()))
+        except OSError as e:
+            log.warning("cannot record the lease in %s (%s)", self.lease_path, e.strerror)
+
+    def check_lease(self):
+        """The schedd has not answered: past the lease, stop the jobs, which
+        the schedd will run again elsewhere."""
+        if time.time() <= self.lease_expiry:
+            return
+        with self.lock:
+            ending = [job for job in self.jobs.values() if not job.ending]
+        if ending:
+            log.error("the schedd has not renewed this starter's lease for %.0f s: its %d job(s) stop, and will "
+                      "run again", self.lease, len(ending))
+        for job in ending:
+            threading.Thread(target=job.terminate, args=("lease",), daemon=True).start()
+
+    def start_lease_keeper(self):
+        """Fork keep_lease(); before any thread starts, as fork wants."""
+        self.renew_lease(time.time(), None)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                keep_lease(self.dir, self.cgroup_base, os.getppid())
+            finally:
+                os._exit(0)
+        self.keeper = pid
 
     def stop(self):
         """End every job (the schedd requeues them) and leave nothing behind."""
         self.stopping.set()
+        if self.keeper:
+            with contextlib.suppress(OSError):
+                os.kill(self.keeper, signal.SIGTERM)
+                os.waitpid(self.keeper, 0)
         enders = [threading.Thread(target=job.terminate, args=("vacate",)) for job in list(self.jobs.values())]
         for ender in enders:
             ender.start()
@@ -2346,21 +2648,27 @@ class StarterHandler(RequestHandler):
 
 def serve_starter(config):
     starter = Starter(config)
-    os.makedirs(starter.dir, mode=0o755, exist_ok=True)
+    own_directory(starter.dir, 0o755)
     starter.clean_up_after_crash()
     starter.offer_builtin_transport()
+    starter.start_lease_keeper()
+    try:
+        server = listen(TCPServer, parse_address(config["starter_address"])[1], StarterHandler)
+    except SshjobError:
+        starter.stop()  # and its lease keeper with it
+        raise
     if starter.cgroup_base:
         log.info("process tracking: one cgroup v2 per job, under %s", starter.cgroup_base)
     else:
         log.info("process tracking: environment tag and process groups (no cgroup v2 for this starter, "
                  "or use_cgroups = false)")
-    server = listen(TCPServer, parse_address(config["starter_address"])[1], StarterHandler)
     server.app = starter
+    starter.gate = server.gate
     host, port = server.server_address[:2]
     starter.address = "%s:%d" % (socket.getfqdn() if host in ("0.0.0.0", "::") else host, port)
     log.info("starter %s (user %s, %d slots) listening on %s", starter.name, user_name(starter.uid),
              starter.slots, starter.address)
-    threading.Thread(target=starter.poll_forever, daemon=True).start()
+    start_vital(starter.poll_forever, "the starter's poll of the schedd")
     run_until_signalled(server, on_stop=starter.stop)
 
 
@@ -2533,9 +2841,10 @@ def raw_terminal(fd):
 def session_end(news):
     """The remote exit status; a sentence instead if the job's end ended the session."""
     ending = news.get("ending")
-    if ending in ("rm", "vacate"):
-        raise JobGone("the session ended because job %s %s" % (
-            news.get("job"), "was removed" if ending == "rm" else "was pre-empted (vacated)"))
+    if ending in ("rm", "vacate", "lease"):
+        raise JobGone("the session ended because job %s %s" % (news.get("job"), {
+            "rm": "was removed", "vacate": "was pre-empted (vacated)",
+            "lease": "lost its lease: its starter could not reach the schedd; it will run again"}[ending]))
     return field(news, "status", int)
 
 
@@ -2582,7 +2891,9 @@ def relay_to_job(sock, interactive, streams):
 
 # ---------------------------------------------------------------------------
 # The bridge gives ssh its connection to the job's sshd, in two halves.  The
-# client keeps a ticket desk, a Unix socket in its private directory: for
+# client keeps a ticket desk, a Unix socket in the abstract namespace (no
+# path, so no limit on the length of $TMPDIR; the desk serves its own uid
+# only, by peer credentials): for
 # each connection ssh makes (scp, sftp and rsync make one per transfer, and
 # tickets are single-use), the desk fetches a ticket, connects to the
 # starter and presents it.  ssh's ProxyCommand is a stub that takes the
@@ -2593,7 +2904,7 @@ def relay_to_job(sock, interactive, streams):
 BRIDGE_STUB = """\
 import socket, sys
 desk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-desk.connect(sys.argv[1])
+desk.connect("\\0" + sys.argv[1])
 _, ancillary, _, _ = desk.recvmsg(1, socket.CMSG_SPACE(4))
 if not ancillary or ancillary[0][:2] != (socket.SOL_SOCKET, socket.SCM_RIGHTS):
     sys.exit(1)
@@ -2629,13 +2940,13 @@ def pass_socket(channel, sock):
 class TicketDesk:
     """The client's half of the bridge (see above)."""
 
-    def __init__(self, schedd, request, tmp):
+    def __init__(self, schedd, request):
         self.schedd = schedd
         self.request = request
         self.error = None
-        self.path = os.path.join(tmp, "desk")
+        self.name = "sshjob-desk-%s" % secrets.token_hex(16)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
+        self.listener.bind("\0" + self.name)
         self.listener.listen(8)
         self.ready = None
         threading.Thread(target=self.serve, daemon=True).start()
@@ -2689,7 +3000,7 @@ class TicketDesk:
             self.ready.close()
 
     def proxy_command(self):
-        argv = [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, self.path]
+        argv = [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, self.name]
         return " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
 
 
@@ -2707,7 +3018,8 @@ def run_bridge(argv):
 CLIENT_USAGE = """\
 usage: sshjob client [-help] [-debug] [-name schedd-name] [-pool pool-name]
                      [-ssh ssh-command] [-keygen-options ssh-keygen-options]
-                     [-shells shell1,shell2,...] [-auto-retry] [-X] [-transport t]
+                     [-shells shell1,shell2,...] [-auto-retry] [-remove-on-interrupt]
+                     [-X] [-transport t]
                      cluster | cluster.proc | cluster.proc.node [remote-command]
 
 Open an ssh session inside a running job: same user, working directory and
@@ -2723,6 +3035,8 @@ environment as the job.  Without remote-command, an interactive shell.
   -shells a,b,...       shells to try in the job, first that exists wins
                         (default: $SHELL, then /bin/sh)
   -auto-retry           if the job is not running yet, wait until it is
+  -remove-on-interrupt  remove the job if a signal (Ctrl-C, hang-up, SIGTERM)
+                        interrupts the wait or the session
   -X                    enable X11 forwarding
   -transport t          openssh, builtin (no OpenSSH needed) or auto (the
                         default: openssh where both ends have it)
@@ -2732,14 +3046,14 @@ non-zero with a sentence on stderr when no session could be set up.
 """
 
 CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True, "transport": True,
-                  "debug": False, "auto-retry": False, "X": False, "help": False}
+                  "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
 
 
 def parse_client_args(argv):
     """HTCondor style: options (one dash or two) before the job id, and
     everything after the job id is the remote command, untouched."""
     opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None, "transport": "auto",
-            "debug": False, "auto-retry": False, "X": False, "help": False}
+            "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
     args = list(argv)
     while args and args[0].startswith("-") and args[0] != "-":
         arg = args.pop(0)
@@ -2805,6 +3119,11 @@ def make_session_key(config, tmp, keygen_options):
     if result.returncode != 0 or not os.path.exists(path + ".pub"):
         raise UsageError("ssh-keygen failed with options %r: %s" % (keygen_options, result.stdout.strip()))
     os.chmod(path + ".pub", 0o600)
+    with open(path + ".pub") as f:
+        kind = (f.read().split() or ["nothing"])[0]
+    if kind not in KEY_TYPES:
+        raise UsageError("-keygen-options %r made a %s key, which OpenSSH's sshd no longer accepts: use -t "
+                         "ed25519, rsa or ecdsa" % (keygen_options, kind))
     return path
 
 
@@ -2816,8 +3135,7 @@ def ssh_command(config, opts, job, info, tmp, key, proxy):
     base = os.path.basename(program[0])
     program[0] = shutil.which(program[0]) or program[0]
     if not os.path.isfile(program[0]):
-        raise MissingProgram("%s was not found on this machine: install the %s package" % (
-            base, PACKAGES.get(base, "package that provides it")))
+        raise MissingProgram("%s was not found on this machine: %s" % (base, how_to_install(base)))
     alias = "job-" + job
     known_hosts = os.path.join(tmp, "known_hosts")
     write_private(known_hosts, "%s %s\n" % (alias, info["hostkey"]))
@@ -2849,8 +3167,9 @@ def run_client(config_path, argv):
 
     def builtin_session(schedd, ticket, holder, command):
         if opts["ssh"] or opts["X"]:
-            raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only"
-                                 " (sshjob cp copies files without it)" % (opts["ssh"] or "-X", ticket["job"]))
+            raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only (%s):"
+                                 " sshjob cp, and rsync -e 'sshjob client', copy files without it"
+                                 % (opts["ssh"] or "-X", ticket["job"], ticket["why"]))
         return run_builtin(schedd, ticket, holder, command)
 
     return enter_job(config_path, opts, builtin_session)
@@ -2871,11 +3190,24 @@ def enter_job(config_path, opts, builtin_session):
     job = job_name(cluster, proc)
     schedd = config.schedd(opts["name"])
     command = " ".join(opts["command"]) if opts["command"] else None
+    try:
+        return enter_job_at(schedd, config, opts, job, command, builtin_session)
+    except (Interrupted, KeyboardInterrupt):
+        if opts["remove-on-interrupt"]:
+            with contextlib.suppress(SshjobError, OSError):
+                schedd.call({"op": "act", "job": job, "action": "rm"})
+                sys.stderr.write("sshjob: job %s removed, as -remove-on-interrupt asks\n" % job)
+        raise
+
+
+def enter_job_at(schedd, config, opts, job, command, builtin_session):
     with private_tempdir() as tmp:
         key = session_key(config, tmp, opts)
         holder = secrets.token_hex(32)
         shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
+        interactive = command is None and not opts["ssh"] and os.isatty(0) and os.isatty(1)
         request = {"op": "ssh_ticket", "job": opts["job"], "key": key and read_public_key(key),
+                   "interactive": interactive,
                    "holder": holder_hash(holder), "transport": opts["transport"],
                    "shells": [s for s in shells.split(",") if s], "command": command}
         ticket = wait_for_ticket(schedd, request, opts["auto-retry"])
@@ -2930,7 +3262,7 @@ def wait_for_ticket(schedd, request, auto_retry):
 
 
 def run_openssh(config, opts, schedd, request, ticket, tmp, key):
-    desk = TicketDesk(schedd, request, tmp)
+    desk = TicketDesk(schedd, request)
     try:
         desk.prepare(ticket)
         argv = ssh_command(config, opts, ticket["job"], ticket, tmp, key, desk.proxy_command())
@@ -3058,8 +3390,9 @@ def download_tree(schedd, ticket, holder, path, local):
         with os.fdopen(read_end, "rb") as incoming:  # closed before the join: a relay still writing stops
             try:
                 with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
+                    links = set()
                     for member in archive:
-                        archive.extract(as_data(member, name), staging, set_attrs=True, **AS_FILTERED)
+                        archive.extract(as_data(member, name, links), staging, set_attrs=True, **AS_FILTERED)
             except tarfile.TarError as e:
                 outcome.append(UsageError("the copy from the job failed: %s" % e))
         relayer.join()
@@ -3129,29 +3462,50 @@ def run_builtin_closing(schedd, ticket, holder, command, streams):
 AS_FILTERED = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
 
 
-def as_data(member, name):
+def as_data(member, name, links):
     """A member of a job's archive, made safe to extract here, as data: it
     must be `name` or under it, a file, directory or link that stays
     inside; it comes out owned by whoever copies, without set-id or sticky
     bits, so that a job cannot plant files for a super user who copies from
-    it.  Anything else ends the copy with Refused."""
-    parts = member.name.rstrip("/").split("/")
-    inside = parts[0] == name and ".." not in parts and "" not in parts and not member.name.startswith("/")
+    it.  `links` holds the symlinks the archive made so far: no member may
+    pass through one, since the text of a path says nothing of where those
+    lead.  Anything else ends the copy with Refused."""
+    path = member.name.rstrip("/")
+    inside = not path.startswith("/") and stays_inside(path.split("/"), name, links)
     if member.issym():
-        target = member.linkname
-        inside = inside and not target.startswith("/") and \
-            os.path.normpath(os.path.join(os.path.dirname(member.name), target)).split("/")[0] == name
+        inside = inside and not member.linkname.startswith("/") and stays_inside(
+            path.split("/")[:-1] + member.linkname.split("/"), name, links, to_a_link=True)
+        links.add(path)
     elif member.islnk():
-        inside = inside and member.linkname.split("/")[0] == name and ".." not in member.linkname.split("/")
+        inside = inside and stays_inside(member.linkname.split("/"), name, links)
     elif not (member.isfile() or member.isdir()):
         inside = False
     if not inside:
         raise Refused("the job sent %s, which is not a plain file, directory or link inside %s: the copy stops"
-                         % (member.name, name))
+                      % (member.name, name))
     member.mode &= 0o777
     member.uid, member.gid = os.getuid(), os.getgid()
     member.uname = member.gname = ""
     return member
+
+
+def stays_inside(parts, name, links, to_a_link=False):
+    """Whether the path of `parts` (relative, "." and ".." resolved in
+    order) stays under `name` and neither is nor passes through one of
+    `links`; with `to_a_link`, it may end at one (a link to a link inside)."""
+    resolved = []
+    for i, part in enumerate(parts):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(resolved) <= 1:
+                return False
+            resolved.pop()
+            continue
+        resolved.append(part)
+        if "/".join(resolved) in links and not (to_a_link and i == len(parts) - 1):
+            return False
+    return bool(resolved) and resolved[0] == name
 
 
 class Progress:
@@ -3199,9 +3553,16 @@ def run_submit(config_path, argv):
     parser.add_argument("--error", default="/dev/null", help="file for the job's stderr")
     parser.add_argument("--count", type=int, default=1, help="number of jobs in the cluster")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of each job (cluster.proc.node picks one)")
+    parser.add_argument("-i", "--interactive", "-interactive", action="store_true",
+                        help="an interactive job (condor_submit -i): wait until it runs, open a shell inside it, "
+                             "remove it when the shell ends; the command defaults to a placeholder")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.interactive:
+        command = command or ["sleep", str(INTERACTIVE_PLACEHOLDER)]
+        if args.count != 1:
+            raise UsageError("an interactive job is one job: leave out --count")
     if not command:
         raise UsageError("no command given: sshjob submit [options] -- command [args]")
     env = dict(os.environ) if args.getenv else {"PATH": os.environ.get("PATH", os.defpath)}
@@ -3213,10 +3574,19 @@ def run_submit(config_path, argv):
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
     check_job_spec(command, env, workdir, *paths.values())
-    reply = schedd_of(config_path).call(dict(
+    schedd = schedd_of(config_path)
+    reply = schedd.call(dict(
         op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths))
-    print("\n".join(job_name(reply["cluster"], proc) for proc in range(reply["count"])))
-    return 0
+    jobs = [job_name(reply["cluster"], proc) for proc in range(reply["count"])]
+    if not args.interactive:
+        print("\n".join(jobs))
+        return 0
+    sys.stderr.write("sshjob: submitted interactive job %s; waiting for it to run...\n" % jobs[0])
+    try:
+        return run_client(config_path, ["-auto-retry", "-remove-on-interrupt", jobs[0]])
+    finally:
+        with contextlib.suppress(SshjobError):
+            schedd.call({"op": "act", "job": jobs[0], "action": "rm"})
 
 
 def queue(schedd, everything=False, job=None):
@@ -3248,8 +3618,30 @@ def run_q(config_path, argv):
     return 0
 
 
+def run_status(config_path, argv):
+    parser = argparse.ArgumentParser(prog="sshjob status", description="The pool's starters and their problems.")
+    parser.add_argument("--json", action="store_true", help="print the schedd's answer as JSON, for scripts")
+    args = parser.parse_args(argv)
+    reply = schedd_of(config_path).call({"op": "status"})
+    if args.json:
+        print(json.dumps({key: reply[key] for key in ("schedd", "lease", "starters")}, indent=2, sort_keys=True))
+        return 0
+    rows = [("STARTER", "ADDRESS", "USER", "SLOTS", "HEARD")]
+    for starter in reply["starters"]:
+        rows.append((starter["name"], starter["address"] or "-", starter["user"] or "-",
+                     "%d/%d" % (starter["used"], starter["slots"]), "%.0f s ago" % starter["heard"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for starter in reply["starters"]:
+        for problem in starter["problems"]:
+            print("%s: %s" % (starter["name"], problem))
+    return 0
+
+
 ACTION_DONE = {"rm": "marked for removal", "suspend": "suspended", "continue": "continued",
-               "vacate": "vacated: it goes back to idle"}
+               "vacate": "vacated: it goes back to idle", "hold": "held: it stays in the queue until released",
+               "release": "released: it goes back to idle"}
 
 
 def run_action(action, config_path, argv):
@@ -3302,12 +3694,12 @@ def pool_start(pool_dir, quiet=False):
     missing = [role for role in ("schedd", "starter") if daemon_pid(pool_dir, role, config_path) is None]
     if not missing:
         raise UsageError("a pool is already running in %s" % pool_dir)
-    procs = []
+    procs = {}
     if "schedd" in missing:
-        procs.append(start_daemon(config_path, "schedd", pool_dir))
+        procs["schedd"] = start_daemon(config_path, "schedd", pool_dir)
         wait_until(lambda: ping_quietly(schedd), procs, "the schedd", pool_dir)
     if "starter" in missing:
-        procs.append(start_daemon(config_path, "starter", pool_dir))
+        procs["starter"] = start_daemon(config_path, "starter", pool_dir)
     wait_until(lambda: (ping_quietly(schedd) or {}).get("starters"), procs, "the starter", pool_dir)
     if not quiet:
         print("export SSHJOB_CONFIG=%s" % shlex.quote(config_path))
@@ -3322,11 +3714,27 @@ def ping_quietly(schedd):
 
 
 def wait_until(ready, procs, what, pool_dir, timeout=20.0):
+    """Wait for `ready()` while the daemons `procs` ({role: Popen}) live;
+    if one exits, say the sentence it exited with."""
     deadline = time.time() + timeout
     while not ready():
-        if any(p.poll() is not None for p in procs) or time.time() > deadline:
-            raise Unreachable("%s did not start; see the logs in %s" % (what, pool_dir))
+        exited = [role for role, proc in procs.items() if proc.poll() is not None]
+        if exited or time.time() > deadline:
+            said = "".join(": " + (daemon_sentence(pool_dir, role) or "") for role in exited[:1])
+            raise Unreachable("%s did not start%s; see the logs in %s" % (what, said.rstrip(": "), pool_dir))
         time.sleep(0.05)
+
+
+def daemon_sentence(pool_dir, role):
+    """The sentence a pool's daemon exited with, from the end of its log."""
+    try:
+        with open(os.path.join(pool_dir, role + ".log"), errors="replace") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            tail = f.read().splitlines()
+    except OSError:
+        return None
+    last = tail[-1] if tail else ""
+    return last[len("sshjob: "):] if last.startswith("sshjob: ") else None
 
 
 def daemon_pid(pool_dir, role, config_path):
@@ -3400,7 +3808,7 @@ def run_demo(config_path, argv):
             run_submit(config_path, ["--workdir", workdir, "--env", "DEMO=hello from the job", "--",
                                      "sleep", "3600"])
         schedd = Config(config_path).schedd()
-        wait_until(lambda: job_state(schedd, "1.0") == "running", [], "the demo job", pool_dir)
+        wait_until(lambda: job_state(schedd, "1.0") == "running", {}, "the demo job", pool_dir)
         command = argv or ([] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR])
         print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(command))
         status = run_client(config_path, ["1.0"] + command)
@@ -3495,7 +3903,9 @@ roles:
   cp JOB:PATH LOCAL | LOCAL JOB:PATH   copy files and directories to or from a job
   submit [options] -- COMMAND      queue a job; prints its id
   q [--all]                        list the queue
-  rm | suspend | continue | vacate JOB...
+  status [--json]                  the pool's starters: slots, last heard from, problems
+  rm | suspend | continue | vacate | hold | release JOB...
+  submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
   init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
   token create --for USER | --for starter --name NAME   an identity token for them
@@ -3525,7 +3935,7 @@ def dispatch(args):
     if role == "client":
         return run_client(args.config, rest)
     simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
-              "init": run_init, "token": run_token}
+              "init": run_init, "token": run_token, "status": run_status}
     if role in simple:
         return simple[role](args.config, rest)
     if role in ACTION_DONE:
@@ -3559,6 +3969,10 @@ def main(argv=None):
     except SshjobError as e:
         sys.stderr.write("sshjob: %s\n" % e)
         return e.status
+    except OSError as e:  # a file or directory of the user's that we cannot use: say which
+        where = " (%s)" % e.filename if e.filename else ""
+        sys.stderr.write("sshjob: %s%s\n" % (e.strerror or e, where))
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("sshjob: interrupted\n")
         return 130

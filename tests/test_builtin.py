@@ -47,7 +47,7 @@ def test_the_transport_is_chosen_and_said(pool_without_sshd, pool):
     asked = pool.sshjob("client", "--debug", "--transport=builtin", other, "echo asked")
     assert asked.stdout == "asked\n" and "transport: builtin (asked for)" in asked.stderr
     scp = pool_without_sshd.sshjob("client", "-ssh", "scp", job, "remote:x", ".")
-    assert scp.returncode == 1 and "sshjob cp copies files without it" in scp.stderr
+    assert scp.returncode == 1 and "sshjob cp, and rsync -e 'sshjob client', copy files without it" in scp.stderr
 
 
 def test_commands_keep_stdout_stderr_stdin_and_exit_status(pool_without_sshd):

@@ -67,7 +67,7 @@ def firewalled(base):
     yield from make_cluster(base, 2, "starter_address = 127.0.0.1:0")
 
 
-def make_cluster(base, index, starter_settings):
+def make_cluster(base, index, starter_settings, schedd_settings=""):
     host = Host(index)
     python = INTERPRETERS[-1]
     pyz = os.path.join(base, "sshjob.pyz")
@@ -77,6 +77,8 @@ def make_cluster(base, index, starter_settings):
     init = run([python, pyz, "init", "--dir", submit_dir, "--listen", "%s:%d" % (host.outer, port)])
     assert init.returncode == 0, init.stderr
     fingerprint = init.stdout.split("schedd certificate SHA-256: ")[1].split()[0]
+    with open(os.path.join(submit_dir, "sshjob.conf"), "a") as f:
+        f.write(schedd_settings + "\n")
     token = run([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "token", "create", "--for",
                  "starter", "--name", "exec@" + host.name, "--output", os.path.join(exec_dir, "starter.token")])
     assert token.returncode == 0, token.stderr
@@ -259,3 +261,41 @@ def test_a_starter_configured_unreachable_is_relayed_at_once(declared_firewalled
     assert result.stdout == "declared\n", result.stderr
     assert "the schedd relays the connection" in result.stderr
     assert "asking the schedd to relay" not in result.stderr  # no direct attempt first
+
+
+@pytest.fixture
+def short_lease(base):
+    """A starter on another host whose lease is 4 s."""
+    require_namespaces()
+    yield from make_cluster(base, 4, "starter_address = 10.231.4.2:0\njob_lease = 4", "job_lease = 4")
+
+
+def test_a_starter_cut_off_longer_than_its_lease_stops_its_job_which_runs_again_later(short_lease):
+    from test_faults import Census, copies
+
+    cluster = short_lease
+    job = sshjob(cluster, "submit", "--workdir", cluster["submit"], "--", "sleep", "987.400").stdout.strip()
+    deadline = time.time() + 30
+    while "running" not in sshjob(cluster, "q").stdout:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    census = Census(["987.400"])
+    subprocess.run(["ip", "link", "set", cluster["host"].link, "down"], check=True)
+    try:
+        deadline = time.time() + 30
+        while copies("987.400") and time.time() < deadline:  # the starter stops it when its lease runs out
+            time.sleep(0.2)
+        assert copies("987.400") == 0
+        while "idle" not in sshjob(cluster, "q").stdout:  # and only then the schedd requeues it
+            assert time.time() < deadline + 30
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["ip", "link", "set", cluster["host"].link, "up"], check=True)
+    deadline = time.time() + 60
+    while "running" not in sshjob(cluster, "q").stdout:  # the link is back: the starter runs it again
+        assert time.time() < deadline, sshjob(cluster, "q").stdout
+        time.sleep(0.5)
+    assert census.stop() == {"987.400": 1}
+    log = read(os.path.join(cluster["exec"], "starter.log"))
+    assert "has not renewed" in log and "Traceback" not in log  # the starter, or its lease keeper, said so
+    assert sshjob(cluster, "client", job, "echo back").stdout == "back\n"

@@ -1,0 +1,145 @@
+"""What new users hit first (issue 8): a shell for every job owner, deep
+temporary directories, a fresh machine, and messages that say what to do."""
+
+import os
+import pwd
+import subprocess
+import sys
+
+import pytest
+from conftest import INTERPRETERS, ROOT, USER_PYTHON, run
+from test_session import drive_terminal
+
+ALICE = "sshjob-alice"
+CAROL = "sshjob-carol"  # a batch account: her login shell is nologin
+
+
+@pytest.fixture(scope="module")
+def carol(users):
+    try:
+        pwd.getpwnam(CAROL)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", CAROL], check=True)
+    return CAROL
+
+
+def test_an_ordinary_owner_gets_an_interactive_shell_by_default(pool, users):
+    workdir = pool.workdir(ALICE)
+    job = pool.running_job("sleep", "600", user=ALICE, workdir=workdir)
+    status, output = drive_terminal(
+        pool.argv("client", "-debug", job, user=ALICE, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
+        [("pid(s)", "echo who-$(id -un)-$(pwd); tty\n"), ("who-%s-%s" % (ALICE, workdir), "exit 3\n")])
+    assert status == 3, output
+    assert "/dev/pts/" in output
+    with open("/proc/self/mounts") as f:
+        devpts = [line.split()[3] for line in f if line.split()[1:3] == ["/dev/pts", "devpts"]]
+    if devpts and "gid=5" not in devpts[0].split(","):  # sshd as alice could not have a terminal here
+        assert "transport: builtin (this node's /dev/pts is mounted without gid=5" in output
+    else:
+        assert "transport: openssh" in output
+    command = pool.sshjob("client", "-debug", job, "echo plain", user=ALICE)  # no terminal: sshd serves it
+    assert command.stdout == "plain\n" and "transport: openssh" in command.stderr
+
+
+def test_a_nologin_owner_gets_commands_shells_and_files(pool, carol, tmp_path):
+    workdir = pool.workdir(CAROL)
+    with open(os.path.join(workdir, "out.dat"), "w") as f:
+        f.write("carol's results\n")
+    job = pool.running_job("sleep", "600", user=CAROL, workdir=workdir)
+    command = pool.sshjob("client", "-debug", job, "id -un; pwd", user=CAROL)
+    assert command.stdout == "%s\n%s\n" % (CAROL, workdir), command.stderr
+    assert "login shell is /usr/sbin/nologin" in command.stderr
+
+    scp = pool.sshjob("client", "-ssh", "scp", job, "remote:out.dat", str(tmp_path), user=CAROL)
+    assert scp.returncode == 1 and scp.stderr.count("\n") == 1
+    assert "sshjob cp, and rsync -e 'sshjob client', copy files without it" in scp.stderr
+
+    mine = pool.workdir(CAROL)  # a directory of carol's on this machine
+    closed = pool.sshjob("cp", job + ":out.dat", str(tmp_path / "cp.dat"), user=CAROL)
+    assert closed.returncode == 1 and closed.stderr.startswith("sshjob: Permission denied (")
+    copied = pool.sshjob("cp", job + ":out.dat", os.path.join(mine, "cp.dat"), user=CAROL)
+    assert copied.returncode == 0, copied.stderr
+    rsync = run(["runuser", "-u", CAROL, "--", "env", "SSHJOB_CONFIG=" + pool.config, "rsync", "-e",
+                 "%s %s client" % (USER_PYTHON, pool.pyz), job + ":out.dat", os.path.join(mine, "rsync.dat")])
+    assert rsync.returncode == 0, rsync.stderr
+    for name in ("cp.dat", "rsync.dat"):
+        with open(os.path.join(mine, name)) as f:
+            assert f.read() == "carol's results\n"
+
+    status, output = drive_terminal(
+        pool.argv("client", job, user=CAROL, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
+        [("pid(s)", "echo inside-$(id -un)\n"), ("inside-" + CAROL, "exit 4\n")])
+    assert status == 4, output
+
+
+def test_a_temporary_directory_deeper_than_a_socket_path(pool, tmp_path):
+    deep = str(tmp_path / ("d" * 60) / ("e" * 60) / ("f" * 60))
+    os.makedirs(deep)
+    env = {"TMPDIR": deep}
+    workdir = pool.workdir()
+    with open(os.path.join(workdir, "out.dat"), "w") as f:
+        f.write("deep\n")
+    job = pool.running_job(workdir=workdir)
+    assert pool.sshjob("client", job, "echo fine", env=env).stdout == "fine\n"
+    scp = pool.sshjob("client", "-ssh", "scp", job, "remote:out.dat", str(tmp_path / "scp.dat"), env=env)
+    assert scp.returncode == 0, scp.stderr
+    cp = pool.sshjob("cp", job + ":out.dat", str(tmp_path / "cp.dat"), env=env)
+    assert cp.returncode == 0, cp.stderr
+    assert (tmp_path / "scp.dat").read_text() == (tmp_path / "cp.dat").read_text() == "deep\n"
+    assert os.listdir(deep) == []  # and nothing is left behind
+
+
+def test_build_without_shiv_says_what_to_install():
+    result = run([sys.executable, "-S", os.path.join(ROOT, "build.py")])  # -S: no site-packages, no shiv
+    assert result.returncode == 1
+    assert result.stderr == ("build.py: shiv is not installed; install it with: python3 -m pip install "
+                             "shiv==1.0.8 (only building needs it; `python3 sshjob.py` runs without building)\n")
+
+
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_the_pyz_runs_with_a_home_that_cannot_be_written(base, python):
+    result = run([python, os.path.join(base, "sshjob.pyz"), "--version"], env={"HOME": "/proc", "PATH": "/usr/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "sshjob 0.1.0\n"
+
+
+def test_messages_name_the_cause(pool):
+    job = pool.running_job()
+    missing = pool.sshjob("client", "-ssh", "nosuchprog", job)
+    assert missing.stderr == "sshjob: nosuchprog was not found on this machine: check its name, or install it\n"
+    dsa = pool.sshjob("client", "-keygen-options", "-t dsa", job, "true")
+    assert dsa.returncode == 2
+    assert dsa.stderr == ("sshjob: -keygen-options '-t dsa' made a ssh-dss key, which OpenSSH's sshd no longer "
+                          "accepts: use -t ed25519, rsa or ecdsa\n")
+
+
+def test_an_interactive_job_as_condor_submit_i(pool):
+    workdir = pool.workdir()
+    status, output = drive_terminal(
+        pool.argv("submit", "-i", "--workdir", workdir, "--env", "FOO=interactive", env={"SHELL": "/bin/bash"}),
+        [("Welcome to job", None), ("pid(s)", "echo in-$FOO-$(pwd)\n"), ("in-interactive-" + workdir, "exit 6\n")])
+    assert status == 6, output
+    job = output.split("submitted interactive job ")[1].split(";")[0]
+    pool.wait_state(job, "removed")
+
+
+def test_remove_on_interrupt_and_hold_release(pool):
+    job = pool.running_job()
+    held = pool.sshjob("hold", job)
+    assert held.stdout == "Job %s held: it stays in the queue until released.\n" % job
+    assert "[held by root]" in pool.sshjob("q").stdout
+    waiting = subprocess.Popen(pool.argv("client", "-auto-retry", "-remove-on-interrupt", job, "true"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    line = waiting.stderr.readline()
+    assert "is held, not running yet; waiting" in line, line
+    waiting.send_signal(2)  # Ctrl-C
+    assert waiting.wait(timeout=30) == 130
+    assert "job %s removed, as -remove-on-interrupt asks" % job in waiting.stderr.read()
+    assert pool.state(job) == "removed"
+    other = pool.running_job()
+    assert pool.sshjob("hold", other).returncode == 0
+    released = pool.sshjob("release", other)
+    assert released.stdout == "Job %s released: it goes back to idle.\n" % other
+    pool.wait_state(other, "running")
+    again = pool.sshjob("release", other)
+    assert again.returncode == 1 and "cannot be released" in again.stderr
