@@ -33,9 +33,9 @@ def start_pool(python, scratch, name, reachable):
                           stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
     fingerprint = init.split("schedd certificate SHA-256: ")[1].split()[0]
     config = os.path.join(pool, "sshjob.conf")
-    for subject in ("starter", "root"):
+    for subject, options in (("starter", ["--name", name]), ("root", [])):
         subprocess.run(sshjob + ["--config", config, "token", "create", "--for", subject, "--output",
-                                 os.path.join(scratch, "%s-%s.token" % (name, subject))], check=True)
+                                 os.path.join(scratch, "%s-%s.token" % (name, subject))] + options, check=True)
     remote = {}
     for subject, extra in (("starter", "starter_name = %s\nstarter_reachable = %s\nstarter_dir = %s\n"
                             % (name, "true" if reachable else "false", os.path.join(pool, "execute"))),

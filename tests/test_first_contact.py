@@ -143,3 +143,14 @@ def test_remove_on_interrupt_and_hold_release(pool):
     pool.wait_state(other, "running")
     again = pool.sshjob("release", other)
     assert again.returncode == 1 and "cannot be released" in again.stderr
+
+
+def test_remove_on_interrupt_when_the_session_is_interrupted(pool):
+    job = pool.running_job()
+    session = subprocess.Popen(pool.argv("client", "-remove-on-interrupt", job, "echo in; sleep 60"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert session.stdout.readline() == "in\n"
+    session.terminate()  # SIGTERM, as a batch system or a closing terminal would send
+    assert session.wait(timeout=30) == 143
+    assert "job %s removed, as -remove-on-interrupt asks" % job in session.stderr.read()
+    pool.wait_state(job, "removed")
