@@ -188,7 +188,8 @@ def user_scratch(user):
 # -- 1. critical: the root starter chowns nothing through the owner's paths -----
 
 
-def test_a_racing_owner_cannot_make_the_starter_chown_a_root_file(pool, users, tmp_path):
+def test_a_racing_owner_cannot_make_the_starter_chown_a_root_file(make_pool, users, tmp_path):
+    pool = make_pool()
     target = root_only_file(tmp_path)
     job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
     jobdir = job_directory(pool, job)
@@ -204,12 +205,14 @@ def test_a_racing_owner_cannot_make_the_starter_chown_a_root_file(pool, users, t
             racer = [os.path.join(scratch, "racer")]
         sessions = 150
         attacker = subprocess.Popen(["runuser", "-u", ALICE, "--"] + racer +
-                                    [jobdir, target, scratch, "25", str(sessions + 5)],
+                                    [jobdir, target, scratch, "60", str(sessions + 5)],
                                     stdout=subprocess.PIPE, universal_newlines=True)
         key = session_key(tmp_path)
         time.sleep(0.5)
         for _ in range(sessions):
             bare_session(pool, job, key)
+        time.sleep(1)  # the last sessions' files, raced too
+        attacker.terminate()
         attacker.communicate(timeout=60)
         info = os.lstat(target)
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
