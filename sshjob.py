@@ -590,11 +590,9 @@ def make_certificate(config, directory, name):
     """A self-signed TLS certificate for a daemon, made once with openssl;
     returns (cert, key, SHA-256 fingerprint)."""
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    if os.path.isdir(directory):
-        check_trusted(directory, "directory")  # it holds the pool's signing key too
+    own_directory(directory, 0o700)  # it holds the pool's signing key too
     if not os.path.exists(cert):
         openssl = find_program(config, "openssl", "node " + name)
-        own_directory(directory, 0o700)
         subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                         "-nodes", "-days", "3650", "-subj", "/CN=sshjob", "-keyout", key, "-out", cert],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1483,7 +1481,7 @@ class Schedd:
         check_job_spec(cmd, env, workdir, output, error)
         count = field(message, "count", int, 1)
         nodes = field(message, "nodes", int, 1)
-        if not 1 <= count <= MAX_SUBMIT or not 1 <= nodes <= MAX_SUBMIT or count * nodes > MAX_SUBMIT:
+        if count < 1 or nodes < 1 or count * nodes > MAX_SUBMIT:
             raise UsageError("one submit queues at most %d node rows (jobs times nodes)" % MAX_SUBMIT)
         now = time.time()
         with self.storage():
@@ -3573,7 +3571,6 @@ def run_submit(config_path, argv):
         env[name] = value
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
-    check_job_spec(command, env, workdir, *paths.values())
     schedd = schedd_of(config_path)
     reply = schedd.call(dict(
         op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths))
