@@ -39,6 +39,7 @@ import array
 import base64
 import configparser
 import contextlib
+import errno
 import fcntl
 import grp
 import hashlib
@@ -282,25 +283,29 @@ def parse_address(address):
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
 
 
+def connect_unix(path, timeout):
+    """Connect to a Unix socket.  When the daemon's queue is full, connect()
+    waits in the kernel's line for room, for at most `timeout` (SO_SNDTIMEO
+    bounds it): a socket with a Python timeout would only poll, and lose
+    every freed place to a flood's blocked connects."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(timeout)
+    return sock
+
+
 def connect(address, what, timeout=IO_TIMEOUT):
     family, where = parse_address(address)
     try:
         if family == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    sock.connect(where)
-                    break
-                except BlockingIOError:  # the daemon's queue is full for now: wait for room, as TCP would
-                    if time.monotonic() > deadline:
-                        sock.close()
-                        raise
-                    time.sleep(0.01)
-                except OSError:
-                    sock.close()
-                    raise
+            sock = connect_unix(where, timeout)
         else:
             sock = socket.create_connection(where, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -444,7 +449,11 @@ class GatedServer(socketserver.ThreadingMixIn):
 
 
 class Server(GatedServer, socketserver.UnixStreamServer):
-    """The Unix-socket server: peers are told apart by their uid."""
+    """The Unix-socket server: peers are told apart by their uid.  Its queue
+    is short, so that a request waits behind few others: local clients wait
+    for room in the kernel (see connect_unix), they are not refused."""
+
+    request_queue_size = 64
 
     @staticmethod
     def peer_of(request, client_address):
@@ -1172,10 +1181,14 @@ class ProcessFamily:
 
     def kill(self):
         if self.cgroup:
-            with contextlib.suppress(FileNotFoundError):  # removed: nothing is left
+            try:
                 write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
-        else:
-            self.signal(signal.SIGKILL)
+                return
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENODEV):  # removed, or being removed: nothing is left
+                    return
+                log.debug("cgroup.kill of %s: %s; signalling its processes instead", self.cgroup, describe(e))
+        self.signal(signal.SIGKILL)
 
     def remove(self):
         """Kill what is left and remove the cgroup."""
