@@ -70,6 +70,7 @@ import termios
 import threading
 import time
 import tty
+import zlib
 
 __version__ = "0.1.0"
 
@@ -765,6 +766,11 @@ DEFAULTS = {
     "sftp_server": "",
     "sshd_config_template": "",
     "ssh_options": "",
+    "scheduler": "",
+    "remote_python": "python3",
+    "ship_program": "true",
+    "slurm_direct": "true",
+    "allow_agent_forwarding": "false",
 }
 
 
@@ -953,6 +959,7 @@ def find_sftp_server(config):
 # ---------------------------------------------------------------------------
 
 JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
+ANY_JOB_ID = re.compile(r"(?:slurm:)?\d{1,10}(?:_\d{1,10})?(?:\.\d{1,9}(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)?)?")
 
 
 def parse_job_id(text):
@@ -1002,6 +1009,32 @@ def child_setup(*steps):
             step()
 
     return setup if steps else None
+
+
+CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 0x1000, 0x4000, 0x40000
+
+
+def private_terminals():
+    """A preexec step for a root starter: the new process gets a mount
+    namespace and a devpts instance of its own that gives terminals to the
+    tty group, so that an sshd running as an ordinary user can allocate a
+    PTY on a node whose /dev/pts was mounted without gid=5 (as in many
+    containers).  Prepared here: a child of a threaded parent must not
+    import."""
+    import ctypes  # a root starter's only use of it, and only on such nodes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = b"newinstance,gid=%d,mode=620,ptmxmode=666" % grp.getgrnam("tty").gr_gid
+    calls = ((libc.unshare, CLONE_NEWNS), (libc.mount, b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+             (libc.mount, b"devpts", b"/dev/pts", b"devpts", 0, options),
+             (libc.mount, b"/dev/pts/ptmx", b"/dev/ptmx", None, MS_BIND, None))
+
+    def enter():
+        for call, *args in calls:
+            if call(*args) != 0:
+                raise OSError(ctypes.get_errno(), "cannot make private terminals")
+
+    return enter
 
 
 def exit_status(returncode):
@@ -2003,6 +2036,7 @@ PasswordAuthentication no
 HostbasedAuthentication no
 PermitRootLogin prohibit-password
 X11Forwarding yes
+AllowAgentForwarding ${agent_forwarding}
 PermitTTY yes
 PrintMotd no
 PrintLastLog no
@@ -2043,6 +2077,55 @@ def shell_and_workdir(shells, workdir):
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 GENERATION = re.compile(r"[0-9a-f]{0,64}")
+
+
+def sshd_config(config, host_key, sdir, user):
+    """The sshd configuration of one session whose files are in `sdir`."""
+    template = DEFAULT_SSHD_TEMPLATE
+    path = config["sshd_config_template"]
+    if path:
+        with open(path) as f:
+            template = f.read()
+    try:
+        return string.Template(template).substitute(
+            host_key=host_key,
+            authorized_keys=os.path.join(sdir, "authorized_keys"),
+            force_command="/bin/sh " + shlex.quote(os.path.join(sdir, "session.sh")),
+            user=user,
+            sftp_server=find_sftp_server(config),
+            agent_forwarding="yes" if config.flag("allow_agent_forwarding") else "no",
+        )
+    except (KeyError, ValueError) as e:
+        raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
+
+
+def welcome(job, node, pids):
+    return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
+        job, node, " ".join(str(pid) for pid in pids))
+
+
+def session_script(job, env, tag, pids, node, workdir, shells, greeting):
+    """A session's forced command: sshd gives every session a fresh
+    environment in $HOME, so this script puts back the job's environment
+    and working directory, then runs the requested command or a shell."""
+    q = shlex.quote
+    lines = ["# sshjob session in job %s" % job]
+    for name, value in sorted(env.items()):
+        if not SHELL_NAME.fullmatch(name):
+            continue
+        if CLIENT_VARIABLES.fullmatch(name):
+            lines.append('[ -n "${%s+set}" ] || export %s=%s' % (name, name, q(value)))
+        else:
+            lines.append("export %s=%s" % (name, q(value)))
+    lines.append("export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%s" % (
+        TAG_VAR, q(tag), PIDS_VAR, q(" ".join(str(pid) for pid in pids)), SESSION_VAR, q(job), q(str(node))))
+    lines += shell_and_workdir(shells, workdir)
+    lines += [
+        'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi',
+        "printf %%s %s" % q(greeting),
+        'exec "$SHELL" -l',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 class Job:
@@ -2203,7 +2286,8 @@ class Job:
                 [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
                 stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
                 env={"PATH": os.defpath, TAG_VAR: self.family.tag, SESSION_VAR: part},
-                preexec_fn=child_setup(self.family.enter(part), privileges_of(self.owner.pw_name)),
+                preexec_fn=child_setup(self.family.enter(part), self.starter.terminals if self.owner.pw_uid else None,
+                                       privileges_of(self.owner.pw_name)),
                 start_new_session=True,
             )
         finally:
@@ -2299,49 +2383,14 @@ class Job:
         log.info("job %s: session %s ended", self.name, sdir or proc.pid)
 
     def sshd_config(self, sdir):
-        template = DEFAULT_SSHD_TEMPLATE
-        path = self.starter.config["sshd_config_template"]
-        if path:
-            with open(path) as f:
-                template = f.read()
-        try:
-            return string.Template(template).substitute(
-                host_key=self.host_key_path(),
-                authorized_keys=os.path.join(sdir, "authorized_keys"),
-                force_command="/bin/sh " + shlex.quote(os.path.join(sdir, "session.sh")),
-                user=self.owner.pw_name,
-                sftp_server=find_sftp_server(self.starter.config),
-            )
-        except (KeyError, ValueError) as e:
-            raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
+        return sshd_config(self.starter.config, self.host_key_path(), sdir, self.owner.pw_name)
 
     def welcome(self, pids):
-        return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
-            self.name, self.starter.name, " ".join(str(pid) for pid in pids))
+        return welcome(self.name, self.starter.name, pids)
 
     def session_script(self, shells):
-        """The session's forced command: sshd gives every session a fresh
-        environment in $HOME, so this script puts back the job's environment
-        and working directory, then runs the requested command or a shell."""
-        q = shlex.quote
-        lines = ["# sshjob session in job %s" % self.name]
-        for name, value in sorted(self.env.items()):
-            if not SHELL_NAME.fullmatch(name):
-                continue
-            if CLIENT_VARIABLES.fullmatch(name):
-                lines.append('[ -n "${%s+set}" ] || export %s=%s' % (name, name, q(value)))
-            else:
-                lines.append("export %s=%s" % (name, q(value)))
-        pids = " ".join(str(pid) for pid in self.pids())
-        lines.append("export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%d" % (
-            TAG_VAR, q(self.family.tag), PIDS_VAR, q(pids), SESSION_VAR, q(self.name), self.node))
-        lines += shell_and_workdir(shells, self.workdir)
-        lines += [
-            'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi',
-            "printf %%s %s" % q(self.welcome(self.pids())),
-            'exec "$SHELL" -l',
-        ]
-        return "\n".join(lines) + "\n"
+        return session_script(self.name, self.env, self.family.tag, self.pids(), self.node, self.workdir, shells,
+                              self.welcome(self.pids()))
 
 
 class Starter:
@@ -2369,6 +2418,24 @@ class Starter:
         self.lease_path = os.path.join(self.dir, ".lease")
         self.keeper = None
         self.gate = None  # the server's, once it listens: relayed connections pass it too
+        self.pty_problem, self.terminals = self.terminals_for_sessions()
+
+    def terminals_for_sessions(self):
+        """(why sshd as an ordinary user gets no terminal here, or None; the
+        preexec step that gives it one, or None).  A root starter mends a
+        devpts without the tty group with private terminals, if it can."""
+        problem = self.devpts_problem()
+        if problem is None or self.uid != 0:
+            return problem, None
+        try:
+            terminals = private_terminals()
+            subprocess.run(["true"], preexec_fn=terminals, check=True)
+        except (OSError, KeyError, subprocess.SubprocessError) as e:
+            log.warning("%s, and private terminals are not possible (%s): interactive sessions of ordinary users "
+                        "use the built-in transport", problem, describe(e))
+            return problem, None
+        log.info("%s: sshd sessions get a devpts instance of their own", problem)
+        return None, terminals
 
     def offer_builtin_transport(self):
         """The built-in transport needs a TLS certificate, made with openssl."""
@@ -2393,7 +2460,7 @@ class Starter:
             log.info("the schedd declined news of job %s: %s", update.get("job"), e)
 
     @staticmethod
-    def pty_problem():
+    def devpts_problem():
         """Why an sshd that runs as a job's owner gets no terminal here, or
         None: it must give its PTY to the tty group, which a devpts mounted
         without gid=5 (as in many containers) refuses."""
@@ -2434,7 +2501,7 @@ class Starter:
                 updates, self.pending = self.pending, []
                 running = {run: job.gen for run, job in self.jobs.items()}
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
-                       "enable_ssh": self.enable_ssh, "pty_problem": self.pty_problem(),
+                       "enable_ssh": self.enable_ssh, "pty_problem": self.pty_problem,
                        "reachable": self.reachable, "ssh_problem": self.ssh_problem(),
                        "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
@@ -2924,51 +2991,27 @@ ssh.sendmsg([b"\\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary[0][2][:4
 """
 
 
-def reach_starter(schedd, ticket):
-    """A connection to the job's starter: direct, the fast path; or relayed
-    by the schedd where the starter takes no inbound connections, as it
-    says, or as a failed direct connection shows."""
-    what = "the starter of job %s" % ticket["job"]
-    if ticket.get("reachable", True):
-        try:
-            sock = connect(ticket["address"], what, timeout=5)
-            sock.settimeout(IO_TIMEOUT)
-            return sock
-        except Unreachable as e:
-            log.debug("%s; asking the schedd to relay", e)
-    sock, _ = schedd.stream({"op": "relay", "job": ticket["job"]})
-    log.debug("the schedd relays the connection to %s", what)
-    if sock.family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(IO_TIMEOUT)
-    return sock
+class PoolSite:
+    """Where a job of an sshjob pool lives: its schedd hands out tickets,
+    its starter takes them.  A site is the client's one seam to a batch
+    system (SlurmSite is the other): a ticket for a job, a connection to
+    the job's sshd, a channel for a built-in session, the job's state."""
 
-
-def pass_socket(channel, sock):
-    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
-
-
-class TicketDesk:
-    """The client's half of the bridge (see above)."""
-
-    def __init__(self, schedd, request):
+    def __init__(self, schedd):
         self.schedd = schedd
-        self.request = request
-        self.error = None
-        self.name = "sshjob-desk-%s" % secrets.token_hex(16)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind("\0" + self.name)
-        self.listener.listen(8)
-        self.ready = None
-        threading.Thread(target=self.serve, daemon=True).start()
 
-    def connect_to_job(self, reply=None):
-        """A ticket (fresh unless given), presented to the starter: a socket sshd answers."""
-        reply = reply or self.schedd.call(self.request)
-        job = self.request["job"]
-        sock = reach_starter(self.schedd, reply)
+    def ticket(self, request):
+        """What the job is and how to reach it; NotRunning while it is not."""
+        return self.schedd.call(request)
+
+    def connect_ssh(self, request, ticket=None):
+        """(socket the job's sshd answers, the job's host key), on a ticket
+        (fresh unless given) that the starter has accepted."""
+        ticket = ticket or self.schedd.call(request)
+        job = request["job"]
+        sock = self.reach_starter(ticket)
         try:
-            send_msg(sock, {"op": "ssh", "job": reply["run"], "key": self.request["key"], "ticket": reply["ticket"]})
+            send_msg(sock, {"op": "ssh", "job": ticket["run"], "key": request["key"], "ticket": ticket["ticket"]})
             raise_for_reply(recv_msg(sock))
         except OSError as e:
             sock.close()
@@ -2978,12 +3021,90 @@ class TicketDesk:
             raise
         sock.settimeout(None)
         log.debug("the starter accepted the ticket for job %s", job)
+        return sock, ticket["hostkey"]
+
+    def open_builtin(self, ticket, request):
+        """A channel to a built-in session that the starter has accepted: TLS,
+        its certificate pinned by the fingerprint that the schedd vouches for."""
+        what = "the starter of job %s" % ticket["job"]
+        tls = pinned_tls_connection(self.reach_starter(ticket), ticket["tls_fingerprint"], what)
+        try:
+            send_msg(tls, dict(request, op="builtin", job=ticket["run"], ticket=ticket["ticket"]))
+            raise_for_reply(recv_msg(tls))
+        except OSError as e:
+            tls.close()
+            raise Unreachable("%s did not answer (%s)" % (what, e)) from None
+        except SshjobError:
+            tls.close()
+            raise
+        return tls
+
+    def reach_starter(self, ticket):
+        """A connection to the job's starter: direct, the fast path; or relayed
+        by the schedd where the starter takes no inbound connections, as it
+        says, or as a failed direct connection shows."""
+        what = "the starter of job %s" % ticket["job"]
+        if ticket.get("reachable", True):
+            try:
+                sock = connect(ticket["address"], what, timeout=5)
+                sock.settimeout(IO_TIMEOUT)
+                return sock
+            except Unreachable as e:
+                log.debug("%s; asking the schedd to relay", e)
+        sock, _ = self.schedd.stream({"op": "relay", "job": ticket["job"]})
+        log.debug("the schedd relays the connection to %s", what)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(IO_TIMEOUT)
+        return sock
+
+    def state(self, job):
+        return job_state(self.schedd, job)
+
+    def remove(self, job):
+        self.schedd.call({"op": "act", "job": job, "action": "rm"})
+
+    def close(self):
+        pass
+
+
+def pass_socket(channel, sock):
+    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+
+
+class TicketDesk:
+    """The client's half of the bridge (see above).  Each connection may
+    come with a host key of its own (a Slurm session's sshd has one per
+    step): it is added to ssh's known_hosts before ssh gets the socket."""
+
+    def __init__(self, site, request, known_hosts, alias):
+        self.site = site
+        self.request = request
+        self.known_hosts = known_hosts
+        self.alias = alias
+        self.hostkeys = set()
+        self.error = None
+        self.name = "sshjob-desk-%s" % secrets.token_hex(16)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind("\0" + self.name)
+        self.listener.listen(8)
+        self.ready = None
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def connect_to_job(self, ticket=None):
+        """A socket that the job's sshd answers, its host key known to ssh."""
+        sock, hostkey = self.site.connect_ssh(self.request, ticket)
+        if hostkey not in self.hostkeys:
+            self.hostkeys.add(hostkey)
+            with open(self.known_hosts, "a") as f:
+                f.write("%s %s\n" % (self.alias, hostkey))
         return sock
 
     def prepare(self, ticket):
         """Connect ahead of ssh, with the client's first ticket: the job's
         sshd starts while ssh does, and a failure is reported before ssh
         runs, as one sentence."""
+        write_private(self.known_hosts, "")
         self.ready = self.connect_to_job(ticket)
 
     def serve(self):
@@ -3030,7 +3151,7 @@ CLIENT_USAGE = """\
 usage: sshjob client [-help] [-debug] [-name schedd-name] [-pool pool-name]
                      [-ssh ssh-command] [-keygen-options ssh-keygen-options]
                      [-shells shell1,shell2,...] [-auto-retry] [-remove-on-interrupt]
-                     [-X] [-transport t]
+                     [-X] [-transport t] [-scheduler pool|slurm]
                      cluster | cluster.proc | cluster.proc.node [remote-command]
 
 Open an ssh session inside a running job: same user, working directory and
@@ -3051,12 +3172,17 @@ environment as the job.  Without remote-command, an interactive shell.
   -X                    enable X11 forwarding
   -transport t          openssh, builtin (no OpenSSH needed) or auto (the
                         default: openssh where both ends have it)
+  -scheduler s          pool (this sshjob pool's jobs) or slurm (the cluster's
+                        Slurm: JOB, JOB_TASK, JOB.0.NODE; a slurm: prefix does
+                        the same); default: $SSHJOB_SCHEDULER, the configuration,
+                        else slurm where no pool is configured and squeue runs
 
 Options take one dash or two.  The exit status is the remote command's, or
 non-zero with a sentence on stderr when no session could be set up.
 """
 
 CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True, "transport": True,
+                  "scheduler": True,
                   "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
 
 
@@ -3064,6 +3190,7 @@ def parse_client_args(argv):
     """HTCondor style: options (one dash or two) before the job id, and
     everything after the job id is the remote command, untouched."""
     opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None, "transport": "auto",
+            "scheduler": None,
             "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
     args = list(argv)
     while args and args[0].startswith("-") and args[0] != "-":
@@ -3087,7 +3214,9 @@ def parse_client_args(argv):
         raise UsageError("no job given: sshjob client [options] cluster[.proc[.node]] [remote-command]")
     opts["job"] = args[0]
     opts["command"] = args[1:]
-    parse_job_id(opts["job"])
+    if not ANY_JOB_ID.fullmatch(opts["job"]):
+        raise UsageError("malformed job id %r: expected cluster, cluster.proc or cluster.proc.node (or a Slurm job: "
+                         "JOB, JOB_TASK, JOB.0.NODE)" % opts["job"])
     return opts
 
 
@@ -3138,7 +3267,7 @@ def make_session_key(config, tmp, keygen_options):
     return path
 
 
-def ssh_command(config, opts, job, info, tmp, key, proxy):
+def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
     program = shlex.split(opts["ssh"] or config["ssh"])
     if not program:
@@ -3147,15 +3276,12 @@ def ssh_command(config, opts, job, info, tmp, key, proxy):
     program[0] = shutil.which(program[0]) or program[0]
     if not os.path.isfile(program[0]):
         raise MissingProgram("%s was not found on this machine: %s" % (base, how_to_install(base)))
-    alias = "job-" + job
-    known_hosts = os.path.join(tmp, "known_hosts")
-    write_private(known_hosts, "%s %s\n" % (alias, info["hostkey"]))
     options = {
         "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": key,
         "UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
         "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
         "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
-        "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": info["user"], "LogLevel": "ERROR",
+        "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
     }
     argv = program + ["-F", "/dev/null"]
     for name, value in options.items():
@@ -3176,42 +3302,52 @@ def run_client(config_path, argv):
         sys.stdout.write(CLIENT_USAGE)
         return 0
 
-    def builtin_session(schedd, ticket, holder, command):
+    def builtin_session(site, ticket, holder, command):
         if opts["ssh"] or opts["X"]:
             raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only (%s):"
                                  " sshjob cp, and rsync -e 'sshjob client', copy files without it"
                                  % (opts["ssh"] or "-X", ticket["job"], ticket["why"]))
-        return run_builtin(schedd, ticket, holder, command)
+        return run_builtin(site, ticket, holder, command)
 
     return enter_job(config_path, opts, builtin_session)
 
 
 def enter_job(config_path, opts, builtin_session):
     """Reach the job as `opts` say: over OpenSSH (ssh, or the -ssh command)
-    where both ends have it, else with `builtin_session(schedd, ticket,
+    where both ends have it, else with `builtin_session(site, ticket,
     holder, command)`.  Returns the exit status."""
     if opts["debug"]:
         logging.getLogger().setLevel(logging.DEBUG)
     if opts["transport"] not in ("auto", "openssh", "builtin"):
         raise UsageError("unknown transport %r: openssh, builtin or auto" % opts["transport"])
-    if opts["pool"]:
-        config_path = find_config_path(opts["pool"])
-    config = Config(find_config_path(config_path))
-    cluster, proc, _node = parse_job_id(opts["job"])
-    job = job_name(cluster, proc)
-    schedd = config.schedd(opts["name"])
+    config, site, job = find_site(config_path, opts)
     command = " ".join(opts["command"]) if opts["command"] else None
     try:
-        return enter_job_at(schedd, config, opts, job, command, builtin_session)
+        return enter_job_at(site, config, opts, job, command, builtin_session)
     except (Interrupted, KeyboardInterrupt):
         if opts["remove-on-interrupt"]:
             with contextlib.suppress(SshjobError, OSError):
-                schedd.call({"op": "act", "job": job, "action": "rm"})
+                site.remove(job)
                 sys.stderr.write("sshjob: job %s removed, as -remove-on-interrupt asks\n" % job)
         raise
+    finally:
+        site.close()
 
 
-def enter_job_at(schedd, config, opts, job, command, builtin_session):
+def find_site(config_path, opts):
+    """(configuration, site, job) for the job that `opts` name: a job of
+    this sshjob pool, or of the cluster's Slurm (see choose_scheduler)."""
+    if opts["pool"]:
+        config_path = find_config_path(opts["pool"])
+    scheduler, job_id, config = choose_scheduler(config_path, opts)
+    if scheduler == "slurm":
+        site = SlurmSite(config)
+        return config, site, site.job_name(job_id)
+    cluster, proc, _node = parse_job_id(job_id)
+    return config, PoolSite(config.schedd(opts["name"])), job_name(cluster, proc)
+
+
+def enter_job_at(site, config, opts, job, command, builtin_session):
     with private_tempdir() as tmp:
         key = session_key(config, tmp, opts)
         holder = secrets.token_hex(32)
@@ -3221,19 +3357,19 @@ def enter_job_at(schedd, config, opts, job, command, builtin_session):
                    "interactive": interactive,
                    "holder": holder_hash(holder), "transport": opts["transport"],
                    "shells": [s for s in shells.split(",") if s], "command": command}
-        ticket = wait_for_ticket(schedd, request, opts["auto-retry"])
+        ticket = wait_for_ticket(site, request, opts["auto-retry"])
         log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket["user"], ticket["starter"],
                   ticket["transport"], ticket["why"])
         if ticket["transport"] == "openssh":
-            status = run_openssh(config, opts, schedd, dict(request, transport="openssh"), ticket, tmp, key)
+            status = run_openssh(config, opts, site, dict(request, transport="openssh"), ticket, tmp, key)
         else:
             try:
-                status = builtin_session(schedd, ticket, holder, command)
+                status = builtin_session(site, ticket, holder, command)
             except Unreachable:
-                explain_lost_session(schedd, job)
+                explain_lost_session(site, job)
                 raise
     if status == 255:
-        explain_lost_session(schedd, job)
+        explain_lost_session(site, job)
     return status
 
 
@@ -3257,13 +3393,13 @@ def read_public_key(key):
         return parse_public_key(f.read())
 
 
-def wait_for_ticket(schedd, request, auto_retry):
+def wait_for_ticket(site, request, auto_retry):
     """A ticket for the job; with -auto-retry, wait while the job is not
     running yet, saying so, until it runs or never will."""
     started = time.time()
     while True:
         try:
-            return schedd.call(request)
+            return site.ticket(request)
         except NotRunning as e:
             if not auto_retry:
                 raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
@@ -3272,11 +3408,12 @@ def wait_for_ticket(schedd, request, auto_retry):
             time.sleep(2)
 
 
-def run_openssh(config, opts, schedd, request, ticket, tmp, key):
-    desk = TicketDesk(schedd, request)
+def run_openssh(config, opts, site, request, ticket, tmp, key):
+    alias = "job-" + ticket["job"]
+    desk = TicketDesk(site, request, os.path.join(tmp, "known_hosts"), alias)
     try:
         desk.prepare(ticket)
-        argv = ssh_command(config, opts, ticket["job"], ticket, tmp, key, desk.proxy_command())
+        argv = ssh_command(config, opts, alias, ticket["user"], desk.known_hosts, key, desk.proxy_command())
         log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
         status = run_foreground(argv)
     finally:
@@ -3286,29 +3423,22 @@ def run_openssh(config, opts, schedd, request, ticket, tmp, key):
     return status
 
 
-def run_builtin(schedd, ticket, holder, command, streams=(0, 1, 2)):
+def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
     """A session over the built-in transport, on the given stdin, stdout and
     stderr; returns the remote exit status."""
-    what = "the starter of job %s" % ticket["job"]
-    tls = pinned_tls_connection(reach_starter(schedd, ticket), ticket["tls_fingerprint"], what)
     interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
-    request = {"op": "builtin", "job": ticket["run"], "holder": holder, "ticket": ticket["ticket"],
-               "command": command, "env": {k: v for k, v in os.environ.items()
-                                           if CLIENT_VARIABLES.fullmatch(k) and not k.startswith("SSH_")}}
+    request = {"holder": holder, "command": command, "env": {
+        k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k) and not k.startswith("SSH_")}}
     if interactive:
         rows, columns = window_size(0)
         request["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
-    with tls, contextlib.ExitStack() as stack:
-        try:
-            send_msg(tls, request)
-            raise_for_reply(recv_msg(tls))
-        except OSError as e:
-            raise Unreachable("%s did not answer (%s)" % (what, e)) from None
-        tls.settimeout(None)
+    channel = site.open_builtin(ticket, request)
+    with channel, contextlib.ExitStack() as stack:
+        channel.settimeout(None)
         if interactive:
             stack.enter_context(raw_terminal(0))
         try:
-            return relay_to_job(tls, interactive, streams)
+            return relay_to_job(channel, interactive, streams)
         except OSError as e:
             raise Unreachable("the connection to job %s broke (%s)" % (ticket["job"], e)) from None
 
@@ -3328,10 +3458,10 @@ LOST_SESSION = {"removed": "was removed", "completed": "finished", "idle": "was 
                 "starting": "was pre-empted (vacated)"}
 
 
-def explain_lost_session(schedd, job):
+def explain_lost_session(site, job):
     """ssh failed: if the job's end is why, say so in a sentence."""
     try:
-        state = job_state(schedd, job)
+        state = site.state(job)
     except SshjobError:
         return
     if state in LOST_SESSION:
@@ -3344,7 +3474,7 @@ def explain_lost_session(schedd, job):
 # node, the tarfile module here), modes kept.
 # ---------------------------------------------------------------------------
 
-REMOTE_PATH = re.compile(r"(\d+(?:\.\d+){0,2}):(.*)", re.DOTALL)
+REMOTE_PATH = re.compile(r"((?:slurm:)?\d+(?:_\d+)?(?:\.\d+(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)?)?):(.*)", re.DOTALL)
 
 UPLOAD_SCRIPT = """\
 p=%(path)s; n=%(name)s
@@ -3372,13 +3502,13 @@ def run_cp(config_path, argv):
     opts = dict(parse_client_args([job]), ssh="scp -r -p -q", command=scp_args, transport=args.transport,
                 debug=args.debug)
 
-    def copy_builtin(schedd, ticket, holder, command):
-        return (download_tree if download else upload_tree)(schedd, ticket, holder, path, local)
+    def copy_builtin(site, ticket, holder, command):
+        return (download_tree if download else upload_tree)(site, ticket, holder, path, local)
 
     return enter_job(config_path, opts, copy_builtin)
 
 
-def download_tree(schedd, ticket, holder, path, local):
+def download_tree(site, ticket, holder, path, local):
     """Remote tar out, extracted here: into LOCAL if it is a directory, else
     as LOCAL.  It is unpacked aside first, and put in place only whole."""
     parent, name = os.path.split(path.rstrip("/") or "/")
@@ -3391,7 +3521,7 @@ def download_tree(schedd, ticket, holder, path, local):
     def relay():
         with open(os.devnull, "rb") as nothing:
             try:
-                outcome.append(run_builtin_closing(schedd, ticket, holder, command, (nothing.fileno(), write_end, 2)))
+                outcome.append(run_builtin_closing(site, ticket, holder, command, (nothing.fileno(), write_end, 2)))
             except SshjobError as e:
                 outcome.append(e)
 
@@ -3430,7 +3560,7 @@ def put_in_place(source, target):
         put_in_place(os.path.join(source, entry), os.path.join(target, entry))
 
 
-def upload_tree(schedd, ticket, holder, path, local):
+def upload_tree(site, ticket, holder, path, local):
     """A tar stream of LOCAL, unpacked in the job at PATH (into it, if it is a directory)."""
     name = os.path.basename(os.path.abspath(local))
     command = UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}
@@ -3444,7 +3574,7 @@ def upload_tree(schedd, ticket, holder, path, local):
     packer = threading.Thread(target=pack, daemon=True)
     packer.start()
     try:
-        return run_builtin(schedd, ticket, holder, command, (read_end, 1, 2))
+        return run_builtin(site, ticket, holder, command, (read_end, 1, 2))
     finally:
         os.close(read_end)
         packer.join(timeout=5)
@@ -3459,10 +3589,10 @@ def without_owner(member):
     return member
 
 
-def run_builtin_closing(schedd, ticket, holder, command, streams):
+def run_builtin_closing(site, ticket, holder, command, streams):
     """run_builtin, then close its stdout so that the reader sees the end."""
     try:
-        return run_builtin(schedd, ticket, holder, command, streams)
+        return run_builtin(site, ticket, holder, command, streams)
     finally:
         os.close(streams[1])
 
@@ -3612,20 +3742,32 @@ def queue(schedd, everything=False, job=None):
 
 def run_q(config_path, argv):
     parser = argparse.ArgumentParser(prog="sshjob q", description="List the jobs in the queue.")
-    parser.add_argument("--all", action="store_true", help="include finished and removed jobs")
+    parser.add_argument("--all", action="store_true", help="include finished and removed jobs (Slurm: every "
+                        "user's jobs)")
+    parser.add_argument("--scheduler", "-scheduler", choices=("pool", "slurm"),
+                        help="whose queue: the pool's or Slurm's (default: as for client)")
     args = parser.parse_args(argv)
+    scheduler, _, config = choose_scheduler(config_path, {"job": "", "scheduler": args.scheduler})
+    if scheduler == "slurm":
+        print_table(slurm_queue(args.all))
+        return 0
     rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
-    for job in queue(schedd_of(config_path), args.all):
+    for job in queue(config.schedd(), args.all):
         state = job["state"]
         if state == "completed":
             state = "completed (%s)" % job["exit_status"]
         command = " ".join(shlex.quote(a) for a in job["cmd"])
         rows.append((job["id"], job["owner"], state, job["starter"] or "-",
                      command + ("  [%s]" % job["note"] if job["note"] else "")))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    print_table(rows)
     return 0
+
+
+def print_table(rows):
+    """Rows in aligned columns; the last column runs on."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
 def run_status(config_path, argv):
@@ -3904,6 +4046,788 @@ def job_state(schedd, job):
 
 
 # ---------------------------------------------------------------------------
+# Jobs as ssh hosts: `ssh 1.0.sshjob`, for every ssh tool.  One Host block
+# (sshjob ssh-config) makes each name under .sshjob a job, and under
+# .slurm.sshjob a Slurm job.  Its ProxyCommand, `sshjob proxy %h %r`, gets a
+# ticket for the user's own sshjob key exactly as the client does, writes
+# the job's host key, as the schedd or the Slurm step vouches for it, into
+# sshjob's known_hosts before ssh reads it, and hands ssh the connected
+# socket (ProxyUseFdpass): no trust on first use, nothing in the data path.
+# ---------------------------------------------------------------------------
+
+HOST_SUFFIX = ".sshjob"
+SLURM_HOST_SUFFIX = ".slurm.sshjob"
+BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts (sshjob ssh-config --install) >>>"
+BLOCK_END = "# <<< sshjob <<<"
+KEYS_PER_HOST = 8  # host keys kept per name: a Slurm job's sessions each have one, and may overlap
+
+
+def sshjob_home():
+    """The user's private sshjob directory (the persistent key, known_hosts)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    path = os.path.join(base, "sshjob")
+    os.makedirs(path, 0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on `path` (made if missing): ssh may run several proxies at once."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def persistent_key(config):
+    """The private key of the user's sshjob key pair, made on first use."""
+    home = sshjob_home()
+    path = os.path.join(home, "id_ed25519")
+    with locked(os.path.join(home, ".lock")):
+        if not (os.path.exists(path) and os.path.exists(path + ".pub")):
+            keygen = find_program(config, "ssh_keygen", "this machine")
+            for stale in (path, path + ".pub"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob@" + socket.gethostname(),
+                            "-f", path], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            log.debug("made the sshjob key %s", path)
+    return path
+
+
+def remember_host_key(path, host, key):
+    """Put `host key` into sshjob's known_hosts, keeping the host's newest
+    KEYS_PER_HOST keys (a Slurm job's sessions have one each)."""
+    with locked(path + ".lock"):
+        try:
+            with open(path) as f:
+                lines = [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            lines = []
+        line = "%s %s" % (host, key)
+        same = [known for known in lines if known.split(" ", 1)[0] == host and known != line]
+        others = [known for known in lines if known.split(" ", 1)[0] != host]
+        write_atomically(path, "\n".join(others + same[-(KEYS_PER_HOST - 1):] + [line]) + "\n")
+
+
+def job_of_host(host):
+    """(scheduler or None, job id) that a name under .sshjob stands for."""
+    if host.endswith(SLURM_HOST_SUFFIX):
+        return "slurm", host[:-len(SLURM_HOST_SUFFIX)]
+    if host.endswith(HOST_SUFFIX):
+        return None, host[:-len(HOST_SUFFIX)]
+    raise UsageError("%s is not a job's host name: JOB.sshjob, e.g. 1.0.sshjob (or 1234.slurm.sshjob)" % host)
+
+
+def run_proxy(config_path, argv):
+    """`sshjob proxy HOST USER`: the ProxyCommand of the Host block."""
+    if len(argv) != 2:
+        raise UsageError("usage: sshjob proxy HOST USER (the Host block of sshjob ssh-config runs it)")
+    host, user = argv
+    scheduler, job_id = job_of_host(host)
+    opts = dict(parse_client_args([job_id]), scheduler=scheduler)
+    config, site, job = find_site(config_path, opts)
+    key = persistent_key(config)
+    request = {"op": "ssh_ticket", "job": opts["job"], "key": read_public_key(key), "interactive": False,
+               "holder": holder_hash(secrets.token_hex(32)), "transport": "openssh",
+               "shells": [s for s in [os.environ.get("SHELL")] if s], "command": None}
+    ticket = site.ticket(request)
+    if user != ticket["user"]:
+        raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
+            job, ticket["user"], ticket["user"], ticket["user"], host))
+    sock, hostkey = site.connect_ssh(request, ticket)
+    remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
+    with sock, socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as ssh:
+        pass_socket(ssh, sock)
+    log.debug("handed ssh the connection to job %s", job)
+    return 0  # the site is not closed: a Slurm step lives on with the session, and ssh waits for us to exit
+
+
+def ssh_config_block(config_path):
+    """The Host block, with absolute paths: it works from any directory."""
+    home = sshjob_home()
+    here = os.path.abspath(sys.argv[0])
+    command = [sys.executable, here] + (["--config", os.path.abspath(config_path)] if config_path else [])
+    proxy = " ".join(shlex.quote(a) for a in command).replace("%", "%%") + " proxy %h %r"
+    quote = lambda path: '"%s"' % path.replace("%", "%%")  # noqa: E731
+    return "\n".join([
+        BLOCK_BEGIN,
+        "Host *%s" % HOST_SUFFIX,
+        "    ProxyCommand %s" % proxy,
+        "    ProxyUseFdpass yes",
+        "    IdentityFile %s" % quote(os.path.join(home, "id_ed25519")),
+        "    IdentitiesOnly yes",
+        "    UserKnownHostsFile %s" % quote(os.path.join(home, "known_hosts")),
+        "    StrictHostKeyChecking yes",
+        "    CheckHostIP no",
+        "    UpdateHostKeys no",
+        BLOCK_END,
+    ]) + "\n"
+
+
+def run_ssh_config(config_path, argv):
+    parser = argparse.ArgumentParser(
+        prog="sshjob ssh-config", description="Print the Host block that makes jobs ssh hosts (ssh 1.0.sshjob).")
+    parser.add_argument("--install", action="store_true",
+                        help="add it to ~/.ssh/config, or bring the block there up to date")
+    args = parser.parse_args(argv)
+    config_path = config_path or os.environ.get("SSHJOB_CONFIG")
+    block = ssh_config_block(config_path)
+    if not args.install:
+        sys.stdout.write(block)
+        return 0
+    ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
+    os.makedirs(ssh_dir, 0o700, exist_ok=True)
+    path = os.path.realpath(os.path.join(ssh_dir, "config"))  # a dotfile manager's link stays a link
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if BLOCK_BEGIN in text and BLOCK_END in text:
+        before, _, rest = text.partition(BLOCK_BEGIN)
+        text = before + rest.partition(BLOCK_END)[2].lstrip("\n")
+    write_atomically(path, block + ("\n" + text if text.strip() else ""))  # first: its settings win
+    sys.stderr.write("sshjob: the Host block is in %s: ssh JOB.sshjob (e.g. ssh 1.0.sshjob) reaches a job\n" % path)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Slurm: sessions inside the jobs of a Slurm cluster, with no sshjob daemon
+# and no root.  Slurm decides who gets in: a session is a job step
+# (srun --jobid J --overlap) that the user starts, which Slurm
+# authenticates and refuses in other users' jobs.  The step runs this
+# module on the node (`sshjob slurm-step`, started by SLURM_BOOT): it finds
+# the job's batch script, takes its environment and working directory, and
+# starts sshd -i as the user on a TCP connection that the client makes to
+# it directly (a one-time secret admits it, ssh authenticates both ends),
+# else on the srun pipe.  A guardian that outlives the step ends whatever
+# the session left behind, double-forked processes included, and stops
+# them while Slurm suspends the job.
+# ---------------------------------------------------------------------------
+
+SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
+SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
+SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
+                  "NODE_FAIL": "completed", "PREEMPTED": "idle", "BOOT_FAIL": "completed", "DEADLINE": "completed",
+                  "OUT_OF_MEMORY": "completed"}
+SLURM_ERRORS = (  # what srun and scontrol say, and the sentence a user reads
+    ("Access/permission denied", Refused, "Slurm refuses a session in job {job}: it is not yours"),
+    ("Unable to contact slurm controller", Unreachable, "Slurm's controller (slurmctld) does not answer"),
+    ("Invalid job id", NotFound, "job {job} is unknown to Slurm"),
+    ("Job is pending execution", NotRunning, "job {job} is pending in Slurm"),
+    ("Job has already finished", JobGone, "job {job} has finished"),
+    ("Requested node configuration is not available", UsageError, "job {job} has no node {node}"),
+)
+
+# Run by srun on the node with `python3 -I -S -c`: find this module (cached
+# by its hash, at the client's path, or shipped by the client, compressed,
+# when asked for with "need"), say "have HOW", and run the step.  Unbuffered reads: what
+# follows on stdin is the step's.
+SLURM_BOOT = r"""
+import hashlib, os, sys, tempfile, zlib
+program, digest = sys.argv[1], sys.argv[2]
+home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+cache = os.path.join(home, "sshjob", digest)
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+def inside(path):
+    if path.endswith(".py"):
+        return read(path)
+    try:
+        import zipfile
+        with zipfile.ZipFile(path) as z:
+            return z.read("site-packages/sshjob.py")
+    except Exception:
+        return None
+def fits(data):
+    return data is not None and hashlib.sha256(data).hexdigest() == digest
+def take(size):
+    data = b""
+    while len(data) < size:
+        chunk = os.read(0, size - len(data))
+        if not chunk:
+            sys.exit(1)
+        data += chunk
+    return data
+def line():
+    text = b""
+    while not text.endswith(b"\n"):
+        text += take(1)
+    return text
+how = "cached in " + cache
+if not fits(read(os.path.join(cache, "sshjob.py"))):
+    data, how = inside(program), "read from " + program
+    if not fits(data):
+        os.write(1, b"need\n")
+        size = int(line())
+        if not size:
+            sys.exit(3)
+        data, how = zlib.decompress(take(size)), "shipped by the client"
+        if not fits(data):
+            sys.exit(3)
+    try:
+        os.makedirs(cache, 0o700, exist_ok=True)
+    except OSError:
+        cache = tempfile.mkdtemp()
+    fd, name = tempfile.mkstemp(dir=cache)
+    os.write(fd, data)
+    os.close(fd)
+    os.replace(name, os.path.join(cache, "sshjob.py"))
+os.write(1, ("have " + how + "\n").encode())
+sys.path.insert(0, cache)
+import sshjob
+sys.exit(sshjob.main(sys.argv[3:] + ["slurm-step"]))
+"""
+
+
+def choose_scheduler(config_path, opts):
+    """(scheduler, job id, Config): "slurm" when -scheduler, a slurm: job
+    id, SSHJOB_SCHEDULER or `scheduler` in sshjob.conf say so, or when no
+    pool is configured and Slurm's squeue is on PATH; else "pool"."""
+    job = opts["job"]
+    scheduler = opts.get("scheduler")
+    if job.startswith("slurm:"):
+        scheduler, job = "slurm", job[len("slurm:"):]
+    try:
+        path, missing = find_config_path(config_path), None
+    except ConfigError as e:
+        if config_path or os.environ.get("SSHJOB_CONFIG"):
+            raise  # a configuration named but missing is a mistake to report, not a reason to guess
+        path, missing = None, e
+    config = Config(path)
+    scheduler = scheduler or config["scheduler"] or ("slurm" if missing and shutil.which("squeue") else "pool")
+    if scheduler not in ("pool", "slurm"):
+        raise UsageError("unknown scheduler %r: pool or slurm" % scheduler)
+    if scheduler == "pool" and missing:
+        raise missing
+    return scheduler, job, config
+
+
+def slurm_command(name):
+    path = shutil.which(name)
+    if not path:
+        raise MissingProgram("Slurm's client commands are not on PATH (%s was not found)" % name)
+    return path
+
+
+def slurm_error(text, job, node=None):
+    """An SshjobError from what a Slurm command printed."""
+    for needle, kind, sentence in SLURM_ERRORS:
+        if needle in text:
+            return kind("%s (%s)" % (sentence.format(job=job, node=node), needle))
+    last = [line for line in text.splitlines() if line.strip()][-1:] or ["no message"]
+    return Unreachable("Slurm could not start a session in job %s: %s" % (job, last[0].strip()))
+
+
+def run_slurm(job, *argv):
+    """A Slurm client command's output; its complaint as one sentence."""
+    try:
+        result = subprocess.run([slurm_command(argv[0])] + list(argv[1:]), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise Unreachable("Slurm's %s did not answer within a minute" % argv[0]) from None
+    if result.returncode != 0:
+        raise slurm_error(result.stderr or result.stdout, job)
+    return result.stdout
+
+
+def slurm_fields(line):
+    """scontrol's one-line records: Key=Value pairs separated by spaces."""
+    return dict(item.partition("=")[::2] for item in line.split(" ") if "=" in item)
+
+
+def slurm_jobs(spec):
+    return [slurm_fields(line) for line in run_slurm(spec, "scontrol", "show", "job", "-o", spec).splitlines()
+            if line.startswith("JobId=")]
+
+
+class SlurmSite:
+    """Where a job of the cluster's Slurm lives (see PoolSite): a session is
+    a step of its own, started with srun, that hands the client the
+    connection to an sshd it starts for the session."""
+
+    def __init__(self, config):
+        self.config = config
+        for name in SLURM_PROGRAMS:
+            slurm_command(name)
+        self.spec = self.node = self.request = None
+        self.batch_host = False
+        self.target = None  # (job id, node, working directory) once the job runs
+        self.steps = []
+        self.program = os.path.abspath(sys.argv[0])
+        with open(os.path.abspath(__file__), "rb") as f:
+            self.source = f.read()
+        self.digest = hashlib.sha256(self.source).hexdigest()
+
+    def job_name(self, text):
+        match = SLURM_JOB_ID.fullmatch(text)
+        if not match or match.group(2) not in (None, "0"):
+            raise UsageError("malformed Slurm job id %r: expected JOB, JOB_TASK (a task of an array) or JOB.0.NODE "
+                             "(a node of the job, by index or name)" % text)
+        self.spec, _, self.node = match.groups()
+        return self.spec
+
+    def ticket(self, request):
+        jobs = slurm_jobs(self.spec)
+        if len(jobs) != 1:
+            first = min(jobs, key=lambda j: int(re.match(r"\d*", j.get("ArrayTaskId", "")).group() or 0))
+            raise UsageError("job %s is an array of %d tasks: name one, as %s_%s" % (
+                self.spec, len(jobs), self.spec, re.match(r"\d*", first.get("ArrayTaskId", "")).group() or 0))
+        job = jobs[0]
+        state = job.get("JobState", "")
+        if state in SLURM_FINISHED:
+            raise JobGone("job %s has finished (%s)" % (self.spec, state))
+        if state != "RUNNING":
+            raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), job.get("Reason", "")))
+        self.target = (job["JobId"], self.pick_node(job), job.get("WorkDir", ""))
+        self.batch_host = job.get("BatchHost") == self.target[1]
+        self.request = request
+        step = self.start_step(request)
+        return {"job": self.spec, "user": step.reply["user"], "starter": self.target[1],
+                "transport": step.reply["transport"], "why": step.reply["why"], "step": step}
+
+    def pick_node(self, job):
+        nodes = job.get("NodeList", "")
+        names = run_slurm(self.spec, "scontrol", "show", "hostnames", nodes).split() if "[" in nodes else \
+            nodes.split(",")
+        if self.node is None:
+            return job.get("BatchHost") or names[0]
+        if self.node.isdigit():
+            if int(self.node) >= len(names):
+                raise UsageError("job %s runs on %d node(s): node index %s is out of range (0 to %d)" % (
+                    self.spec, len(names), self.node, len(names) - 1))
+            return names[int(self.node)]
+        if self.node not in names:
+            raise UsageError("job %s does not run on node %s (its nodes: %s)" % (self.spec, self.node, nodes))
+        return self.node
+
+    def start_step(self, request):
+        step = SlurmStep(self, request)
+        self.steps.append(step)
+        return step
+
+    def step_for(self, ticket, transport):
+        step = (ticket or {}).pop("step", None) or self.start_step(dict(self.request, transport=transport))
+        if step.reply["transport"] != transport:
+            raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
+        return step
+
+    def connect_ssh(self, request, ticket=None):
+        step = self.step_for(ticket, "openssh")
+        return step.connect(), step.reply["hostkey"]
+
+    def open_builtin(self, ticket, request):
+        step = self.step_for(ticket, "builtin")
+        try:
+            send_msg(step.channel, request)
+            raise_for_reply(recv_msg(step.channel))
+        except (OSError, ProtocolError):
+            raise step.failure() from None
+        return step.channel
+
+    def state(self, job):
+        jobs = slurm_jobs(job)
+        state = jobs[0].get("JobState", "") if jobs else "COMPLETED"
+        return SLURM_FINISHED.get(state, state.lower())
+
+    def remove(self, job):
+        run_slurm(job, "scancel", job)
+
+    def close(self):
+        for step in self.steps:
+            step.close()
+
+
+class SlurmStep:
+    """One job step, from the client's side: srun runs SLURM_BOOT on the
+    node, with stdin and stdout on a socket pair whose other end is ours."""
+
+    def __init__(self, site, request):
+        self.site = site
+        job, node, workdir = site.target
+        argv = [slurm_command("srun"), "--jobid", job, "--overlap", "-N1", "-n1", "-w", node, "--quiet", "-u",
+                site.config["remote_python"], "-I", "-S", "-c", SLURM_BOOT, site.program, site.digest]
+        if log.isEnabledFor(logging.DEBUG):
+            argv.append("--debug")
+        self.channel, theirs = socket.socketpair()
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(); a file: srun outlives a proxy)
+        log.debug("starting the session's step: %s BOOT", " ".join(map(shlex.quote, argv[:argv.index(SLURM_BOOT)])))
+        with theirs:
+            self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=self.errors,
+                                         start_new_session=True)
+        self.channel.settimeout(60)
+        try:
+            self.boot()
+            send_msg(self.channel, {"key": request.get("key"), "transport": request.get("transport", "auto"),
+                                    "interactive": request.get("interactive") is True, "workdir": workdir,
+                                    "shells": request.get("shells") or [], "job": site.spec,
+                                    "direct": site.config.flag("slurm_direct"), "batch_host": site.batch_host})
+            self.reply = raise_for_reply(recv_msg(self.channel))
+        except (OSError, ProtocolError):
+            raise self.failure() from None
+
+    def stderr(self):
+        """What srun and the step have said on stderr so far."""
+        self.errors.seek(0)
+        text = self.errors.read()[-65536:].decode(errors="replace")
+        for line in text.splitlines():
+            log.debug("job step: %s", line)
+        return text
+
+    def boot(self):
+        """The node has the module, or asks for it, which we ship unless told not to."""
+        said = self.read_line()
+        if said == "need":
+            if not self.site.config.flag("ship_program"):
+                self.channel.sendall(b"0\n")
+                raise ConfigError("node %s cannot read %s, and ship_program = false: put sshjob.pyz on a file "
+                                  "system that the nodes share" % (self.site.target[1], self.site.program))
+            packed = zlib.compress(self.site.source, 9)
+            self.channel.sendall(b"%d\n" % len(packed) + packed)
+            said = self.read_line()
+        if not said.startswith("have "):
+            raise ProtocolError("the step said %r" % said[:100])
+        log.debug("the node has sshjob: %s", said[5:])
+
+    def read_line(self):
+        text = b""
+        while not text.endswith(b"\n") and len(text) < 4096:
+            byte = self.channel.recv(1)
+            if not byte:
+                raise ProtocolError("the step ended")
+            text += byte
+        return text.decode(errors="replace").strip()
+
+    def failure(self):
+        """Why the step did not answer, from what srun printed."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        return slurm_error(self.stderr(), self.site.spec, self.site.target[1])
+
+    def connect(self):
+        """A socket to the step's sshd: a direct connection to the node where
+        it takes one, the fast path; else the srun pipe itself."""
+        host, port = self.reply.get("direct") or (None, None)
+        if host:
+            try:
+                sock = socket.create_connection((host, port), timeout=3)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(bytes.fromhex(self.reply["secret"]))
+                sock.settimeout(None)
+                log.debug("connected to the job's sshd directly, at %s:%d", host, port)
+                return sock
+            except OSError as e:
+                log.debug("cannot reach the node at %s:%d (%s): the session goes through srun", host, port, e)
+        send_msg(self.channel, {"op": "pipe"})
+        self.channel.settimeout(None)
+        log.debug("the session goes through srun's pipe")
+        return self.channel
+
+    def close(self):
+        self.channel.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait()
+        self.stderr()
+        self.errors.close()
+
+
+def slurm_queue(everyone):
+    """The user's Slurm jobs (everyone's) as the rows of `sshjob q`."""
+    options = [] if everyone else ["--user", pwd.getpwuid(os.getuid()).pw_name]
+    output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%o", *options)
+    rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
+    for line in output.splitlines():
+        job, user, state, nodes, reason, command = (line.split("|", 5) + [""] * 6)[:6]
+        note = "  [%s]" % reason if state == "PENDING" and reason not in ("", "None") else ""
+        rows.append((job, user, state.lower(), nodes or "-", command + note))
+    return rows
+
+
+# -- the step, on the node --------------------------------------------------
+
+
+class PipeChannel:
+    """The step's end of srun's pipes, as the little of a socket that the
+    protocol uses."""
+
+    def __init__(self, read_fd, write_fd):
+        self.read_fd, self.write_fd = read_fd, write_fd
+
+    def fileno(self):
+        return self.read_fd
+
+    def recv(self, size, flags=0):
+        return os.read(self.read_fd, size)
+
+    def sendall(self, data):
+        write_all(self.write_fd, data)
+
+    @staticmethod
+    def pending():
+        return 0
+
+
+def slurm_job_context(job_id, own_step):
+    """(pids, environment, working directory) of the job on this node: its
+    processes, the batch script's first, and the first one's environment
+    and directory; (pids, None, None) if none of them can be read."""
+    result = subprocess.run(["scontrol", "listpids", job_id], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, universal_newlines=True)
+    rows = [line.split() for line in result.stdout.splitlines()]
+    rows = [row for row in rows if len(row) >= 4 and row[0].isdigit() and row[2] != own_step]
+    rows.sort(key=lambda row: (row[2] != "batch", row[3] != "0", not row[2].isdigit(), row[2].zfill(9), row[3]))
+    pids = [int(row[0]) for row in rows]
+    for pid in pids:
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                pairs = [item.partition(b"=") for item in f.read().split(b"\0") if b"=" in item]
+            env = {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+            return pids, env, os.readlink("/proc/%d/cwd" % pid)
+        except OSError:
+            continue
+    return pids, None, None
+
+
+def address_facing(peer):
+    """This node's address on the way to `peer` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((peer, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
+def process_state(pid, started):
+    """The state letter of process `pid` if it is still the one that
+    started at `started` (clock ticks after boot), else None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0] if fields[19] == started else None
+
+
+def guard_step(step_pid, started, tag, tmp):
+    """The guardian: while the step lives, stop the session's processes
+    when Slurm stops the step (suspend) and continue them after; when it
+    ends, however it ends, end them all, wherever they have forked to."""
+    stopped = []
+    while True:
+        state = process_state(step_pid, started)
+        if state is None:
+            break
+        if state in "Tt" and not stopped:
+            stopped = [pid for pid, _ in tagged_pids(tag)]
+            signal_pids(stopped, signal.SIGSTOP)
+        elif state not in "Tt" and stopped:
+            signal_pids(stopped, signal.SIGCONT)
+            stopped = []
+        time.sleep(0.2)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        pids = [pid for pid, _ in tagged_pids(tag)]
+        signal_pids(pids, signal.SIGCONT)
+        signal_pids(pids, signum)
+        deadline = time.time() + 2
+        while pids and time.time() < deadline:
+            time.sleep(0.1)
+            pids = [pid for pid, _ in tagged_pids(tag)]
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_guardian(tag, tmp):
+    """Fork the guardian away from the step (its own session, no parent in
+    the step), so that it outlives whatever ends the step."""
+    with open("/proc/self/stat") as f:
+        started = f.read().rpartition(")")[2].split()[19]
+    step_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.closerange(3, 65536)
+                guard_step(step_pid, started, tag, tmp)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+class NodeStep:
+    """The session's step on the node: the job's context, the transport,
+    the files of sshd, the guardian."""
+
+    def __init__(self, config, request):
+        self.config = config
+        self.request = request
+        self.owner = pwd.getpwuid(os.getuid())
+        self.job_id = os.environ.get("SLURM_JOB_ID", "")
+        self.name = field(request, "job", str, self.job_id)
+        self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        self.ending = None  # what BuiltinSession reports: Slurm ends jobs its own way
+        pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
+        deadline = time.monotonic() + 5
+        while env is None and request.get("batch_host") is True and time.monotonic() < deadline:
+            time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts
+            pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
+        self.pids = pids
+        self.env = env if env is not None else dict(os.environ)
+        self.workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
+        self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        self.tag = secrets.token_hex(8)
+        self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
+        start_guardian(self.tag, self.tmp)
+
+    def transport(self):
+        """(transport, why), as the schedd chooses for a pool's job."""
+        wanted = field(self.request, "transport", str, "auto")
+        problem = None
+        try:
+            find_program(self.config, "sshd", "node " + self.node)
+            find_program(self.config, "ssh_keygen", "node " + self.node)
+        except MissingProgram as e:
+            problem = str(e)
+        problem = problem or login_shell_problem(self.owner)
+        if self.request.get("interactive") is True and self.owner.pw_uid != 0 and wanted == "auto":
+            problem = problem or Starter.devpts_problem()
+        if wanted == "openssh" or (wanted == "auto" and self.request.get("key") and not problem):
+            if problem:
+                raise MissingProgram(problem)
+            return "openssh", "both ends have OpenSSH" if wanted == "auto" else "asked for"
+        if wanted not in ("auto", "builtin"):
+            raise UsageError("unknown transport %r: openssh, builtin or auto" % wanted)
+        return "builtin", "asked for" if wanted == "builtin" else problem or "this machine has no ssh client"
+
+    def prepare_sshd(self):
+        """The session's host key and sshd files; returns the public host key."""
+        keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
+        key = parse_public_key(field(self.request, "key", str))
+        host_key = os.path.join(self.tmp, "host_key")
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", host_key],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
+                                welcome(self.name, self.node, self.pids))
+        files = {"authorized_keys": key + "\n", "session.sh": script,
+                 "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner.pw_name)}
+        for name, text in files.items():
+            write_private(os.path.join(self.tmp, name), text)
+        with open(host_key + ".pub") as f:
+            return parse_public_key(f.read())
+
+    def listen(self):
+        """A listener for the client's direct connection, on the address
+        that faces the client; None where there is none, or the client
+        wants none (slurm_direct = false)."""
+        host = address_facing(os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
+        if not host or self.request.get("direct") is False:
+            return None
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((host, 0))
+        listener.listen(4)
+        return listener
+
+    def await_client(self, channel, listener, secret):
+        """The client's direct connection, with the secret; or None when
+        the client asks for the srun pipe instead."""
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            waits = [channel] + ([listener] if listener else [])
+            ready = select.select(waits, [], [], max(0.0, deadline - time.monotonic()))[0]
+            if not ready:
+                raise Unreachable("the client did not connect within %.0f s" % IO_TIMEOUT)
+            if channel in ready:
+                if field(recv_msg(channel), "op", str) != "pipe":
+                    raise ProtocolError("expected the client's choice of path")
+                return None
+            sock, _ = listener.accept()
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                if hmac.compare_digest(_recv_exactly(sock, len(secret)), secret):
+                    sock.settimeout(None)
+                    return sock
+            sock.close()
+
+    def run_sshd(self, channel):
+        hostkey = self.prepare_sshd()
+        listener = self.listen()
+        secret = secrets.token_bytes(32)
+        send_msg(channel, {"ok": True, "transport": "openssh", "why": self.why, "user": self.owner.pw_name,
+                           "hostkey": hostkey, "secret": secret.hex(),
+                           "direct": list(listener.getsockname()) if listener else None})
+        sock = self.await_client(channel, listener, secret)
+        if listener:
+            listener.close()
+        ends = (sock.fileno(), sock.fileno()) if sock else (0, 1)
+        log.debug("sshd -i on %s", "a direct connection" if sock else "srun's pipe")
+        sshd = find_program(self.config, "sshd", "node " + self.node)
+        return subprocess.call([sshd, "-i", "-e", "-f", os.path.join(self.tmp, "sshd_config")],
+                               stdin=ends[0], stdout=ends[1], cwd="/",
+                               env={"PATH": os.defpath, TAG_VAR: self.tag, SESSION_VAR: "1"})
+
+    def run_builtin(self, channel):
+        send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name})
+        command, terminal, client_env = Job.builtin_request(recv_msg(channel))
+        env = {"HOME": self.owner.pw_dir, "USER": self.owner.pw_name, "LOGNAME": self.owner.pw_name,
+               "PATH": os.defpath}
+        env.update(client_env)
+        env.update({k: v for k, v in self.env.items() if not (CLIENT_VARIABLES.fullmatch(k) and k in env)})
+        env.update({TAG_VAR: self.tag, PIDS_VAR: " ".join(str(p) for p in self.pids), SESSION_VAR: "1",
+                    "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": self.node})
+        script = "\n".join(shell_and_workdir(self.shells, self.workdir) + [
+            'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
+        argv = ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else [])
+        master = None
+        if terminal:
+            master, slave = pty.openpty()
+            set_window_size(master, terminal[0], terminal[1])
+            env["TERM"] = terminal[2]
+            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, stdin=slave, stdout=slave,
+                                    stderr=slave, preexec_fn=controlling_terminal)
+            os.close(slave)
+        else:
+            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        send_msg(channel, {"ok": True})
+        if master is not None and command is None:
+            send_frame(channel, STDOUT, welcome(self.name, self.node, self.pids).replace("\n", "\r\n").encode())
+        return BuiltinSession(self, channel, proc, master).run()
+
+    def serve(self, channel):
+        self.transport_name, self.why = self.transport()
+        if self.transport_name == "openssh":
+            return self.run_sshd(channel)
+        return self.run_builtin(channel)
+
+
+def run_slurm_step(config_path):
+    """`sshjob slurm-step`: what SLURM_BOOT runs on the node, on srun's pipes."""
+    channel = PipeChannel(0, 1)
+    try:
+        config = Config(config_path if config_path and os.path.exists(config_path) else None)
+        step = NodeStep(config, recv_msg(channel))
+        return step.serve(channel)
+    except SshjobError as e:
+        with contextlib.suppress(OSError):
+            send_msg(channel, error_reply(e))
+        log.warning("%s", e)
+        return e.status
+
+
+# ---------------------------------------------------------------------------
 # The command line.
 # ---------------------------------------------------------------------------
 
@@ -3912,7 +4836,7 @@ roles:
   client [options] JOB [command]   an ssh session inside a running job (client -help)
   cp JOB:PATH LOCAL | LOCAL JOB:PATH   copy files and directories to or from a job
   submit [options] -- COMMAND      queue a job; prints its id
-  q [--all]                        list the queue
+  q [--all]                        list the queue (or your Slurm jobs)
   status [--json]                  the pool's starters: slots, last heard from, problems
   rm | suspend | continue | vacate | hold | release JOB...
   submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
@@ -3923,7 +4847,10 @@ roles:
   demo [command]                   a personal pool, a job and a session inside it
   schedd                           the job queue daemon
   starter                          the execute node daemon
+  ssh-config [--install]           the Host block that makes jobs ssh hosts: ssh 1.0.sshjob
+  proxy HOST USER                  that block's ProxyCommand
   bridge DESK                      ssh's ProxyCommand (the client starts it)
+  slurm-step                       a session's step on a Slurm node (srun starts it)
 
 The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
 %s.
@@ -3945,13 +4872,16 @@ def dispatch(args):
     if role == "client":
         return run_client(args.config, rest)
     simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
-              "init": run_init, "token": run_token, "status": run_status}
+              "init": run_init, "token": run_token, "status": run_status, "ssh-config": run_ssh_config,
+              "proxy": run_proxy}
     if role in simple:
         return simple[role](args.config, rest)
     if role in ACTION_DONE:
         return run_action(role, args.config, rest)
     if role == "bridge":
         return run_bridge(rest)
+    if role == "slurm-step":
+        return run_slurm_step(args.config)
     if role in ("schedd", "starter"):
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
         raise_fd_limit()

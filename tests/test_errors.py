@@ -80,7 +80,7 @@ def test_schedd_not_running_and_wrong_config(make_pool, tmp_path):
     wrong = pool.sshjob("q", env={"SSHJOB_CONFIG": str(tmp_path / "nope.conf")})
     assert one_sentence(wrong) == "sshjob: the configuration %s does not exist: check SSHJOB_CONFIG or --config" % (
         tmp_path / "nope.conf")
-    unset = pool.sshjob("q", config=False)
+    unset = pool.sshjob("q", config=False, env={"PATH": "/nonexistent"})  # no pool, and no Slurm to detect
     assert "no sshjob pool is configured" in one_sentence(unset)
     (tmp_path / "bad.conf").write_text("this is not ini\n")
     assert "is malformed" in one_sentence(pool.sshjob("q", env={"SSHJOB_CONFIG": str(tmp_path / "bad.conf")}))

@@ -299,3 +299,19 @@ def test_a_starter_cut_off_longer_than_its_lease_stops_its_job_which_runs_again_
     log = read(os.path.join(cluster["exec"], "starter.log"))
     assert "has not renewed" in log and "Traceback" not in log  # the starter, or its lease keeper, said so
     assert sshjob(cluster, "client", job, "echo back").stdout == "back\n"
+
+
+def test_jobs_on_other_hosts_as_ssh_hosts_over_tls_and_through_the_relay(cluster, firewalled, tmp_path):
+    """ssh JOB.sshjob (issue 10) with a user's token over TLS: straight to a
+    starter on another host, and through the schedd's relay to a firewalled one."""
+    for pool, name in ((cluster, "direct"), (firewalled, "relayed")):
+        job = running_job(pool)
+        (tmp_path / name).mkdir()
+        remote = remote_config(pool, tmp_path / name, "root")
+        config = tmp_path / name / "ssh_config"
+        config.write_text(sshjob(pool, "ssh-config", config=remote).stdout)
+        inner = pool["host"].inner
+        result = run(["ssh", "-F", str(config), job + ".sshjob",
+                      'ip -o -4 addr show | grep -c " %s/"; echo %s-$SSHJOB_JOB_ID' % (inner, name)])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["1", "%s-%s" % (name, job)]

@@ -1,0 +1,434 @@
+"""End to end: sessions inside the jobs of a real Slurm (issue 9).
+
+A single-node Slurm (munged, slurmctld, slurmd from Debian's packages) is
+started for these tests; two real users submit real batch jobs with sbatch
+and enter them with the built pyz, as the README tells them to.  No sshjob
+daemon runs anywhere: Slurm decides who gets in."""
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+import slurm
+from conftest import INTERPRETERS, USER_PYTHON, run
+from test_session import drive_terminal
+
+ALICE, BOB = "sshjob-alice", "sshjob-bob"
+
+
+class Cluster:
+    """The running Slurm, and the built pyz as its users run it."""
+
+    def __init__(self, base, host):
+        self.base = base
+        self.host = host
+        self.pyz = os.path.join(base, "sshjob.pyz")
+        self.dir = tempfile.mkdtemp(prefix="slurm-", dir=base)
+        os.chmod(self.dir, 0o755)
+
+    def env(self, user, extra=None):
+        variables = {"PATH": os.environ["PATH"], "HOME": pwd.getpwnam(user).pw_dir, "SHELL": "/bin/sh",
+                     "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        variables.update(extra or {})
+        return variables
+
+    def argv(self, *args, user=ALICE, env=None, scheduler="--scheduler=slurm"):
+        assignments = ["%s=%s" % item for item in self.env(user, env).items() if item[1] is not None]
+        role = [args[0], scheduler] if scheduler and args[0] == "client" else [args[0]]
+        return ["runuser", "-u", user, "--", "env", "-i"] + assignments + [USER_PYTHON, self.pyz] + role + list(
+            args[1:])
+
+    def sshjob(self, *args, user=ALICE, env=None, scheduler="--scheduler=slurm", timeout=60, **kwargs):
+        kwargs.setdefault("cwd", "/")
+        return run(self.argv(*args, user=user, env=env, scheduler=scheduler), timeout=timeout, **kwargs)
+
+    def workdir(self, user=ALICE):
+        path = tempfile.mkdtemp(prefix="work-", dir=self.dir)
+        record = pwd.getpwnam(user)
+        os.chown(path, record.pw_uid, record.pw_gid)
+        return path
+
+    def sbatch(self, *options, user=ALICE, workdir=None, script="sleep 600"):
+        workdir = workdir or self.workdir(user)
+        result = run(["runuser", "-u", user, "--", "sbatch", "--parsable", "-D", workdir, "-o", "/dev/null"]
+                     + list(options) + ["--wrap", script], cwd="/")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip().split(";")[0]
+
+    def state(self, job):
+        return run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip().splitlines()
+
+    def running(self, *options, **kwargs):
+        job = self.sbatch(*options, **kwargs)
+        self.wait_running(job)
+        return job
+
+    def wait_running(self, job, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            states = self.state(job)
+            if states and all(s == "RUNNING" for s in states):
+                return
+            time.sleep(0.2)
+        raise AssertionError("Slurm job %s did not start (%s)" % (job, self.state(job)))
+
+
+@pytest.fixture(scope="module")
+def cluster(base, users):
+    missing = slurm.missing_programs()
+    assert not missing, "Slurm is not installed (%s): apt-get install slurmctld slurmd slurm-client munge" % missing
+    host = slurm.start()
+    yield Cluster(base, host)
+    slurm.stop()
+
+
+def batch_pids(job):
+    rows = [line.split() for line in run(["scontrol", "listpids", job]).stdout.splitlines()[1:]]
+    return [int(row[0]) for row in rows if row[2] == "batch"]
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def state_of(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def pids_of(name):
+    """Pids of the processes whose command line starts with `name`."""
+    return [int(pid) for pid in run(["pgrep", "-f", "^" + name]).stdout.split()]
+
+
+# -- sessions -----------------------------------------------------------------------
+
+
+def test_a_command_runs_inside_the_job_as_its_user(cluster):
+    workdir = cluster.workdir()
+    job = cluster.running("--export=ALL,FROM_SUBMIT=yes", workdir=workdir)
+    result = cluster.sshjob("client", job, 'echo $SLURM_JOB_ID; pwd; id -un; echo $FROM_SUBMIT; '
+                            'echo $_SSHJOB_JOB_PIDS; echo oops >&2; exit 3', env={"CALLER_ONLY": "x"})
+    assert result.returncode == 3, result.stderr
+    job_id, where, who, variables, pids = result.stdout.splitlines()
+    assert (job_id, where, who, variables) == (job, workdir, ALICE, "yes")
+    assert int(pids.split()[0]) == batch_pids(job)[0]  # the batch script's pid first
+    assert "oops" in result.stderr
+    caller = cluster.sshjob("client", job, 'echo "[$CALLER_ONLY]"', env={"CALLER_ONLY": "x"})
+    assert caller.stdout == "[]\n"  # the job's environment, not the caller's
+
+
+def test_the_scheduler_is_chosen_by_variable_configuration_or_detection(cluster, tmp_path):
+    job = cluster.running()
+    by_variable = cluster.sshjob("client", job, "echo var", env={"SSHJOB_SCHEDULER": "slurm"}, scheduler=None)
+    assert by_variable.stdout == "var\n", by_variable.stderr
+    config = tmp_path / "sshjob.conf"
+    config.write_text("[sshjob]\nscheduler = slurm\n")
+    os.chmod(str(tmp_path), 0o755)
+    by_config = cluster.sshjob("client", job, "echo conf", env={"SSHJOB_CONFIG": str(config)}, scheduler=None)
+    assert by_config.stdout == "conf\n", by_config.stderr
+    detected = cluster.sshjob("client", job, "echo found", scheduler=None)  # no pool configured, squeue on PATH
+    assert detected.stdout == "found\n", detected.stderr
+    prefixed = cluster.sshjob("client", "slurm:" + job, "echo prefix", scheduler=None)
+    assert prefixed.stdout == "prefix\n", prefixed.stderr
+
+
+def test_an_interactive_shell_on_a_terminal(cluster):
+    workdir = cluster.workdir()
+    job = cluster.running(workdir=workdir)
+    status, output = drive_terminal(
+        cluster.argv("client", "-debug", job, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
+        [("Welcome to job %s" % job, None), ("pid(s)", "echo marker-$SLURM_JOB_ID-$(pwd); tty; stty size\n"),
+         ("marker-%s-%s" % (job, workdir), None), ("24 80", "exit 5\n")])
+    assert status == 5, output
+    assert "/dev/pts/" in output
+    assert re.search(r"transport: (openssh|builtin)", output)
+
+
+def test_multi_node_index_and_host_name(cluster):
+    job = cluster.running("-n2")
+    by_index = cluster.sshjob("client", job + ".0.0", "hostname")
+    assert by_index.returncode == 0, by_index.stderr
+    by_name = cluster.sshjob("client", "%s.0.%s" % (job, cluster.host), "echo $SLURM_NTASKS")
+    assert by_name.stdout == "2\n", by_name.stderr
+    out_of_range = cluster.sshjob("client", job + ".0.1", "true")
+    assert out_of_range.returncode != 0
+    assert out_of_range.stderr == "sshjob: job %s runs on 1 node(s): node index 1 is out of range (0 to 0)\n" % job
+
+
+def test_a_task_of_an_array_job(cluster):
+    array = cluster.sbatch("--array=0-2")
+    for task in range(3):
+        cluster.wait_running("%s_%d" % (array, task))
+    task = cluster.sshjob("client", array + "_1", "echo $SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID")
+    assert task.stdout == "%s 1\n" % array, task.stderr
+    whole = cluster.sshjob("client", array, "true")
+    assert whole.returncode != 0
+    assert whole.stderr == "sshjob: job %s is an array of 3 tasks: name one, as %s_0\n" % (array, array)
+
+
+def test_scp_sftp_rsync_and_cp(cluster):
+    workdir = cluster.workdir()
+    job = cluster.running(workdir=workdir)
+    with open(os.path.join(workdir, "out.dat"), "w") as f:
+        f.write("the job's results\n")
+    os.makedirs(os.path.join(workdir, "results", "deep"))
+    with open(os.path.join(workdir, "results", "deep", "r.txt"), "w") as f:
+        f.write("deep result\n")
+    mine = cluster.workdir()
+
+    scp = cluster.sshjob("client", "-ssh", "scp", job, "remote:out.dat", mine + "/scp.dat")
+    assert scp.returncode == 0, scp.stderr
+    sftp = cluster.sshjob("client", "-ssh", "sftp", job, input="get out.dat %s/sftp.dat\n" % mine)
+    assert sftp.returncode == 0, sftp.stderr
+    rsync = run(["runuser", "-u", ALICE, "--", "rsync", "-a", "-e", " ".join(cluster.argv("client")[4:]),
+                 job + ":results/", mine + "/rsynced/"], cwd="/")
+    assert rsync.returncode == 0, rsync.stderr
+    cp = cluster.sshjob("cp", job + ":results", mine, scheduler=None, env={"SSHJOB_SCHEDULER": "slurm"})
+    assert cp.returncode == 0, cp.stderr
+    builtin = cluster.sshjob("cp", "-transport", "builtin", job + ":out.dat", mine + "/builtin.dat",
+                             env={"SSHJOB_SCHEDULER": "slurm"})
+    assert builtin.returncode == 0, builtin.stderr
+    for name in ("scp.dat", "sftp.dat", "builtin.dat"):
+        with open(os.path.join(mine, name)) as f:
+            assert f.read() == "the job's results\n", name
+    for name in ("rsynced/deep/r.txt", "results/deep/r.txt"):
+        with open(os.path.join(mine, name)) as f:
+            assert f.read() == "deep result\n", name
+    with open(os.path.join(mine, "up.txt"), "w") as f:
+        f.write("uploaded\n")
+    up = cluster.sshjob("cp", mine + "/up.txt", job + ":up.txt", env={"SSHJOB_SCHEDULER": "slurm"})
+    assert up.returncode == 0, up.stderr
+    with open(os.path.join(workdir, "up.txt")) as f:
+        assert f.read() == "uploaded\n"
+
+
+def test_the_builtin_transport_and_several_sessions_at_once(cluster):
+    job = cluster.running()
+    builtin = cluster.sshjob("client", "-debug", "-transport", "builtin", job, "echo $SLURM_JOB_ID; exit 4")
+    assert builtin.returncode == 4, builtin.stderr
+    assert builtin.stdout == job + "\n" and "transport: builtin (asked for)" in builtin.stderr
+    sessions = [subprocess.Popen(cluster.argv("client", job, "sleep 1; echo session-%d" % i), stdout=subprocess.PIPE,
+                                 universal_newlines=True, cwd="/") for i in range(3)]
+    outputs = [s.communicate(timeout=60)[0] for s in sessions]
+    assert outputs == ["session-%d\n" % i for i in range(3)]
+
+
+def test_the_fast_path_and_the_pipe(cluster, tmp_path):
+    job = cluster.running()
+    data = "x" * 1000000
+    direct = cluster.sshjob("client", "-debug", job, "wc -c", input=data)
+    assert direct.stdout.strip() == "1000000", direct.stderr
+    assert "connected to the job's sshd directly" in direct.stderr
+    piped = cluster.sshjob("client", "-debug", job, "wc -c; exit 6", input=data, env={"SSHJOB_SLURM_DIRECT": "false"})
+    assert (piped.returncode, piped.stdout.strip()) == (6, "1000000"), piped.stderr
+    assert "the session goes through srun's pipe" in piped.stderr
+    assert "directly" not in piped.stderr
+    sftp = cluster.sshjob("client", "-ssh", "sftp", job, input="pwd\n", env={"SSHJOB_SLURM_DIRECT": "false"})
+    assert sftp.returncode == 0 and "Remote working directory" in sftp.stdout, sftp.stderr
+
+
+def test_x11_forwarding(cluster):
+    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
+        pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
+    display = ":61"
+    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        job = cluster.running()
+        xauth = os.path.join(cluster.workdir(), "xauth")  # where alice may write it
+        result = cluster.sshjob("client", "-X", job, 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"',
+                                env={"DISPLAY": display, "XAUTHORITY": xauth})
+        assert result.returncode == 0, result.stderr
+        remote_display, screens = result.stdout.split()
+        assert remote_display.startswith("localhost:") and screens == "1"
+    finally:
+        xvfb.terminate()
+        xvfb.wait()
+
+
+def test_shells_keygen_options_and_the_temporary_directory(cluster, tmp_path):
+    job = cluster.running()
+    scratch = str(tmp_path / "scratch")
+    os.mkdir(scratch)
+    shutil.chown(scratch, ALICE, ALICE)
+    chosen = cluster.sshjob("client", "-shells", "/no/such/shell,/bin/bash", "-keygen-options", "-t rsa -b 2048",
+                            job, 'echo $0; cat "$SSH_USER_AUTH"', env={"TMPDIR": scratch})
+    assert chosen.returncode == 0, chosen.stderr
+    shell, auth = chosen.stdout.splitlines()
+    assert shell == "/bin/bash" and auth.startswith("publickey ssh-rsa ")
+    assert os.listdir(scratch) == []
+
+
+def test_auto_retry_waits_for_a_pending_job(cluster):
+    job = cluster.sbatch("--hold")
+    pending = cluster.sshjob("client", job, "true")
+    assert pending.returncode != 0
+    assert pending.stderr.startswith("sshjob: job %s is pending in Slurm" % job)
+    assert pending.stderr.rstrip().endswith("use -auto-retry to wait for it")
+    waiting = subprocess.Popen(cluster.argv("client", "-auto-retry", job, "echo at-last"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True, cwd="/")
+    time.sleep(3)
+    assert waiting.poll() is None
+    run(["scontrol", "release", job])
+    out, err = waiting.communicate(timeout=60)
+    assert out == "at-last\n", err
+    assert "waiting" in err
+
+
+# -- containment: Slurm's scancel and suspend reach what a session forked --------------
+
+
+def test_scancel_ends_double_forked_session_processes_and_suspend_stops_them(cluster):
+    job = cluster.running()
+    marker = "sshjob-escapee-%s" % job
+    session = subprocess.Popen(cluster.argv("client", job, "setsid bash -c 'exec -a %s sleep 999' </dev/null "
+                                            ">/dev/null 2>&1 & sleep 600" % marker),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    try:
+        wait_for(lambda: pids_of(marker), 30, "the double-forked process")
+        escapee = pids_of(marker)[0]
+        run(["scontrol", "suspend", job])
+        wait_for(lambda: state_of(escapee) == "T", 10, "the escaped process to stop with the job")
+        run(["scontrol", "resume", job])
+        wait_for(lambda: state_of(escapee) != "T", 10, "the escaped process to continue with the job")
+        run(["scancel", job])
+        wait_for(lambda: not pids_of(marker), 20, "the double-forked process to end with the job")
+        session.wait(timeout=30)
+        assert session.returncode != 0
+    finally:
+        if session.poll() is None:
+            session.kill()
+        for pid in pids_of(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- the program reaches the node by itself -------------------------------------------
+
+
+def test_the_node_gets_the_program_shipped_or_says_why_not(cluster, tmp_path):
+    home = pwd.getpwnam(ALICE).pw_dir
+    private = os.path.join(home, "private-copy")
+    shutil.rmtree(private, ignore_errors=True)
+    os.mkdir(private, 0o700)
+    shutil.chown(private, ALICE, ALICE)
+    pyz = os.path.join(private, "sshjob.pyz")
+    shutil.copy(cluster.pyz, pyz)
+    shutil.chown(pyz, ALICE, ALICE)
+    shutil.rmtree(os.path.join(home, ".cache", "sshjob"), ignore_errors=True)
+    for ship, expected in (("false", None), ("true", "shipped by the client")):
+        job = cluster.sbatch("--hold")
+        argv = cluster.argv("client", "-debug", "-auto-retry", job, "echo shipped-ok", env={
+            "SSHJOB_SHIP_PROGRAM": ship})
+        argv[argv.index(cluster.pyz)] = pyz
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                cwd="/")
+        time.sleep(2)  # the client has started, from its pyz, and waits for the job
+        os.unlink(pyz)  # which is then gone: the node cannot read it at the client's path
+        run(["scontrol", "release", job])
+        out, err = proc.communicate(timeout=60)
+        shutil.copy(cluster.pyz, pyz)
+        shutil.chown(pyz, ALICE, ALICE)
+        if expected is None:
+            assert proc.returncode != 0
+            assert "sshjob: node %s cannot read %s, and ship_program = false" % (cluster.host, pyz) in err
+            assert "Traceback" not in err
+        else:
+            assert out == "shipped-ok\n", err
+            assert "the node has sshjob: shipped by the client" in err
+    again = cluster.sshjob("client", "-debug", cluster.running(), "true")
+    assert "the node has sshjob: cached in" in again.stderr or "read from" in again.stderr
+
+
+# -- refusals and failures: one sentence, a non-zero exit ------------------------------
+
+
+def test_refusals_and_failures_are_one_sentence(cluster):
+    job = cluster.running()
+    other = cluster.sshjob("client", job, "true", user=BOB)
+    assert (other.returncode, other.stderr) == (1, "sshjob: Slurm refuses a session in job %s: it is not yours "
+                                                   "(Access/permission denied)\n" % job)
+    unknown = cluster.sshjob("client", "987654", "true")
+    assert unknown.stderr == "sshjob: job 987654 is unknown to Slurm (Invalid job id)\n"
+    assert unknown.returncode != 0
+    finished = cluster.sbatch(script="true")
+    wait_for(lambda: not cluster.state(finished) or cluster.state(finished) == ["COMPLETED"], 30, "the job to end")
+    ended = cluster.sshjob("client", finished, "true")
+    assert ended.returncode != 0 and ended.stderr.startswith("sshjob: job %s has finished" % finished), ended.stderr
+    malformed = cluster.sshjob("client", job + ".3", "true")
+    assert malformed.returncode == 2 and malformed.stderr.startswith("sshjob: malformed Slurm job id")
+    no_slurm = cluster.sshjob("client", job, "true", env={"PATH": "/usr/local/sbin:/nowhere"})
+    assert no_slurm.stderr == "sshjob: Slurm's client commands are not on PATH (srun was not found)\n"
+    for result in (other, unknown, ended, malformed, no_slurm):
+        assert "Traceback" not in result.stderr
+
+
+def test_the_queue_lists_the_users_slurm_jobs(cluster):
+    job = cluster.running()
+    queue = cluster.sshjob("q", env={"SSHJOB_SCHEDULER": "slurm"})
+    assert queue.returncode == 0, queue.stderr
+    lines = queue.stdout.splitlines()
+    assert lines[0].split() == ["ID", "OWNER", "STATE", "NODE", "COMMAND"]
+    mine = [line.split() for line in lines[1:] if line.split()[0] == job]
+    assert mine and mine[0][1:4] == [ALICE, "running", cluster.host]
+    theirs = cluster.sshjob("q", user=BOB, env={"SSHJOB_SCHEDULER": "slurm"})
+    assert job not in [line.split()[0] for line in theirs.stdout.splitlines()[1:]]
+
+
+def test_a_controller_that_is_down_is_one_sentence(cluster):
+    job = cluster.running()
+    pidfile = os.path.join(slurm.STATE, "log", "slurmctld.pid")
+    with open(pidfile) as f:
+        os.kill(int(f.read()), signal.SIGTERM)
+    try:
+        time.sleep(1)
+        down = cluster.sshjob("client", job, "true", timeout=120)
+        assert down.returncode != 0
+        assert down.stderr.startswith("sshjob: Slurm's controller (slurmctld) does not answer"), down.stderr
+    finally:
+        slurm.start_controller()
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=lambda p: "py" + p.split("/")[-3] if "pyenv" in p else "py")
+def test_the_oldest_and_newest_python_on_both_ends(cluster, python):
+    """root's own job, so that the pyenv interpreters under /root serve as the client's and the node's."""
+    job = cluster.running(user="root")
+    argv = cluster.argv("client", "-debug", job, 'echo $SLURM_JOB_ID; exit 2', user="root",
+                        env={"SSHJOB_REMOTE_PYTHON": python})
+    argv[argv.index(USER_PYTHON)] = python
+    result = run(argv, cwd="/")
+    assert (result.returncode, result.stdout) == (2, job + "\n"), result.stderr
+    assert "%s -I -S -c BOOT" % python in result.stderr
+    builtin = run(argv[:-2] + ["-transport", "builtin", job, "echo builtin"], cwd="/")
+    assert builtin.stdout == "builtin\n", builtin.stderr
+
+
+def test_a_slurm_job_as_an_ssh_host(cluster):
+    workdir = cluster.workdir()
+    job = cluster.running(workdir=workdir)
+    config = os.path.join(cluster.dir, "ssh_config")  # readable by bob too
+    printed = cluster.sshjob("ssh-config", scheduler=None)
+    assert printed.returncode == 0, printed.stderr
+    with open(config, "w") as f:
+        f.write(printed.stdout)
+    ssh = ["runuser", "-u", ALICE, "--", "env", "-i"] + ["%s=%s" % item for item in cluster.env(ALICE).items()]
+    result = run(ssh + ["ssh", "-F", config, job + ".slurm.sshjob", "echo $SLURM_JOB_ID; pwd; exit 3"], cwd="/")
+    assert (result.returncode, result.stdout) == (3, "%s\n%s\n" % (job, workdir)), result.stderr
+    with open(os.path.join(workdir, "local.txt"), "w") as f:
+        f.write("copied\n")
+    copied = run(ssh + ["scp", "-F", config, job + ".slurm.sshjob:local.txt", workdir + "/back.txt"], cwd="/")
+    assert copied.returncode == 0, copied.stderr
+    other = run(["runuser", "-u", BOB, "--", "env", "-i"] + ["%s=%s" % item for item in cluster.env(BOB).items()]
+                + ["ssh", "-F", config, "-o", "IdentityFile=/nonexistent", job + ".slurm.sshjob", "true"], cwd="/")
+    assert other.returncode == 255 and "sshjob: Slurm refuses a session in job %s" % job in other.stderr
