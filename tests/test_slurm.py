@@ -129,14 +129,14 @@ def test_a_command_runs_inside_the_job_as_its_user(cluster):
     assert caller.stdout == "[]\n"  # the job's environment, not the caller's
 
 
-def test_the_scheduler_is_chosen_by_variable_configuration_or_detection(cluster, tmp_path):
+def test_the_scheduler_is_chosen_by_variable_configuration_or_detection(cluster):
     job = cluster.running()
     by_variable = cluster.sshjob("client", job, "echo var", env={"SSHJOB_SCHEDULER": "slurm"}, scheduler=None)
     assert by_variable.stdout == "var\n", by_variable.stderr
-    config = tmp_path / "sshjob.conf"
-    config.write_text("[sshjob]\nscheduler = slurm\n")
-    os.chmod(str(tmp_path), 0o755)
-    by_config = cluster.sshjob("client", job, "echo conf", env={"SSHJOB_CONFIG": str(config)}, scheduler=None)
+    config = os.path.join(cluster.dir, "sshjob.conf")  # where alice may read it
+    with open(config, "w") as f:
+        f.write("[sshjob]\nscheduler = slurm\n")
+    by_config = cluster.sshjob("client", job, "echo conf", env={"SSHJOB_CONFIG": config}, scheduler=None)
     assert by_config.stdout == "conf\n", by_config.stderr
     detected = cluster.sshjob("client", job, "echo found", scheduler=None)  # no pool configured, squeue on PATH
     assert detected.stdout == "found\n", detected.stderr
