@@ -57,20 +57,16 @@ import shutil
 import signal
 import socket
 import socketserver
-import sqlite3
-import ssl
 import stat
 import string
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import termios
 import threading
 import time
 import tty
-import zlib
 
 __version__ = "0.1.0"
 
@@ -565,6 +561,8 @@ def holder_hash(holder):
 
 def require_modern_tls(context):
     """TLS 1.2 or newer."""
+    import ssl  # here and below: only the roles that speak TLS pay for loading it
+
     if hasattr(ssl, "TLSVersion"):
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
     else:
@@ -572,6 +570,8 @@ def require_modern_tls(context):
 
 
 def server_tls_context(cert, key):
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     require_modern_tls(context)
     context.load_cert_chain(cert, key)
@@ -582,13 +582,15 @@ def pinned_tls_connection(sock, fingerprint, what):
     """TLS over `sock` to a peer whose certificate has this SHA-256
     fingerprint; the fingerprint came over an authenticated channel, so it
     stands in for a CA."""
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # checked below, against the pinned fingerprint
     require_modern_tls(context)
     try:
         tls = context.wrap_socket(sock)
-    except (ssl.SSLError, OSError) as e:
+    except OSError as e:  # ssl.SSLError included
         raise Unreachable("no TLS with %s (%s)" % (what, e)) from None
     if not hmac.compare_digest(hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest(), fingerprint):
         tls.close()
@@ -596,9 +598,20 @@ def pinned_tls_connection(sock, fingerprint, what):
     return tls
 
 
+def is_tls(sock):
+    return hasattr(sock, "cipher")  # an ssl.SSLSocket, without importing ssl where none is
+
+
+def without_tls(sock):
+    """The plain connection under a TLS one, for what is authenticated end to end."""
+    return sock.unwrap() if is_tls(sock) else sock
+
+
 def make_certificate(config, directory, name):
     """A self-signed TLS certificate for a daemon, made once with openssl;
     returns (cert, key, SHA-256 fingerprint)."""
+    import ssl
+
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     own_directory(directory, 0o700)  # it holds the pool's signing key too
     if not os.path.exists(cert):
@@ -1403,6 +1416,8 @@ class Schedd:
         self.relaying = {}  # user: relayed sessions open
         self.changed = threading.Condition()
         self.db_lock = threading.RLock()
+        import sqlite3  # the schedd's alone: every other role starts without it
+
         with self.storage():
             self.db = sqlite3.connect(config["schedd_db"], check_same_thread=False, isolation_level=None)
             os.chmod(config["schedd_db"], 0o600)
@@ -1418,6 +1433,8 @@ class Schedd:
     @contextlib.contextmanager
     def storage(self):
         """The queue's database, locked; a sentence if it cannot be used."""
+        import sqlite3
+
         try:
             with self.db_lock:
                 yield
@@ -1547,7 +1564,7 @@ class Schedd:
                       workdir, output, error, now, now) for proc in range(count) for node in range(nodes)))
                 self.db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (a full disk)
+                with contextlib.suppress(Exception):  # SQLite may have rolled back already (a full disk)
                     self.db.execute("ROLLBACK")
                 raise
         log.info("user %s submitted cluster %d (%d jobs of %d nodes)", who.name, cluster, count, nodes)
@@ -1737,7 +1754,7 @@ class Schedd:
             del self.relays[relay["id"]]
         try:
             send_msg(sock, {"ok": True})
-            client = sock.unwrap() if isinstance(sock, ssl.SSLSocket) else sock
+            client = without_tls(sock)
             log.info("relaying a session of %s to job %s on %s", who.name, row_id(row), starter.name)
             splice(client, relay["sock"])
         except OSError as e:
@@ -1752,7 +1769,7 @@ class Schedd:
         if relay is None or relay["ready"].is_set() or relay["starter"] != name:
             raise NotFound("no relay waits for this connection")
         send_msg(sock, {"ok": True})
-        relay["sock"] = sock.unwrap() if isinstance(sock, ssl.SSLSocket) else sock
+        relay["sock"] = without_tls(sock)
         relay["ready"].set()
         relay["done"].wait()
 
@@ -1950,7 +1967,7 @@ class TLSRequestHandler(RequestHandler):
         self.request.settimeout(IO_TIMEOUT)
         try:
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:  # ssl.SSLError included
             log.warning("refused a connection from %s: no TLS (%s)", self.client_address[0], e)
             return
         super().handle()
@@ -2442,7 +2459,7 @@ class Starter:
         try:
             cert, key, self.tls_fingerprint = make_certificate(self.config, os.path.join(self.dir, ".tls"), self.name)
             self.tls = server_tls_context(cert, key)
-        except (MissingProgram, subprocess.CalledProcessError, ssl.SSLError, OSError) as e:
+        except (MissingProgram, subprocess.CalledProcessError, OSError) as e:  # ssl.SSLError is an OSError
             self.builtin_problem = "the built-in transport is off on %s: %s" % (self.name, e)
             log.warning("%s", self.builtin_problem)
 
@@ -2591,7 +2608,7 @@ class Starter:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % self.name)
         run = field(message, "job", str)
         if op == "builtin":
-            if not isinstance(sock, ssl.SSLSocket):
+            if not is_tls(sock):
                 raise Refused("the built-in transport runs inside TLS only")
             key, holder = None, field(message, "holder", str)
         else:
@@ -3511,6 +3528,8 @@ def run_cp(config_path, argv):
 def download_tree(site, ticket, holder, path, local):
     """Remote tar out, extracted here: into LOCAL if it is a directory, else
     as LOCAL.  It is unpacked aside first, and put in place only whole."""
+    import tarfile  # sshjob cp's alone
+
     parent, name = os.path.split(path.rstrip("/") or "/")
     command = "cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))
     target = os.path.join(local, name) if os.path.isdir(local) else local
@@ -3533,7 +3552,8 @@ def download_tree(site, ticket, holder, path, local):
                 with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
                     links = set()
                     for member in archive:
-                        archive.extract(as_data(member, name, links), staging, set_attrs=True, **AS_FILTERED)
+                        archive.extract(as_data(member, name, links), staging, set_attrs=True,
+                                        **as_filtered(tarfile))
             except tarfile.TarError as e:
                 outcome.append(UsageError("the copy from the job failed: %s" % e))
         relayer.join()
@@ -3562,6 +3582,8 @@ def put_in_place(source, target):
 
 def upload_tree(site, ticket, holder, path, local):
     """A tar stream of LOCAL, unpacked in the job at PATH (into it, if it is a directory)."""
+    import tarfile  # sshjob cp's alone
+
     name = os.path.basename(os.path.abspath(local))
     command = UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}
     read_end, write_end = os.pipe()
@@ -3597,10 +3619,11 @@ def run_builtin_closing(site, ticket, holder, command, streams):
         os.close(streams[1])
 
 
-# as_data() below filters every member, on every Python; where tarfile has
-# filters of its own (3.12, and security releases of 3.8 to 3.11), it is
-# told so, and keeps directories' modes, which its "data" filter drops.
-AS_FILTERED = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
+def as_filtered(tarfile):
+    """as_data() below filters every member, on every Python; where tarfile
+    has filters of its own (3.12, and security releases of 3.8 to 3.11), it
+    is told so, and keeps directories' modes, which its "data" filter drops."""
+    return {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
 
 
 def as_data(member, name, links):
@@ -4489,6 +4512,8 @@ class SlurmStep:
                 self.channel.sendall(b"0\n")
                 raise ConfigError("node %s cannot read %s, and ship_program = false: put sshjob.pyz on a file "
                                   "system that the nodes share" % (self.site.target[1], self.site.program))
+            import zlib  # shipping's alone, and that is rare
+
             packed = zlib.compress(self.site.source, 9)
             self.channel.sendall(b"%d\n" % len(packed) + packed)
             said = self.read_line()
