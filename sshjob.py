@@ -1024,7 +1024,7 @@ def child_setup(*steps):
     return setup if steps else None
 
 
-CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 0x1000, 0x4000, 0x40000
+CLONE_NEWNS, MS_BIND, MS_REC, MS_SLAVE = 0x20000, 0x1000, 0x4000, 0x80000
 
 
 def private_terminals():
@@ -1037,8 +1037,9 @@ def private_terminals():
     import ctypes  # a root starter's only use of it, and only on such nodes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     options = b"newinstance,gid=%d,mode=620,ptmxmode=666" % grp.getgrnam("tty").gr_gid
-    calls = ((libc.unshare, CLONE_NEWNS), (libc.mount, b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+    calls = ((libc.unshare, CLONE_NEWNS), (libc.mount, b"none", b"/", None, MS_REC | MS_SLAVE, None),
              (libc.mount, b"devpts", b"/dev/pts", b"devpts", 0, options),
              (libc.mount, b"/dev/pts/ptmx", b"/dev/ptmx", None, MS_BIND, None))
 
@@ -4113,8 +4114,11 @@ def persistent_key(config):
             for stale in (path, path + ".pub"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stale)
-            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob@" + socket.gethostname(),
-                            "-f", path], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            made = subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob@" + socket.gethostname(),
+                                   "-f", path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, universal_newlines=True)
+            if made.returncode != 0:
+                raise StorageError("ssh-keygen cannot make the sshjob key %s: %s" % (path, made.stdout.strip()))
             log.debug("made the sshjob key %s", path)
     return path
 
@@ -4128,7 +4132,7 @@ def remember_host_key(path, host, key):
                 lines = [line.rstrip("\n") for line in f if line.strip()]
         except FileNotFoundError:
             lines = []
-        line = "%s %s" % (host, key)
+        line = "%s %s" % (host, parse_public_key(key))
         same = [known for known in lines if known.split(" ", 1)[0] == host and known != line]
         others = [known for known in lines if known.split(" ", 1)[0] != host]
         write_atomically(path, "\n".join(others + same[-(KEYS_PER_HOST - 1):] + [line]) + "\n")
@@ -4172,7 +4176,7 @@ def ssh_config_block(config_path):
     home = sshjob_home()
     here = os.path.abspath(sys.argv[0])
     command = [sys.executable, here] + (["--config", os.path.abspath(config_path)] if config_path else [])
-    proxy = " ".join(shlex.quote(a) for a in command).replace("%", "%%") + " proxy %h %r"
+    proxy = " ".join(shlex.quote(a) for a in command).replace("%", "%%") + " proxy '%h' '%r'"
     quote = lambda path: '"%s"' % path.replace("%", "%%")  # noqa: E731
     return "\n".join([
         BLOCK_BEGIN,
@@ -4182,9 +4186,11 @@ def ssh_config_block(config_path):
         "    IdentityFile %s" % quote(os.path.join(home, "id_ed25519")),
         "    IdentitiesOnly yes",
         "    UserKnownHostsFile %s" % quote(os.path.join(home, "known_hosts")),
+        "    GlobalKnownHostsFile /dev/null",
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",
         "    UpdateHostKeys no",
+        "Host *",  # what follows in the file applies to every host again, as it did before the block
         BLOCK_END,
     ]) + "\n"
 
@@ -4232,6 +4238,7 @@ def run_ssh_config(config_path, argv):
 
 SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
+TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCELLED")
 SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
                   "NODE_FAIL": "completed", "PREEMPTED": "idle", "BOOT_FAIL": "completed", "DEADLINE": "completed",
                   "OUT_OF_MEMORY": "completed"}
@@ -4246,13 +4253,24 @@ SLURM_ERRORS = (  # what srun and scontrol say, and the sentence a user reads
 
 # Run by srun on the node with `python3 -I -S -c`: find this module (cached
 # by its hash, at the client's path, or shipped by the client, compressed,
-# when asked for with "need"), say "have HOW", and run the step.  Unbuffered reads: what
-# follows on stdin is the step's.
+# when asked for with "need"), say "have HOW", and run the step.  Only bytes
+# whose hash was checked run: from the cache only if it and its parent are
+# private directories of this user's (so that nothing can be planted or
+# swapped beside the file), and by explicit path, never a search of
+# sys.path; from memory otherwise.  Unbuffered reads: what follows on stdin
+# is the step's.
 SLURM_BOOT = r"""
-import hashlib, os, sys, tempfile, zlib
+import hashlib, os, stat, sys
 program, digest = sys.argv[1], sys.argv[2]
-home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-cache = os.path.join(home, "sshjob", digest)
+parent = os.path.join(os.path.expanduser("~"), ".cache", "sshjob")
+cache = os.path.join(parent, digest)
+module = os.path.join(cache, "sshjob.py")
+def private(path):
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 def read(path):
     try:
         with open(path, "rb") as f:
@@ -4280,31 +4298,53 @@ def take(size):
     return data
 def line():
     text = b""
-    while not text.endswith(b"\n"):
+    while not text.endswith(b"\n") and len(text) < 20:
         text += take(1)
-    return text
+    return int(text) if text.strip().isdigit() else 0
+def cached(data):
+    try:
+        for path in (parent, cache):
+            os.makedirs(path, 0o700, exist_ok=True)
+            if not private(path):
+                return False
+        fd, name = tempfile.mkstemp(dir=cache)
+        os.write(fd, data)
+        os.close(fd)
+        os.replace(name, module)
+        return True
+    except OSError:
+        return False
+data = read(module) if private(parent) and private(cache) else None
 how = "cached in " + cache
-if not fits(read(os.path.join(cache, "sshjob.py"))):
+if not fits(data):
     data, how = inside(program), "read from " + program
     if not fits(data):
         os.write(1, b"need\n")
-        size = int(line())
+        size = line()
         if not size:
             sys.exit(3)
-        data, how = zlib.decompress(take(size)), "shipped by the client"
+        import zlib
+        try:
+            data, how = zlib.decompress(take(size)), "shipped by the client"
+        except zlib.error:
+            sys.exit(3)
         if not fits(data):
             sys.exit(3)
-    try:
-        os.makedirs(cache, 0o700, exist_ok=True)
-    except OSError:
-        cache = tempfile.mkdtemp()
-    fd, name = tempfile.mkstemp(dir=cache)
-    os.write(fd, data)
-    os.close(fd)
-    os.replace(name, os.path.join(cache, "sshjob.py"))
+    import tempfile
+    if not cached(data):
+        module, how = None, how + ", run from memory (no private cache directory)"
 os.write(1, ("have " + how + "\n").encode())
-sys.path.insert(0, cache)
-import sshjob
+if module:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sshjob", module)
+    sshjob = importlib.util.module_from_spec(spec)
+    sys.modules["sshjob"] = sshjob
+    spec.loader.exec_module(sshjob)
+else:
+    import types
+    sshjob = sys.modules["sshjob"] = types.ModuleType("sshjob")
+    sshjob.__file__ = program
+    exec(compile(data, program, "exec"), sshjob.__dict__)
 sys.exit(sshjob.main(sys.argv[3:] + ["slurm-step"]))
 """
 
@@ -4344,8 +4384,15 @@ def slurm_error(text, job, node=None):
     for needle, kind, sentence in SLURM_ERRORS:
         if needle in text:
             return kind("%s (%s)" % (sentence.format(job=job, node=node), needle))
-    last = [line for line in text.splitlines() if line.strip()][-1:] or ["no message"]
-    return Unreachable("Slurm could not start a session in job %s: %s" % (job, last[0].strip()))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not TASK_EXITED.search(line)]
+    ours = [line for line in lines if line.startswith("sshjob: ")]
+    if ours:
+        return Unreachable("on node %s: %s" % (node, ours[-1][len("sshjob: "):]))
+    missing = next((line for line in lines if "execve():" in line), None)
+    if missing:
+        return MissingProgram("node %s cannot run %s: set remote_python to an interpreter it has (Python 3.6 "
+                              "or newer)" % (node, missing.split("execve():", 1)[1].split(":")[0].strip()))
+    return Unreachable("Slurm could not start a session in job %s: %s" % (job, (lines or ["no message"])[-1]))
 
 
 def run_slurm(job, *argv):
@@ -4362,8 +4409,8 @@ def run_slurm(job, *argv):
 
 
 def slurm_fields(line):
-    """scontrol's one-line records: Key=Value pairs separated by spaces."""
-    return dict(item.partition("=")[::2] for item in line.split(" ") if "=" in item)
+    """scontrol's one-line records: Key=Value pairs, values that may hold spaces."""
+    return dict(re.findall(r"(?:^| )([A-Za-z:/]+)=(.*?)(?= [A-Za-z:/]+=|$)", line))
 
 
 def slurm_jobs(spec):
@@ -4399,6 +4446,8 @@ class SlurmSite:
 
     def ticket(self, request):
         jobs = slurm_jobs(self.spec)
+        if not jobs:
+            raise NotFound("job %s is unknown to Slurm" % self.spec)
         if len(jobs) != 1:
             first = min(jobs, key=lambda j: int(re.match(r"\d*", j.get("ArrayTaskId", "")).group() or 0))
             raise UsageError("job %s is an array of %d tasks: name one, as %s_%s" % (
@@ -4432,9 +4481,7 @@ class SlurmSite:
         return self.node
 
     def start_step(self, request):
-        step = SlurmStep(self, request)
-        self.steps.append(step)
-        return step
+        return SlurmStep(self, request)
 
     def step_for(self, ticket, transport):
         step = (ticket or {}).pop("step", None) or self.start_step(dict(self.request, transport=transport))
@@ -4464,7 +4511,7 @@ class SlurmSite:
         run_slurm(job, "scancel", job)
 
     def close(self):
-        for step in self.steps:
+        for step in list(self.steps):
             step.close()
 
 
@@ -4479,12 +4526,15 @@ class SlurmStep:
                 site.config["remote_python"], "-I", "-S", "-c", SLURM_BOOT, site.program, site.digest]
         if log.isEnabledFor(logging.DEBUG):
             argv.append("--debug")
+        env = {k: v for k, v in os.environ.items()  # not another allocation's sizes, which srun would obey
+               if not (k.startswith("SLURM_") and k != "SLURM_CONF") and k != "XDG_CACHE_HOME"}
         self.channel, theirs = socket.socketpair()
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(); a file: srun outlives a proxy)
         log.debug("starting the session's step: %s BOOT", " ".join(map(shlex.quote, argv[:argv.index(SLURM_BOOT)])))
         with theirs:
-            self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=self.errors,
+            self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=self.errors, env=env,
                                          start_new_session=True)
+        site.steps.append(self)  # from now on, close() ends it, whatever happens
         self.channel.settimeout(60)
         try:
             self.boot()
@@ -4556,12 +4606,17 @@ class SlurmStep:
         return self.channel
 
     def close(self):
+        """End srun, at once if the session never began."""
         self.channel.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            self.proc.wait()
+        for signum, wait in ((None, 5), (signal.SIGTERM, 5), (signal.SIGKILL, None)):
+            if signum:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signum)
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         self.stderr()
         self.errors.close()
 
@@ -4609,18 +4664,22 @@ def slurm_job_context(job_id, own_step):
     result = subprocess.run(["scontrol", "listpids", job_id], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, universal_newlines=True)
     rows = [line.split() for line in result.stdout.splitlines()]
-    rows = [row for row in rows if len(row) >= 4 and row[0].isdigit() and row[2] != own_step]
+    rows = [row for row in rows if len(row) >= 4 and row[0].isdigit() and row[2] not in (own_step, "extern")]
     rows.sort(key=lambda row: (row[2] != "batch", row[3] != "0", not row[2].isdigit(), row[2].zfill(9), row[3]))
-    pids = [int(row[0]) for row in rows]
-    for pid in pids:
+    pids, first = [], None
+    for row in rows:
         try:
-            with open("/proc/%d/environ" % pid, "rb") as f:
+            with open("/proc/%s/environ" % row[0], "rb") as f:
                 pairs = [item.partition(b"=") for item in f.read().split(b"\0") if b"=" in item]
             env = {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
-            return pids, env, os.readlink("/proc/%d/cwd" % pid)
+            cwd = os.readlink("/proc/%s/cwd" % row[0])
         except OSError:
             continue
-    return pids, None, None
+        if SESSION_VAR in env:  # another session's, not the job's own
+            continue
+        pids.append(int(row[0]))
+        first = first or (env, cwd)
+    return (pids,) + (first or (None, None))
 
 
 def address_facing(peer):
@@ -4648,17 +4707,17 @@ def guard_step(step_pid, started, tag, tmp):
     """The guardian: while the step lives, stop the session's processes
     when Slurm stops the step (suspend) and continue them after; when it
     ends, however it ends, end them all, wherever they have forked to."""
-    stopped = []
+    stopped = None  # the pids stopped with the step, while it is stopped
     while True:
         state = process_state(step_pid, started)
         if state is None:
             break
-        if state in "Tt" and not stopped:
+        if state in "Tt" and stopped is None:
             stopped = [pid for pid, _ in tagged_pids(tag)]
             signal_pids(stopped, signal.SIGSTOP)
-        elif state not in "Tt" and stopped:
+        elif state not in "Tt" and stopped is not None:
             signal_pids(stopped, signal.SIGCONT)
-            stopped = []
+            stopped = None
         time.sleep(0.2)
     for signum in (signal.SIGTERM, signal.SIGKILL):
         pids = [pid for pid, _ in tagged_pids(tag)]
@@ -4767,24 +4826,45 @@ class NodeStep:
 
     def await_client(self, channel, listener, secret):
         """The client's direct connection, with the secret; or None when
-        the client asks for the srun pipe instead."""
+        the client asks for the srun pipe instead.  Connections from
+        anywhere but the client's address are dropped unread; the pipe's
+        end (a proxy hands its socket to ssh and exits) is no answer."""
         deadline = time.monotonic() + IO_TIMEOUT
-        while True:
-            waits = [channel] + ([listener] if listener else [])
+        waits = ([listener] if listener else []) + [channel]
+        while waits:
             ready = select.select(waits, [], [], max(0.0, deadline - time.monotonic()))[0]
             if not ready:
-                raise Unreachable("the client did not connect within %.0f s" % IO_TIMEOUT)
-            if channel in ready:
-                if field(recv_msg(channel), "op", str) != "pipe":
-                    raise ProtocolError("expected the client's choice of path")
-                return None
-            sock, _ = listener.accept()
-            sock.settimeout(5)
-            with contextlib.suppress(OSError):
-                if hmac.compare_digest(_recv_exactly(sock, len(secret)), secret):
-                    sock.settimeout(None)
+                break
+            if listener in ready:
+                sock = self.admit(listener, secret)
+                if sock:
                     return sock
+                continue
+            try:
+                message = recv_msg(channel)
+            except ProtocolError:
+                waits.remove(channel)
+                continue
+            if field(message, "op", str) != "pipe":
+                raise ProtocolError("expected the client's choice of path")
+            return None
+        raise Unreachable("the client did not connect within %.0f s" % IO_TIMEOUT)
+
+    @staticmethod
+    def admit(listener, secret):
+        """A connection that brings the secret at once, from the client's
+        address (or, the client being on this node, from our own)."""
+        sock, peer = listener.accept()
+        if peer[0] not in (os.environ.get("SLURM_LAUNCH_NODE_IPADDR"), listener.getsockname()[0]):
             sock.close()
+            return None
+        sock.settimeout(1)
+        with contextlib.suppress(OSError, ProtocolError):
+            if hmac.compare_digest(_recv_exactly(sock, len(secret)), secret):
+                sock.settimeout(None)
+                return sock
+        sock.close()
+        return None
 
     def run_sshd(self, channel):
         hostkey = self.prepare_sshd()
@@ -4841,15 +4921,20 @@ class NodeStep:
 def run_slurm_step(config_path):
     """`sshjob slurm-step`: what SLURM_BOOT runs on the node, on srun's pipes."""
     channel = PipeChannel(0, 1)
+    step = None
     try:
         config = Config(config_path if config_path and os.path.exists(config_path) else None)
         step = NodeStep(config, recv_msg(channel))
         return step.serve(channel)
-    except SshjobError as e:
+    except Exception as e:  # whatever it is, the client hears it as one sentence
+        error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
         with contextlib.suppress(OSError):
-            send_msg(channel, error_reply(e))
-        log.warning("%s", e)
-        return e.status
+            send_msg(channel, error_reply(error))
+        log.warning("%s", error)
+        return error.status
+    finally:
+        if step:  # the guardian would too, but a cgroup may end it with the step
+            shutil.rmtree(step.tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

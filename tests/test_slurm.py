@@ -432,3 +432,27 @@ def test_a_slurm_job_as_an_ssh_host(cluster):
     other = run(["runuser", "-u", BOB, "--", "env", "-i"] + ["%s=%s" % item for item in cluster.env(BOB).items()]
                 + ["ssh", "-F", config, "-o", "IdentityFile=/nonexistent", job + ".slurm.sshjob", "true"], cwd="/")
     assert other.returncode == 255 and "sshjob: Slurm refuses a session in job %s" % job in other.stderr
+
+
+def test_nothing_planted_beside_the_cached_module_runs(cluster):
+    """The node runs only bytes whose hash it checked: a cache directory that
+    others may write is not used, and a package planted there never runs."""
+    job = cluster.running()
+    first = cluster.sshjob("client", "-debug", job, "true")
+    assert first.returncode == 0, first.stderr
+    cache = os.path.join(pwd.getpwnam(ALICE).pw_dir, ".cache", "sshjob")
+    digest = [name for name in os.listdir(cache) if len(name) == 64]
+    marker = os.path.join(cluster.dir, "planted-code-ran")
+    for name in digest:
+        package = os.path.join(cache, name, "sshjob")
+        os.makedirs(package, exist_ok=True)
+        with open(os.path.join(package, "__init__.py"), "w") as f:
+            f.write("open(%r, 'w').close()\n" % marker)
+        os.chmod(os.path.join(cache, name), 0o777)  # as if another user could write there
+    try:
+        again = cluster.sshjob("client", "-debug", job, "echo still-fine")
+        assert again.stdout == "still-fine\n", again.stderr
+        assert "run from memory (no private cache directory)" in again.stderr
+        assert not os.path.exists(marker)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

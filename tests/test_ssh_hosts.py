@@ -57,6 +57,11 @@ def hosts(base, users):
     for user in (ALICE, BOB):
         config = os.path.join(home_of(user), ".ssh", "config")
         saved[config] = open(config).read() if os.path.exists(config) else None  # noqa: SIM115
+        os.makedirs(os.path.dirname(config), exist_ok=True)
+        with open(config, "w") as f:  # a user's own global option, which must stay global
+            f.write("ServerAliveInterval 7\n")
+        shutil.chown(os.path.dirname(config), user, user)
+        shutil.chown(config, user, user)
         installed = as_user(user, [USER_PYTHON, pool.pyz, "ssh-config", "--install"],
                             env={"SSHJOB_CONFIG": pool.config})
         assert installed.returncode == 0, installed.stderr
@@ -85,10 +90,12 @@ def test_the_host_block_installs_once_and_names_absolute_paths(hosts, job):
     assert text.count("Host *.sshjob") == 1
     printed = as_user(ALICE, [USER_PYTHON, hosts.pyz, "ssh-config"], env={"SSHJOB_CONFIG": hosts.config}).stdout
     assert printed in text
-    assert "ProxyCommand %s %s --config %s proxy %%h %%r" % (USER_PYTHON, hosts.pyz, hosts.config) in printed
+    assert "ProxyCommand %s %s --config %s proxy '%%h' '%%r'" % (USER_PYTHON, hosts.pyz, hosts.config) in printed
     assert "IdentitiesOnly yes" in printed and "ProxyUseFdpass yes" in printed
     mode = os.stat(os.path.join(home_of(ALICE), ".ssh", "config")).st_mode & 0o777
     assert mode == 0o600
+    elsewhere = as_user(ALICE, ["ssh", "-G", "example.org"]).stdout.splitlines()
+    assert "serveraliveinterval 7" in elsewhere and "proxyusefdpass no" in elsewhere
 
 
 def test_ssh_by_name_runs_inside_the_job_with_a_pinned_host_key(hosts, job):
