@@ -3026,10 +3026,26 @@ class PoolSite:
         """(socket the job's sshd answers, the job's host key), on a ticket
         (fresh unless given) that the starter has accepted."""
         ticket = ticket or self.schedd.call(request)
-        job = request["job"]
-        sock = self.reach_starter(ticket)
+        sock = self.present(self.reach_starter(ticket), {
+            "op": "ssh", "job": ticket["run"], "key": request["key"], "ticket": ticket["ticket"]}, ticket["job"])
+        sock.settimeout(None)
+        log.debug("the starter accepted the ticket for job %s", ticket["job"])
+        return sock, ticket["hostkey"]
+
+    def open_builtin(self, ticket, request):
+        """A channel to a built-in session that the starter has accepted: TLS,
+        its certificate pinned by the fingerprint that the schedd vouches for."""
+        tls = pinned_tls_connection(self.reach_starter(ticket), ticket["tls_fingerprint"],
+                                    "the starter of job %s" % ticket["job"])
+        return self.present(tls, dict(request, op="builtin", job=ticket["run"], ticket=ticket["ticket"]),
+                            ticket["job"])
+
+    @staticmethod
+    def present(sock, message, job):
+        """`message` (a ticket) to the job's starter on `sock`, which is
+        returned once the starter says yes, and closed on any failure."""
         try:
-            send_msg(sock, {"op": "ssh", "job": ticket["run"], "key": request["key"], "ticket": ticket["ticket"]})
+            send_msg(sock, message)
             raise_for_reply(recv_msg(sock))
         except OSError as e:
             sock.close()
@@ -3037,25 +3053,7 @@ class PoolSite:
         except SshjobError:
             sock.close()
             raise
-        sock.settimeout(None)
-        log.debug("the starter accepted the ticket for job %s", job)
-        return sock, ticket["hostkey"]
-
-    def open_builtin(self, ticket, request):
-        """A channel to a built-in session that the starter has accepted: TLS,
-        its certificate pinned by the fingerprint that the schedd vouches for."""
-        what = "the starter of job %s" % ticket["job"]
-        tls = pinned_tls_connection(self.reach_starter(ticket), ticket["tls_fingerprint"], what)
-        try:
-            send_msg(tls, dict(request, op="builtin", job=ticket["run"], ticket=ticket["ticket"]))
-            raise_for_reply(recv_msg(tls))
-        except OSError as e:
-            tls.close()
-            raise Unreachable("%s did not answer (%s)" % (what, e)) from None
-        except SshjobError:
-            tls.close()
-            raise
-        return tls
+        return sock
 
     def reach_starter(self, ticket):
         """A connection to the job's starter: direct, the fast path; or relayed
@@ -4305,6 +4303,9 @@ def cached(data):
     try:
         for path in (parent, cache):
             os.makedirs(path, 0o700, exist_ok=True)
+            info = os.lstat(path)
+            if path == parent and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                os.chmod(path, 0o700)  # ours, made by an earlier sshjob or under a loose umask
             if not private(path):
                 return False
         fd, name = tempfile.mkstemp(dir=cache)
@@ -4606,9 +4607,14 @@ class SlurmStep:
         return self.channel
 
     def close(self):
-        """End srun, at once if the session never began."""
+        """Let srun end by itself once its step has answered (the step ends
+        with its session: waiting would only add Slurm's teardown to every
+        session); end it, and at once, where the step never answered."""
         self.channel.close()
-        for signum, wait in ((None, 5), (signal.SIGTERM, 5), (signal.SIGKILL, None)):
+        if hasattr(self, "reply"):
+            self.errors.close()
+            return
+        for signum, wait in ((None, 1), (signal.SIGTERM, 5), (signal.SIGKILL, None)):
             if signum:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signum)
