@@ -269,3 +269,27 @@ def test_a_stopped_schedd_is_one_sentence(base, users):
     down = run(["ssh", "-F", config, job + ".sshjob", "true"])
     assert down.returncode == 255
     assert down.stderr.startswith("sshjob: cannot reach the schedd"), down.stderr
+
+
+def test_x11_and_a_finished_job(hosts, job):
+    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
+        pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
+    name, _ = job
+    display = ":63"
+    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        xauth = os.path.join(hosts.workdir(ALICE), "xauth")
+        forwarded = as_user(ALICE, ["ssh", "-X", name + ".sshjob", 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"'],
+                            env={"DISPLAY": display, "XAUTHORITY": xauth})
+        assert forwarded.returncode == 0, forwarded.stderr
+        remote_display, screens = forwarded.stdout.split()
+        assert remote_display.startswith("localhost:") and screens == "1"
+    finally:
+        xvfb.terminate()
+        xvfb.wait()
+    done = hosts.submit("true", user=ALICE)
+    hosts.wait_state(done, "completed")
+    ended = as_user(ALICE, ["ssh", done + ".sshjob", "true"])
+    assert ended.returncode == 255
+    assert ended.stderr.startswith("sshjob: job %s " % done) and "Traceback" not in ended.stderr, ended.stderr
