@@ -3,6 +3,7 @@
 Every end-to-end test runs `python3 dist/sshjob.pyz ...` as a user would,
 against a pool of real daemons that run the real OpenSSH programs."""
 
+import contextlib
 import glob
 import os
 import pwd
@@ -32,6 +33,23 @@ def pyenv_interpreters():
 
 
 INTERPRETERS = pyenv_interpreters() or [sys.executable]
+
+
+@contextlib.contextmanager
+def x_display(display):
+    """A virtual X display (Xvfb) for the -X tests, stopped afterwards."""
+    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
+        pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
+    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        yield display
+    finally:
+        xvfb.terminate()
+        xvfb.wait()
+
+
+X11_CHECK = 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"'  # prints the forwarded display and its screens
 
 
 def run(argv, timeout=60, **kwargs):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import slurm
-from conftest import INTERPRETERS, USER_PYTHON, run
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, run, x_display
 from test_session import drive_terminal
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
@@ -240,22 +240,13 @@ def test_the_fast_path_and_the_pipe(cluster, tmp_path):
 
 
 def test_x11_forwarding(cluster):
-    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
-        pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
-    display = ":61"
-    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
+    with x_display(":61") as display:
         job = cluster.running()
         xauth = os.path.join(cluster.workdir(), "xauth")  # where alice may write it
-        result = cluster.sshjob("client", "-X", job, 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"',
-                                env={"DISPLAY": display, "XAUTHORITY": xauth})
+        result = cluster.sshjob("client", "-X", job, X11_CHECK, env={"DISPLAY": display, "XAUTHORITY": xauth})
         assert result.returncode == 0, result.stderr
         remote_display, screens = result.stdout.split()
         assert remote_display.startswith("localhost:") and screens == "1"
-    finally:
-        xvfb.terminate()
-        xvfb.wait()
 
 
 def test_shells_keygen_options_and_the_temporary_directory(cluster, tmp_path):

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, USER_PYTHON, Pool, run
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, run, x_display
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
 
@@ -272,22 +272,14 @@ def test_a_stopped_schedd_is_one_sentence(base, users):
 
 
 def test_x11_and_a_finished_job(hosts, job):
-    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
-        pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
     name, _ = job
-    display = ":63"
-    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
+    with x_display(":63") as display:
         xauth = os.path.join(hosts.workdir(ALICE), "xauth")
-        forwarded = as_user(ALICE, ["ssh", "-X", name + ".sshjob", 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"'],
+        forwarded = as_user(ALICE, ["ssh", "-X", name + ".sshjob", X11_CHECK],
                             env={"DISPLAY": display, "XAUTHORITY": xauth})
         assert forwarded.returncode == 0, forwarded.stderr
         remote_display, screens = forwarded.stdout.split()
         assert remote_display.startswith("localhost:") and screens == "1"
-    finally:
-        xvfb.terminate()
-        xvfb.wait()
     done = hosts.submit("true", user=ALICE)
     hosts.wait_state(done, "completed")
     ended = as_user(ALICE, ["ssh", done + ".sshjob", "true"])
