@@ -24,13 +24,14 @@ LAUNCHER = '''\
 def _choose_shiv_root():
     """Unpack under ~/.shiv when the home directory allows it, else in a
     private directory of this user's under the temporary directory."""
-    import os, stat, tempfile
+    import os, stat
     if os.environ.get("SHIV_ROOT"):
         return os.environ["SHIV_ROOT"]
     home = os.path.expanduser("~")
     shiv = os.path.join(home, ".shiv")
     if home != "~" and (os.path.isfile(os.path.join(_site(shiv), "sshjob.py")) or _writable(shiv)):
         return shiv
+    import tempfile  # only here: it costs a few ms to import
     root = os.path.join(tempfile.gettempdir(), "sshjob-shiv-%d" % os.getuid())
     try:
         os.mkdir(root, 0o700)

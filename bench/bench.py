@@ -82,11 +82,32 @@ def timed(argv, runs, **kwargs):
     return statistics.median(times)
 
 
-def throughput(command, gib):
+def timed_pair(ours, peer, runs, **kwargs):
+    """(median seconds of `ours`, of `peer`), run in turns: on a busy machine
+    a ratio of two medians taken minutes apart measures the machine."""
+    times = ([], [])
+    for _ in range(runs):
+        for argv, sink in zip((ours, peer), times):
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, **kwargs)
+            sink.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def throughput_pair(ours, peer, gib, repeat=3, **kwargs):
+    """(median GiB/s of shell command `ours`, of `peer`), run in turns."""
+    rates = ([], [])
+    for _ in range(repeat):
+        for command, sink in zip((ours, peer), rates):
+            sink.append(throughput(command, gib, **kwargs))
+    return statistics.median(rates[0]), statistics.median(rates[1])
+
+
+def throughput(command, gib, **kwargs):
     """GiB/s of `head -c` from /dev/zero piped through a command."""
     pipeline = "head -c %dG /dev/zero | %s" % (gib, command)
     start = time.perf_counter()
-    subprocess.run(["bash", "-c", pipeline], check=True)
+    subprocess.run(["bash", "-c", pipeline], check=True, **kwargs)
     return gib / (time.perf_counter() - start)
 
 

@@ -2,18 +2,23 @@
 """Every figure of sshjob's speed in one table, as ratios to its peers
 measured in the same run (issue 11).
 
-    python3 bench/run.py [--runs 15] [--gib 1] [--sessions 100] [--python /usr/bin/python3]
+    python3 bench/run.py [--runs 15] [--gib 1] [--sessions 100] [--user sshjob-bench]
+                         [--python /usr/bin/python3]
 
 Starts a personal pool with the built dist/sshjob.pyz, a plain sshd on
 127.0.0.1, and (where Slurm is installed) the tests' single-node Slurm, then
 prints one row per figure: sshjob's value, its peer's, the ratio and the
-target.  Needs root and a built pyz (python3 build.py).  The other scripts
-in bench/ measure single things at more length.
+target.  Every session, sshjob's and plain ssh's, is that of --user, an
+ordinary user made if missing, whose shell starts as a new account's does
+(--user root measures root's, whatever its ~/.bashrc costs).  Needs root
+and a built pyz (python3 build.py).  The other scripts in bench/ measure
+single things at more length.
 """
 
 import fcntl
 import os
 import pty
+import pwd
 import select
 import shlex
 import shutil
@@ -31,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import slurm
 
-from bench import PYZ, SSH_ISOLATION, bench_parser, start_plain_sshd, throughput, timed
+from bench import PYZ, SSH_ISOLATION, bench_parser, start_plain_sshd, throughput_pair, timed, timed_pair
 
 ROWS = []
 
@@ -46,7 +51,7 @@ def ms(seconds):
     return seconds * 1000
 
 
-def first_prompt(argv, env, runs=5):
+def first_prompt(argv, env, runs=5, **who):
     """Median seconds from starting argv on a new terminal to the prompt
     of the shell it opens (PS1 is set to a marker by the remote shell)."""
     times = []
@@ -59,7 +64,7 @@ def first_prompt(argv, env, runs=5):
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, **who,
                                 preexec_fn=controlling_terminal)
         os.close(slave)
         seen = b""
@@ -88,44 +93,42 @@ def peak_of(pid, sessions):
     return rss / 1024, fds
 
 
-def pool_figures(args, scratch, plain, env):
+def pool_figures(args, scratch, plain, env, who):
     sshjob = [args.python, PYZ]
-    job = subprocess.run(sshjob + ["submit", "--", "sleep", "3600"], env=env, check=True, stdout=subprocess.PIPE,
-                         universal_newlines=True).stdout.strip()
-    while "running" not in subprocess.run(sshjob + ["q"], env=env, stdout=subprocess.PIPE,
+    job = subprocess.run(sshjob + ["submit", "--", "sleep", "3600"], env=env, **who, check=True,
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    while "running" not in subprocess.run(sshjob + ["q"], env=env, **who, stdout=subprocess.PIPE,
                                           universal_newlines=True).stdout:
         time.sleep(0.1)
     client = sshjob + ["client", job]
     builtin = sshjob + ["client", "-transport", "builtin", job]
     for argv in (plain, client, builtin):
-        timed(argv + ["true"], 2, env=env)
-    t_plain = timed(plain + ["true"], args.runs, env=env)
-    row("client JOB true, openssh", ms(timed(client + ["true"], args.runs, env=env)), "plain ssh", ms(t_plain),
-        "ms", "<= 1.0")
-    t_builtin = timed(builtin + ["true"], args.runs, env=env)
-    ROWS.append(("client -transport builtin JOB true", "%.1f ms" % ms(t_builtin), "-", "-", "<= 40 ms"))
-    print("  builtin: %.1f ms" % ms(t_builtin), flush=True)
-    row("sshjob.pyz --help", ms(timed(sshjob + ["--help"], args.runs)), "python3 -c pass",
-        ms(timed([args.python, "-c", "pass"], args.runs)), "ms", "<= 25 ms")
+        timed(argv + ["true"], 2, env=env, **who)
+    ours, peer = timed_pair(client + ["true"], plain + ["true"], args.runs, env=env, **who)
+    row("client JOB true, openssh", ms(ours), "plain ssh", ms(peer), "ms", "<= 1.0")
+    ours, peer = timed_pair(builtin + ["true"], [args.python, "-c", "pass"], args.runs, env=env, **who)
+    row("client -transport builtin JOB true", ms(ours), "python3 -c pass", ms(peer), "ms", "<= 40 ms")
+    ours, peer = timed_pair(sshjob + ["--help"], [args.python, "-c", "pass"], args.runs, env=env, **who)
+    row("sshjob.pyz --help", ms(ours), "python3 -c pass", ms(peer), "ms", "<= 25 ms")
 
     terminal_env = dict(env, TERM="xterm", SHELL="/bin/sh", PS1="$ ")
-    t_prompt_plain = first_prompt(plain + ["-tt"], terminal_env)
+    t_prompt_plain = first_prompt(plain + ["-tt"], terminal_env, **who)
     for transport in ("openssh", "builtin"):
-        t = first_prompt(sshjob + ["client", "-transport", transport, job], terminal_env)
+        t = first_prompt(sshjob + ["client", "-transport", transport, job], terminal_env, **who)
         row("first prompt, %s" % transport, ms(t), "plain ssh -tt", ms(t_prompt_plain), "ms", "report")
 
     quoted = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
     prefix = "SSHJOB_CONFIG=%s " % shlex.quote(env["SSHJOB_CONFIG"])
-    g_plain = throughput(quoted(plain + ["cat > /dev/null"]), args.gib)
     for transport, target in (("openssh", ">= 0.95"), ("builtin", ">= 1.5")):
         argv = sshjob + ["client", "-transport", transport, job, "cat > /dev/null"]
-        row("throughput %d GiB, %s" % (args.gib, transport), throughput(prefix + quoted(argv), args.gib) * 1024,
-            "plain ssh", g_plain * 1024, "MiB/s", target)
+        ours, peer = throughput_pair(prefix + quoted(argv), quoted(plain + ["cat > /dev/null"]), args.gib, env=env,
+                                     **who)
+        row("throughput %d GiB, %s" % (args.gib, transport), ours * 1024, "plain ssh", peer * 1024, "MiB/s", target)
 
     starter = int(open(os.path.join(scratch, "pool", "starter.pid")).read())  # noqa: SIM115
     for count in (1, args.sessions):
         start = time.perf_counter()
-        sessions = [subprocess.Popen(client + ["sleep 3"], env=env, stdout=subprocess.DEVNULL,
+        sessions = [subprocess.Popen(client + ["sleep 3"], env=env, **who, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE) for _ in range(count)]
         rss, fds = peak_of(starter, sessions)
         failed = sum(1 for s in sessions if s.wait() != 0)
@@ -141,61 +144,81 @@ def pool_figures(args, scratch, plain, env):
     return job
 
 
-def ssh_host_figures(args, scratch, plain, env, job):
+def ssh_host_figures(args, scratch, plain, env, job, who):
     config = os.path.join(scratch, "ssh_config")
     with open(config, "w") as f:
-        f.write(subprocess.run([args.python, PYZ, "ssh-config"], env=env, check=True, stdout=subprocess.PIPE,
+        f.write(subprocess.run([args.python, PYZ, "ssh-config"], env=env, **who, check=True, stdout=subprocess.PIPE,
                                universal_newlines=True).stdout)
     host = ["ssh", "-F", config, job + ".sshjob"]
-    timed(host + ["true"], 2, env=env)
-    row("ssh JOB.sshjob true", ms(timed(host + ["true"], args.runs, env=env)), "plain ssh",
-        ms(timed(plain + ["true"], args.runs, env=env)), "ms", "<= 1.0")
+    timed(host + ["true"], 2, env=env, **who)
+    ours, peer = timed_pair(host + ["true"], plain + ["true"], args.runs, env=env, **who)
+    row("ssh JOB.sshjob true", ms(ours), "plain ssh", ms(peer), "ms", "<= 1.0")
     control = tempfile.mkdtemp(prefix="cm-", dir="/tmp")
-    mux = ["ssh", "-F", config, "-o", "ControlMaster=auto", "-o", "ControlPath=%s/%%C" % control,
-           "-o", "ControlPersist=60", job + ".sshjob"]
-    subprocess.run(mux + ["true"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = timed(mux + ["true"], args.runs, env=env)
-    ROWS.append(("a second command on a ControlMaster", "%.1f ms" % ms(second), "-", "-", "<= 10 ms"))
-    print("  multiplexed: %.1f ms" % ms(second), flush=True)
-    subprocess.run(mux[:-1] + ["-O", "exit", job + ".sshjob"], env=env, stderr=subprocess.DEVNULL)
+    if who:
+        os.chown(control, who["user"], who["group"])
+    multiplexed = ["-o", "ControlMaster=auto", "-o", "ControlPath=%s/%%C" % control, "-o", "ControlPersist=60"]
+    ours, peer = host[:-1] + multiplexed + host[-1:], plain[:-1] + multiplexed + plain[-1:]
+    for argv in (ours, peer):
+        subprocess.run(argv + ["true"], env=env, **who, check=True, stdout=subprocess.DEVNULL)
+    second, plain_second = timed_pair(ours + ["true"], peer + ["true"], args.runs, env=env, **who)
+    row("a second command on a ControlMaster", ms(second), "plain ssh's", ms(plain_second), "ms", "<= 10 ms")
+    for argv in (ours, peer):
+        subprocess.run(argv[:-1] + ["-O", "exit", argv[-1]], env=env, **who, stderr=subprocess.DEVNULL)
     shutil.rmtree(control, ignore_errors=True)
 
 
-def slurm_figures(args, scratch, plain):
+def slurm_figures(args, scratch, plain, env, who):
     if slurm.missing_programs():
         ROWS.append(("Slurm", "not installed", "-", "-", "-"))
         return
     slurm.start()
-    job = subprocess.run(["sbatch", "--parsable", "-D", scratch, "-o", "/dev/null", "--wrap", "sleep 3600"],
-                         check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    env = dict(env, SSHJOB_SCHEDULER="slurm")
+    env.pop("SSHJOB_CONFIG", None)
+    job = subprocess.run(["sbatch", "--parsable", "-D", scratch, "-o", "/dev/null", "--wrap", "sleep 3600"], env=env,
+                         **who, check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
     try:
         while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], stdout=subprocess.PIPE,
                              universal_newlines=True).stdout.strip() != "RUNNING":
             time.sleep(0.2)
         time.sleep(1)
-        env = dict(os.environ, SSHJOB_SCHEDULER="slurm")
-        env.pop("SSHJOB_CONFIG", None)
         srun = ["srun", "--jobid", job, "--overlap", "-N1", "-n1", "--quiet"]
         client = [args.python, PYZ, "client", job]
         builtin = [args.python, PYZ, "client", "-transport", "builtin", job]
         for argv in (srun, client, builtin):
-            timed(argv + ["true"], 2, env=env)
-        t_srun = timed(srun + ["true"], args.runs, env=env)
-        row("Slurm: client J true, openssh", ms(timed(client + ["true"], args.runs, env=env)), "plain ssh",
-            ms(timed(plain + ["true"], args.runs)), "ms", "<= 1.0")
-        row("Slurm: client -transport builtin J true", ms(timed(builtin + ["true"], args.runs, env=env)),
-            "srun --overlap true", ms(t_srun), "ms", "<= 1.0 (issue 9: 1.5)")
+            timed(argv + ["true"], 2, env=env, **who)
+        ours, peer = timed_pair(client + ["true"], plain + ["true"], args.runs, env=env, **who)
+        row("Slurm: client J true, openssh", ms(ours), "plain ssh", ms(peer), "ms", "<= 1.0")
+        ours, peer = timed_pair(builtin + ["true"], srun + ["true"], args.runs, env=env, **who)
+        row("Slurm: client -transport builtin J true", ms(ours), "srun --overlap true", ms(peer), "ms",
+            "<= 1.0 (issue 9: 1.5)")
         quoted = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
-        g_plain = throughput(quoted(plain + ["cat > /dev/null"]), args.gib)
-        g_direct = throughput("SSHJOB_SCHEDULER=slurm " + quoted(client + ["cat > /dev/null"]), args.gib)
-        g_pipe = throughput("SSHJOB_SCHEDULER=slurm SSHJOB_SLURM_DIRECT=false " + quoted(client + ["cat > /dev/null"]),
-                            args.gib)
-        row("Slurm: throughput %d GiB, direct" % args.gib, g_direct * 1024, "plain ssh", g_plain * 1024, "MiB/s",
-            ">= 0.9")
-        row("Slurm: throughput %d GiB, srun's pipe" % args.gib, g_pipe * 1024, "plain ssh", g_plain * 1024,
-            "MiB/s", "report")
+        plain_cat = quoted(plain + ["cat > /dev/null"])
+        for path, prefix, target in (("direct", "", ">= 0.9"), ("srun's pipe", "SSHJOB_SLURM_DIRECT=false ", "report")):
+            ours, peer = throughput_pair(prefix + quoted(client + ["cat > /dev/null"]), plain_cat, args.gib, env=env,
+                                         **who)
+            row("Slurm: throughput %d GiB, %s" % (args.gib, path), ours * 1024, "plain ssh", peer * 1024, "MiB/s",
+                target)
     finally:
         subprocess.run(["scancel", job])
+
+
+def bench_user(name, scratch, key):
+    """(environment, subprocess arguments, key) for running as user `name`:
+    made if missing, with a copy of the plain sshd's key of its own."""
+    if name == "root":
+        return dict(os.environ, HOME=scratch), {}, key
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        subprocess.run(["usermod", "-p", "*", name], check=True)  # no password, yet not locked: plain sshd lets it in
+        user = pwd.getpwnam(name)
+    own = os.path.join(scratch, "id-" + name)
+    shutil.copy(key, own)
+    os.chown(own, user.pw_uid, user.pw_gid)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": user.pw_dir, "USER": name, "LOGNAME": name,
+           "SHELL": user.pw_shell, "LANG": os.environ.get("LANG", "C.UTF-8")}
+    return env, {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}, own
 
 
 def main():
@@ -203,19 +226,21 @@ def main():
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--user", default="sshjob-bench", help="whose sessions to time (default: %(default)s)")
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="sshjob-bench-")
     os.chmod(scratch, 0o755)
     pool_dir = os.path.join(scratch, "pool")
-    env = dict(os.environ, SSHJOB_CONFIG=os.path.join(pool_dir, "sshjob.conf"), HOME=scratch)
     sshd, port, key = start_plain_sshd(scratch)
+    env, who, key = bench_user(args.user, scratch, key)
+    env["SSHJOB_CONFIG"] = os.path.join(pool_dir, "sshjob.conf")
     plain = ["ssh"] + SSH_ISOLATION + ["-i", key, "-p", str(port), "127.0.0.1"]
-    print("python: %s, %s" % (args.python, socket.gethostname()), flush=True)
+    print("python: %s, user %s, %s" % (args.python, args.user, socket.gethostname()), flush=True)
     try:
         subprocess.run([args.python, PYZ, "pool", "start", "--dir", pool_dir], check=True, stdout=subprocess.DEVNULL)
-        job = pool_figures(args, scratch, plain, env)
-        ssh_host_figures(args, scratch, plain, env, job)
-        slurm_figures(args, scratch, plain)
+        job = pool_figures(args, scratch, plain, env, who)
+        ssh_host_figures(args, scratch, plain, env, job, who)
+        slurm_figures(args, scratch, plain, env, who)
     finally:
         subprocess.run([args.python, PYZ, "pool", "stop", "--dir", pool_dir], stdout=subprocess.DEVNULL)
         sshd.terminate()
