@@ -35,9 +35,11 @@ How a session comes about (each step is a function below):
 """
 
 import array
+import base64
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import json
 import os
@@ -57,7 +59,7 @@ import termios
 import threading
 import time
 
-# Every role imports the modules above.  The others (argparse, base64,
+# Every role imports the modules above.  The others (argparse,
 # configparser, ctypes, hashlib, hmac, logging, pty, sqlite3, ssl, tarfile,
 # tempfile, tty, zipfile, zlib) are imported by the functions that use them,
 # so that each role loads only what it uses: a client starts some 20 ms
@@ -71,7 +73,7 @@ class Log:
     logging package costs some 8 ms at every start, and a client without
     -debug prints none of its debug and info messages."""
 
-    DEBUG, INFO, WARNING = 10, 20, 30  # logging's own numbers
+    DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50  # logging's own numbers
 
     def __init__(self):
         self.level = self.WARNING
@@ -106,13 +108,13 @@ class Log:
         self.log(self.WARNING, message, *args)
 
     def error(self, message, *args):
-        self.log(40, message, *args)
+        self.log(self.ERROR, message, *args)
 
     def exception(self, message, *args):
-        self.log(40, message, *args, exc_info=True)
+        self.log(self.ERROR, message, *args, exc_info=True)
 
     def critical(self, message, *args):
-        self.log(50, message, *args)
+        self.log(self.CRITICAL, message, *args)
 
 
 log = Log()
@@ -576,7 +578,6 @@ def parse_public_key(text):
 
     Strict, because the key is written into an authorized_keys file: one
     line, a known type, base64 that decodes to a blob naming the same type."""
-    import base64
     fields = text.split() if isinstance(text, str) else []
     try:
         blob = base64.b64decode(fields[1], validate=True)
@@ -591,7 +592,6 @@ def parse_public_key(text):
 
 def key_fingerprint(key):
     """The SHA256 fingerprint of a public key, as `ssh-keygen -l` prints it."""
-    import base64
     import hashlib
     digest = hashlib.sha256(base64.b64decode(key.split()[1])).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
@@ -686,12 +686,10 @@ def make_certificate(config, directory, name):
 
 
 def b64url(data):
-    import base64
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def from_b64url(text):
-    import base64
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -2198,21 +2196,17 @@ def sshd_config(config, host_key, sdir, user):
         raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
 
 
-SSHD_VERSIONS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def sshd_version(sshd):
     """(major, minor) of this sshd, (0, 0) if unknown: `sshd -V` prints it,
     and an sshd too old to know -V prints it atop its usage message."""
-    if sshd not in SSHD_VERSIONS:
-        try:
-            said = subprocess.run([sshd, "-V"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            said = b""
-        found = re.search(rb"OpenSSH_(\d+)\.(\d+)", said)
-        SSHD_VERSIONS[sshd] = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-    return SSHD_VERSIONS[sshd]
+    try:
+        said = subprocess.run([sshd, "-V"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        said = b""
+    found = re.search(rb"OpenSSH_(\d+)\.(\d+)", said)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def welcome(job, node, pids):
@@ -3381,9 +3375,8 @@ def private_tempdir():
         log.debug("removed %s", path)
 
 
-def make_session_key(config, tmp, keygen_options):
+def make_session_key(config, path, keygen_options):
     keygen = find_program(config, "ssh_keygen", "this machine")
-    path = os.path.join(tmp, "id")
     extra = shlex.split(keygen_options)
     argv = [keygen, "-q", "-N", "", "-C", "sshjob-session", "-f", path]
     if "-t" not in extra:
@@ -3487,7 +3480,7 @@ def enter_job_at(site, config, opts, job, command, builtin_session):
         ssh = None
         if wants_openssh(config, opts):
             ssh = stack.enter_context(OpenSsh(config, opts, site, tmp, job))
-        key = ssh and make_session_key(config, tmp, opts["keygen-options"])
+        key = make_session_key(config, ssh.key, opts["keygen-options"]) if ssh else None
         holder = token_hex(32)
         shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
         interactive = command is None and not opts["ssh"] and os.isatty(0) and os.isatty(1)
@@ -5181,8 +5174,8 @@ def raise_fd_limit():
 
 
 def dispatch(config_path, debug, role, rest):
-    if role in ("h", "help", "v"):
-        sys.stdout.write("sshjob %s\n" % __version__ if role == "v" else USAGE + ROLES)
+    if role in ("help", "version"):
+        sys.stdout.write(USAGE + ROLES if role == "help" else "sshjob %s\n" % __version__)
         return 0
     if role == "client":
         return run_client(config_path, rest)
@@ -5222,14 +5215,17 @@ options:
 
 def parse_main_args(argv):
     """(config, debug, role, the role's arguments): sshjob's own options come
-    before the role; --help is the role "h" and --version "v".  Parsed here,
-    not by argparse, which costs more to import than --help may take."""
+    before the role; --help and --version are the roles "help" and
+    "version".  Parsed here, not by argparse, which costs more to import
+    than --help may take."""
     config, debug, args = None, False, list(argv)
     while args and args[0].startswith("-"):
         arg = args.pop(0)
         name, has_value, value = arg.partition("=")
-        if arg in ("--help", "-h", "-help", "--version"):
-            return config, debug, arg.lstrip("-")[0], []
+        if arg in ("--help", "-h", "-help"):
+            return config, debug, "help", []
+        if arg == "--version":
+            return config, debug, "version", []
         if arg in ("--debug", "-debug"):
             debug = True
         elif name == "--config":
