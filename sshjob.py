@@ -1602,6 +1602,7 @@ class Schedd:
         return None
 
     def op_submit(self, message, who):
+        import sqlite3  # loaded already: the schedd's queue
         cmd = field(message, "cmd", list)
         env = field(message, "env", dict)
         if not cmd or not all(isinstance(a, str) for a in cmd):
@@ -1634,7 +1635,7 @@ class Schedd:
                       workdir, output, error, now, now) for proc in range(count) for node in range(nodes)))
                 self.db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(Exception):  # SQLite may have rolled back already (a full disk)
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (a full disk)
                     self.db.execute("ROLLBACK")
                 raise
         log.info("user %s submitted cluster %d (%d jobs of %d nodes)", who.name, cluster, count, nodes)
@@ -2501,8 +2502,9 @@ class Job:
         return welcome(self.name, self.starter.name, pids)
 
     def session_script(self, shells):
-        return session_script(self.name, self.env, self.family.tag, self.pids(), self.node, self.workdir, shells,
-                              self.welcome(self.pids()))
+        pids = self.pids()
+        return session_script(self.name, self.env, self.family.tag, pids, self.node, self.workdir, shells,
+                              self.welcome(pids))
 
 
 class Starter:
@@ -3219,16 +3221,12 @@ class TicketDesk:
         return sock
 
     def prepare(self, ticket):
-        """Connect with the client's first ticket while ssh starts: ssh asks
-        the desk for its connection only once this is done, and the caller
-        stops ssh quietly if it fails, so that the failure is one sentence."""
-        try:
-            self.ready = self.connect_to_job(ticket)
-        except BaseException:
-            self.serving = False
-            raise
-        finally:
-            self.prepared.set()
+        """Connect with the client's first ticket while ssh starts: ssh gets
+        its connection only once this is done.  On failure the desk stays
+        shut until close(), so that the caller stops ssh first, before ssh
+        can say anything: the failure is one sentence, the caller's."""
+        self.ready = self.connect_to_job(ticket)
+        self.prepared.set()
 
     def serve(self):
         while True:
@@ -3561,7 +3559,7 @@ class OpenSsh:
         self.known_hosts = os.path.join(tmp, "known_hosts")
         write_private(self.known_hosts, "")
         self.desk = TicketDesk(site, None, self.known_hosts, "job-" + job)
-        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.user = user_name(os.getuid())
         self.proc = None
         if not opts["ssh"]:
             self.start()
@@ -4339,14 +4337,18 @@ def run_proxy(config_path, argv):
     request = {"op": "ssh_ticket", "job": opts["job"], "key": read_public_key(key), "interactive": False,
                "holder": token_hex(32), "transport": "openssh",  # no holder is ever shown: random stands for its hash
                "shells": [s for s in [os.environ.get("SHELL")] if s], "command": None}
-    ticket = site.ticket(request)
-    if user != ticket["user"]:
-        raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
-            job, ticket["user"], ticket["user"], ticket["user"], host))
-    sock, hostkey = site.connect_ssh(request, ticket)
-    remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
-    with sock, socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as ssh:
-        pass_socket(ssh, sock)
+    try:
+        ticket = site.ticket(request)
+        if user != ticket["user"]:
+            raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
+                job, ticket["user"], ticket["user"], ticket["user"], host))
+        sock, hostkey = site.connect_ssh(request, ticket)
+        remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
+        with sock, socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as ssh:
+            pass_socket(ssh, sock)
+    except BaseException:
+        site.close()  # no session: its Slurm step goes too
+        raise
     log.debug("handed ssh the connection to job %s", job)
     return 0  # the site is not closed: a Slurm step lives on with the session, and ssh waits for us to exit
 
@@ -5010,7 +5012,8 @@ class NodeStep:
         """A listener for the client's direct connection, on the address
         that faces the client; None where there is none, or the client
         wants none (slurm_direct = false)."""
-        host = address_facing(os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
+        client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+        host = client and address_facing(client)
         if not host or self.request.get("direct") is False:
             return None
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
