@@ -66,12 +66,17 @@ def _site(root):
 
 def _run_unpacked(root):
     """Once this very build is unpacked, import it from there: shiv's own
-    bootstrap would cost some 40 ms of imports at every start."""
+    bootstrap would cost some 40 ms of imports at every start.  The module
+    is compiled into that cache of ours even where PYTHONDONTWRITEBYTECODE
+    is set (containers often set it): else every start would compile it
+    again, some 60 ms."""
     import os, sys
     site = _site(root)
     if os.path.isfile(os.path.join(site, "sshjob.py")):
         sys.path.insert(0, site)
+        sys.dont_write_bytecode, saved = False, sys.dont_write_bytecode
         import sshjob
+        sys.dont_write_bytecode = saved
         sys.exit(sshjob.main())
 
 

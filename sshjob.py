@@ -2165,11 +2165,17 @@ def shell_and_workdir(shells, workdir):
 # only when the client brought none.
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+POSIX_LOGIN_SHELLS = {"sh", "bash", "dash", "ksh", "mksh"}
+# The state of a bash shell, not of the job: read-only in bash, and a job's
+# exported shell options (set -e) would end an interactive session at its
+# first failing command.
+BASH_STATE = {"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"}
 GENERATION = re.compile(r"[0-9a-f]{0,64}")
 
 
-def sshd_config(config, host_key, sdir, user):
-    """The sshd configuration of one session whose files are in `sdir`.
+def sshd_config(config, host_key, sdir, owner):
+    """The sshd configuration of one session of user `owner` (a passwd
+    entry) whose files are in `sdir`.
 
     sshd runs the forced command through the user's login shell, and bash
     reads ~/.bashrc there as in any ssh session; then session.sh starts the
@@ -2187,14 +2193,23 @@ def sshd_config(config, host_key, sdir, user):
         return string.Template(template).substitute(
             host_key=host_key,
             authorized_keys=os.path.join(sdir, "authorized_keys"),
-            force_command="/bin/sh " + shlex.quote(os.path.join(sdir, "session.sh")),
-            user=user,
+            force_command=force_command(os.path.join(sdir, "session.sh"), owner.pw_shell),
+            user=owner.pw_name,
             sftp_server=find_sftp_server(config),
             agent_forwarding="yes" if config.flag("allow_agent_forwarding") else "no",
             shell_level="SetEnv SHLVL=1" if sshd_version(find_program(config, "sshd")) >= (7, 8) else "",
         )
     except (KeyError, ValueError) as e:
         raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
+
+
+def force_command(script, login_shell):
+    """What sshd runs, through the user's login shell, to start a session:
+    a POSIX login shell reads session.sh itself, which spares every session
+    the start of one more shell; any other (csh, fish) hands it to /bin/sh."""
+    if os.path.basename(login_shell or "/bin/sh") in POSIX_LOGIN_SHELLS:
+        return ". " + shlex.quote(script)
+    return "/bin/sh " + shlex.quote(script)
 
 
 @functools.lru_cache(maxsize=None)
@@ -2215,21 +2230,37 @@ def welcome(job, node, pids):
         job, node, " ".join(str(pid) for pid in pids))
 
 
+def session_marks(tag, pids, part, job, node):
+    """The variables that make a session's processes the job's."""
+    return {TAG_VAR: tag, PIDS_VAR: " ".join(str(pid) for pid in pids), SESSION_VAR: part,
+            "SSHJOB_JOB_ID": job, "SSHJOB_NODE": str(node)}
+
+
+def session_variables(job_env, client_env, marks):
+    """The environment of a session inside a job: the job's, except where
+    the client brings its own terminal, display or locale, and the marks."""
+    env = {k: v for k, v in job_env.items() if k not in BASH_STATE}
+    env.update(client_env)
+    env.update(marks)
+    return env
+
+
 def session_script(job, env, tag, pids, node, workdir, shells, greeting):
     """A session's forced command: sshd gives every session a fresh
     environment in $HOME, so this script puts back the job's environment
-    and working directory, then runs the requested command or a shell."""
+    and working directory, then runs the requested command or a shell.
+    The client's terminal, display and locale, if it brings them, win."""
     q = shlex.quote
     lines = ["# sshjob session in job %s" % job]
-    for name, value in sorted(env.items()):
-        if not SHELL_NAME.fullmatch(name):
+    marks = session_marks(tag, pids, "1", job, node)
+    for name, value in sorted(session_variables(env, {}, {}).items()):
+        if not SHELL_NAME.fullmatch(name) or name in marks:
             continue
         if CLIENT_VARIABLES.fullmatch(name):
             lines.append('[ -n "${%s+set}" ] || export %s=%s' % (name, name, q(value)))
         else:
             lines.append("export %s=%s" % (name, q(value)))
-    lines.append("export %s=%s %s=%s %s=1 SSHJOB_JOB_ID=%s SSHJOB_NODE=%s" % (
-        TAG_VAR, q(tag), PIDS_VAR, q(" ".join(str(pid) for pid in pids)), SESSION_VAR, q(job), q(str(node))))
+    lines.append("export " + " ".join("%s=%s" % (name, q(value)) for name, value in marks.items()))
     lines += shell_and_workdir(shells, workdir)
     lines += [
         "unset SHLVL",  # the session's shell is a top-level one: it reads ~/.bashrc (see sshd_config)
@@ -2238,6 +2269,16 @@ def session_script(job, env, tag, pids, node, workdir, shells, greeting):
         'exec "$SHELL" -l',
     ]
     return "\n".join(lines) + "\n"
+
+
+def builtin_session(owner, env, shells, workdir, command):
+    """(argv, environment) of a built-in session of user `owner`: its
+    shell, or `command` run by that shell, in the job's working directory."""
+    base = {"HOME": owner.pw_dir, "USER": owner.pw_name, "LOGNAME": owner.pw_name, "PATH": os.defpath}
+    base.update(env)
+    script = "\n".join(shell_and_workdir(shells, workdir) + [
+        'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
+    return ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else []), base
 
 
 class Job:
@@ -2438,15 +2479,9 @@ class Job:
         import pty
         command, terminal, client_env = self.builtin_request(request)
         part = self.new_session_part()
-        env = {"HOME": self.owner.pw_dir, "USER": self.owner.pw_name, "LOGNAME": self.owner.pw_name,
-               "PATH": os.defpath}
-        env.update(client_env)
-        env.update({k: v for k, v in self.env.items() if not (CLIENT_VARIABLES.fullmatch(k) and k in env)})
-        env.update({TAG_VAR: self.family.tag, PIDS_VAR: " ".join(str(p) for p in self.pids()), SESSION_VAR: part,
-                    "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
-        script = "\n".join(shell_and_workdir(shells, self.workdir) + [
-            'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
-        argv = ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else [])
+        marks = session_marks(self.family.tag, self.pids(), part, self.name, self.node)
+        argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), shells,
+                                    self.workdir, command)
         steps = [self.family.enter(part), privileges_of(self.owner.pw_name)]
         master = slave = None
         try:
@@ -2496,7 +2531,7 @@ class Job:
         log.info("job %s: session %s ended", self.name, sdir or proc.pid)
 
     def sshd_config(self, sdir):
-        return sshd_config(self.starter.config, self.host_key_path(), sdir, self.owner.pw_name)
+        return sshd_config(self.starter.config, self.host_key_path(), sdir, self.owner)
 
     def welcome(self, pids):
         return welcome(self.name, self.starter.name, pids)
@@ -5000,7 +5035,7 @@ class NodeStep:
         script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
                                 welcome(self.name, self.node, self.pids))
         files = {"authorized_keys": key + "\n", "session.sh": script,  # written while the key is made
-                 "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner.pw_name)}
+                 "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner)}
         if making.wait() != 0:
             raise subprocess.CalledProcessError(making.returncode, making.args)
         for name, text in files.items():
@@ -5085,15 +5120,9 @@ class NodeStep:
         import pty
         send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name})
         command, terminal, client_env = Job.builtin_request(recv_msg(channel))
-        env = {"HOME": self.owner.pw_dir, "USER": self.owner.pw_name, "LOGNAME": self.owner.pw_name,
-               "PATH": os.defpath}
-        env.update(client_env)
-        env.update({k: v for k, v in self.env.items() if not (CLIENT_VARIABLES.fullmatch(k) and k in env)})
-        env.update({TAG_VAR: self.tag, PIDS_VAR: " ".join(str(p) for p in self.pids), SESSION_VAR: "1",
-                    "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": self.node})
-        script = "\n".join(shell_and_workdir(self.shells, self.workdir) + [
-            'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
-        argv = ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else [])
+        marks = session_marks(self.tag, self.pids, "1", self.name, self.node)
+        argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), self.shells,
+                                    self.workdir, command)
         master = None
         if terminal:
             master, slave = pty.openpty()

@@ -3,7 +3,7 @@
 measured in the same run (issue 11).
 
     python3 bench/run.py [--runs 15] [--gib 1] [--sessions 100] [--user sshjob-bench]
-                         [--python /usr/bin/python3]
+                         [--python /usr/bin/python3] [--only pool|ssh-hosts|slurm ...]
 
 Starts a personal pool with the built dist/sshjob.pyz, a plain sshd on
 127.0.0.1, and (where Slurm is installed) the tests' single-node Slurm, then
@@ -39,6 +39,7 @@ import slurm
 from bench import PYZ, SSH_ISOLATION, bench_parser, start_plain_sshd, throughput_pair, timed, timed_pair
 
 ROWS = []
+SECTIONS = ["pool", "ssh-hosts", "slurm"]
 
 
 def row(what, ours, peer_name, peer, unit, target, higher_is_better=False):
@@ -93,13 +94,26 @@ def peak_of(pid, sessions):
     return rss / 1024, fds
 
 
-def pool_figures(args, scratch, plain, env, who):
+def pool_job(args, env, who):
+    """A running job of the personal pool, the user's."""
     sshjob = [args.python, PYZ]
     job = subprocess.run(sshjob + ["submit", "--", "sleep", "3600"], env=env, **who, check=True,
                          stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
-    while "running" not in subprocess.run(sshjob + ["q"], env=env, **who, stdout=subprocess.PIPE,
-                                          universal_newlines=True).stdout:
+    wait_for(lambda: "running" in subprocess.run(sshjob + ["q"], env=env, **who, stdout=subprocess.PIPE,
+                                                 universal_newlines=True).stdout, "job %s to run" % job)
+    return job
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError("waited %d s for %s" % (timeout, what))
         time.sleep(0.1)
+
+
+def pool_figures(args, scratch, plain, env, who, job):
+    sshjob = [args.python, PYZ]
     client = sshjob + ["client", job]
     builtin = sshjob + ["client", "-transport", "builtin", job]
     for argv in (plain, client, builtin):
@@ -141,7 +155,6 @@ def pool_figures(args, scratch, plain, env, who):
         ROWS.append(("  starter's peak RSS / fds", "%.0f MiB / %d" % (rss, fds), "1 session: %.0f MiB / %d"
                      % (one[1], one[2]), "%.2f / %.2f" % (rss / one[1], fds / one[2]), "report"))
         print("  %d sessions: %.1f s, %d failed; starter %.0f MiB, %d fds" % (count, wall, failed, rss, fds))
-    return job
 
 
 def ssh_host_figures(args, scratch, plain, env, job, who):
@@ -171,15 +184,15 @@ def slurm_figures(args, scratch, plain, env, who):
     if slurm.missing_programs():
         ROWS.append(("Slurm", "not installed", "-", "-", "-"))
         return
-    slurm.start()
+    slurm.start()  # restarted: what it ran before is cancelled
     env = dict(env, SSHJOB_SCHEDULER="slurm")
     env.pop("SSHJOB_CONFIG", None)
     job = subprocess.run(["sbatch", "--parsable", "-D", scratch, "-o", "/dev/null", "--wrap", "sleep 3600"], env=env,
                          **who, check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
     try:
-        while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], stdout=subprocess.PIPE,
-                             universal_newlines=True).stdout.strip() != "RUNNING":
-            time.sleep(0.2)
+        state = ["squeue", "-h", "-j", job, "-o", "%T"]
+        wait_for(lambda: subprocess.run(state, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+                 == "RUNNING", "Slurm job %s to run" % job)
         time.sleep(1)
         srun = ["srun", "--jobid", job, "--overlap", "-N1", "-n1", "--quiet"]
         client = [args.python, PYZ, "client", job]
@@ -199,7 +212,7 @@ def slurm_figures(args, scratch, plain, env, who):
             row("Slurm: throughput %d GiB, %s" % (args.gib, path), ours * 1024, "plain ssh", peer * 1024, "MiB/s",
                 target)
     finally:
-        subprocess.run(["scancel", job])
+        slurm.stop()
 
 
 def bench_user(name, scratch, key):
@@ -227,7 +240,9 @@ def main():
     parser.add_argument("--gib", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--user", default="sshjob-bench", help="whose sessions to time (default: %(default)s)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="time only these parts (repeatable)")
     args = parser.parse_args()
+    sections = args.only or SECTIONS
     scratch = tempfile.mkdtemp(prefix="sshjob-bench-")
     os.chmod(scratch, 0o755)
     pool_dir = os.path.join(scratch, "pool")
@@ -238,9 +253,13 @@ def main():
     print("python: %s, user %s, %s" % (args.python, args.user, socket.gethostname()), flush=True)
     try:
         subprocess.run([args.python, PYZ, "pool", "start", "--dir", pool_dir], check=True, stdout=subprocess.DEVNULL)
-        job = pool_figures(args, scratch, plain, env, who)
-        ssh_host_figures(args, scratch, plain, env, job, who)
-        slurm_figures(args, scratch, plain, env, who)
+        job = pool_job(args, env, who)
+        if "pool" in sections:
+            pool_figures(args, scratch, plain, env, who, job)
+        if "ssh-hosts" in sections:
+            ssh_host_figures(args, scratch, plain, env, job, who)
+        if "slurm" in sections:
+            slurm_figures(args, scratch, plain, env, who)
     finally:
         subprocess.run([args.python, PYZ, "pool", "stop", "--dir", pool_dir], stdout=subprocess.DEVNULL)
         sshd.terminate()

@@ -70,6 +70,28 @@ def test_bashrc_is_read_once_by_the_sessions_own_shell(pool, users):
             os.unlink(reads)
 
 
+@pytest.mark.parametrize("login_shell", ["/bin/dash", "/usr/bin/tcsh"])
+def test_any_login_shell_and_a_jobs_exported_shell_options(pool, users, login_shell):
+    """sshd runs each session through the owner's login shell: a POSIX one
+    reads the session's script itself, another (tcsh) hands it to /bin/sh.
+    The state of the job's bash (set -e exported in SHELLOPTS, a read-only
+    UID) is not the session's."""
+    assert os.access(login_shell, os.X_OK), "%s is missing: .ci/run installs it" % login_shell
+    name = "sshjob-" + os.path.basename(login_shell)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", login_shell, name], check=True)
+    workdir = pool.workdir(name)
+    job = pool.running_job("sleep", "600", user=name, workdir=workdir, options=(
+        "--env", "SHELLOPTS=braceexpand:errexit:hashall", "--env", "UID=0", "--env", "FROM_JOB=yes"))
+    for transport in ("openssh", "builtin"):
+        command = pool.sshjob("client", "-transport", transport, job, 'false; echo "survived $FROM_JOB $(id -un)"; pwd',
+                              user=name, env={"SHELL": "/bin/bash"})
+        assert (command.returncode, command.stdout, command.stderr) == (0, "survived yes %s\n%s\n" % (name, workdir),
+                                                                        ""), transport
+
+
 def test_a_nologin_owner_gets_commands_shells_and_files(pool, carol, tmp_path):
     workdir = pool.workdir(CAROL)
     with open(os.path.join(workdir, "out.dat"), "w") as f:
