@@ -590,6 +590,24 @@ def parse_public_key(text):
     return fields[0] + " " + fields[1]
 
 
+def start_keygen(keygen, path, comment, options=()):
+    """ssh-keygen making a key pair without a passphrase at `path`, an
+    ed25519 one unless `options` name another type; it runs while the
+    caller goes on, until finish_keygen."""
+    argv = [keygen, "-q", "-N", "", "-C", comment, "-f", path] + list(options)
+    if "-t" not in options:
+        argv[1:1] = ["-t", "ed25519"]
+    log.debug("making a key: %s", " ".join(shlex.quote(a) for a in argv))
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True)
+
+
+def finish_keygen(making):
+    """None once ssh-keygen has made the key; else what went wrong."""
+    said = making.communicate()[0].strip()
+    return None if making.returncode == 0 else said or "ssh-keygen exited with status %d" % making.returncode
+
+
 def key_fingerprint(key):
     """The SHA256 fingerprint of a public key, as `ssh-keygen -l` prints it."""
     import hashlib
@@ -1038,7 +1056,8 @@ def find_sftp_server(config):
 # ---------------------------------------------------------------------------
 
 JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
-ANY_JOB_ID = re.compile(r"(?:slurm:)?\d{1,10}(?:_\d{1,10})?(?:\.\d{1,9}(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)?)?")
+SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
+ANY_JOB_ID = re.compile(r"(?:slurm:)?" + SLURM_JOB_ID.pattern)  # a pool's ids are Slurm-shaped too
 
 
 def parse_job_id(text):
@@ -1066,13 +1085,17 @@ def user_name(uid):
 
 def privileges_of(user):
     """A preexec_fn that turns a child of a root starter into `user`;
-    None when the starter runs as an ordinary user (it is the user)."""
+    None when the starter runs as an ordinary user (it is the user).  The
+    user's groups are looked up here, not in the child: NSS there would
+    load its modules anew at every session, and may take locks that
+    another thread of the starter held when it forked."""
     if os.geteuid() != 0:
         return None
     record = pwd.getpwnam(user)
+    groups = os.getgrouplist(record.pw_name, record.pw_gid)
 
     def become_user():
-        os.initgroups(record.pw_name, record.pw_gid)
+        os.setgroups(groups)
         os.setgid(record.pw_gid)
         os.setuid(record.pw_uid)
 
@@ -1237,8 +1260,10 @@ class ProcessFamily:
     """The processes of one job and of its sessions, however they fork.
 
     With cgroup v2 (a root starter, or a delegated subtree): a cgroup for the
-    job with a child for the job's own processes and one per session;
-    nothing leaves it, and cgroup.kill ends it at once.  Without: the
+    job with a child for the job's own processes ("main") and one that all
+    its sessions share ("sessions": a process's first entry into a new
+    cgroup can take milliseconds, which each session would pay); nothing
+    leaves it, and cgroup.kill ends it at once.  Without: the
     environment tag that every process of the job inherits, found in /proc
     (HTCondor's own fallback), plus the process groups of the job and of
     each session."""
@@ -1746,24 +1771,10 @@ class Schedd:
 
     @staticmethod
     def choose_transport(message, row, starter):
-        """openssh where both ends have it, else the built-in transport; or
-        what the client asks for, if the node can.  Returns (transport, why)."""
-        wanted = field(message, "transport", str, "auto")
         sshd_problem = starter.ssh_problem or row["ssh_problem"] or (None if row["hostkey"] else (
             "job %s has no ssh host key: ssh-keygen was missing on %s when it started" % (row_id(row), starter.name)))
-        if message.get("interactive") is True and row["uid"] != 0 and wanted == "auto":
-            sshd_problem = sshd_problem or starter.pty_problem  # commands need no terminal: sshd serves them
-        if wanted == "openssh" or (wanted == "auto" and message.get("key") and not sshd_problem):
-            if sshd_problem:
-                raise MissingProgram(sshd_problem)
-            return "openssh", "both ends have OpenSSH" if wanted == "auto" else "asked for"
-        if wanted not in ("auto", "builtin"):
-            raise UsageError("unknown transport %r: openssh, builtin or auto" % wanted)
-        if starter.builtin_problem or not starter.tls_fingerprint:
-            raise MissingProgram(sshd_problem or starter.builtin_problem or "no transport")
-        if wanted == "builtin":
-            return "builtin", "asked for"
-        return "builtin", sshd_problem or "this machine has no ssh client"
+        builtin_problem = starter.builtin_problem or (None if starter.tls_fingerprint else "no transport")
+        return choose_transport(message, row["uid"], sshd_problem, starter.pty_problem, builtin_problem)
 
     def audit(self, who, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": who.name, "job": message.get("job"),
@@ -2146,6 +2157,35 @@ def login_shell_problem(owner):
     return None
 
 
+def sshd_problem(config, node):
+    """Why `node` (this machine) cannot start sshd, in a sentence; None if it can."""
+    try:
+        find_program(config, "sshd", "node " + node)
+        find_program(config, "ssh_keygen", "node " + node)
+    except MissingProgram as e:
+        return str(e)
+    return None
+
+
+def choose_transport(request, uid, why_no_sshd, why_no_terminal, why_no_builtin=None):
+    """(transport, why) of a session of user `uid`: OpenSSH where both ends
+    have it, else the built-in transport; or what the client asks for, if
+    the node can.  The why_no_ arguments say why the node cannot run sshd,
+    give sshd a terminal, or serve the built-in transport; None if it can."""
+    wanted = field(request, "transport", str, "auto")
+    if request.get("interactive") is True and uid != 0 and wanted == "auto":
+        why_no_sshd = why_no_sshd or why_no_terminal  # commands need no terminal: sshd serves them
+    if wanted == "openssh" or (wanted == "auto" and request.get("key") and not why_no_sshd):
+        if why_no_sshd:
+            raise MissingProgram(why_no_sshd)
+        return "openssh", "both ends have OpenSSH" if wanted == "auto" else "asked for"
+    if wanted not in ("auto", "builtin"):
+        raise UsageError("unknown transport %r: openssh, builtin or auto" % wanted)
+    if why_no_builtin:
+        raise MissingProgram(why_no_sshd or why_no_builtin)
+    return "builtin", "asked for" if wanted == "builtin" else why_no_sshd or "this machine has no ssh client"
+
+
 def shell_and_workdir(shells, workdir):
     """Shell code, run as the job's user, that exports SHELL as the first
     of the client's `shells` that this user can run (else /bin/sh) and
@@ -2365,8 +2405,9 @@ class Job:
             return None
         path = self.host_key_path()
         os.mkdir(os.path.dirname(path), 0o711)
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f", path],
-                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        failure = finish_keygen(start_keygen(keygen, path, "sshjob-job-" + self.name))
+        if failure:
+            raise StorageError("ssh-keygen cannot make job %s's host key: %s" % (self.name, failure))
         with open(path + ".pub") as f:
             public = parse_public_key(f.read())
         if self.file_owner():
@@ -2434,13 +2475,13 @@ class Job:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         errors = os.open(os.path.join(self.dir, "sshd.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
                          0o600)
+        terminals = self.starter.terminals if self.owner.pw_uid else None
         try:
             proc = subprocess.Popen(
                 [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
                 stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
                 env={"PATH": os.defpath, TAG_VAR: self.family.tag, SESSION_VAR: part},
-                preexec_fn=child_setup(self.family.enter(part), self.starter.terminals if self.owner.pw_uid else None,
-                                       privileges_of(self.owner.pw_name)),
+                preexec_fn=child_setup(self.family.enter("sessions"), terminals, privileges_of(self.owner.pw_name)),
                 start_new_session=True,
             )
         finally:
@@ -2482,7 +2523,7 @@ class Job:
         marks = session_marks(self.family.tag, self.pids(), part, self.name, self.node)
         argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), shells,
                                     self.workdir, command)
-        steps = [self.family.enter(part), privileges_of(self.owner.pw_name)]
+        steps = [self.family.enter("sessions"), privileges_of(self.owner.pw_name)]
         master = slave = None
         try:
             if terminal:
@@ -2625,15 +2666,6 @@ class Starter:
         return "this node's /dev/pts is mounted without gid=%d (the tty group), so sshd gets no terminal for " \
                "an ordinary user" % tty
 
-    def ssh_problem(self):
-        """Why this node cannot start sshd, in a sentence; None if it can."""
-        try:
-            find_program(self.config, "sshd", "node " + self.name)
-            find_program(self.config, "ssh_keygen", "node " + self.name)
-        except MissingProgram as e:
-            return str(e)
-        return None
-
     def finish(self, job, update):
         with self.lock:
             self.report(update)
@@ -2651,7 +2683,7 @@ class Starter:
                 running = {run: job.gen for run, job in self.jobs.items()}
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
                        "enable_ssh": self.enable_ssh, "pty_problem": self.pty_problem,
-                       "reachable": self.reachable, "ssh_problem": self.ssh_problem(),
+                       "reachable": self.reachable, "ssh_problem": sshd_problem(self.config, self.name),
                        "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
                        "updates": updates, "wait": min(POLL_WAIT, self.lease / 4)}
@@ -3410,15 +3442,9 @@ def private_tempdir():
 
 def make_session_key(config, path, keygen_options):
     keygen = find_program(config, "ssh_keygen", "this machine")
-    extra = shlex.split(keygen_options)
-    argv = [keygen, "-q", "-N", "", "-C", "sshjob-session", "-f", path]
-    if "-t" not in extra:
-        argv[1:1] = ["-t", "ed25519"]
-    log.debug("making the session key: %s", " ".join(shlex.quote(a) for a in argv + extra))
-    result = subprocess.run(argv + extra, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, universal_newlines=True)
-    if result.returncode != 0 or not os.path.exists(path + ".pub"):
-        raise UsageError("ssh-keygen failed with options %r: %s" % (keygen_options, result.stdout.strip()))
+    failure = finish_keygen(start_keygen(keygen, path, "sshjob-session", shlex.split(keygen_options)))
+    if failure or not os.path.exists(path + ".pub"):
+        raise UsageError("ssh-keygen failed with options %r: %s" % (keygen_options, failure or "it made no key"))
     os.chmod(path + ".pub", 0o600)
     with open(path + ".pub") as f:
         kind = (f.read().split() or ["nothing"])[0]
@@ -3509,10 +3535,10 @@ def find_site(config_path, opts):
 
 
 def enter_job_at(site, config, opts, job, command, builtin_session):
-    with private_tempdir() as tmp, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         ssh = None
-        if wants_openssh(config, opts):
-            ssh = stack.enter_context(OpenSsh(config, opts, site, tmp, job))
+        if wants_openssh(config, opts):  # the built-in transport needs no key, so no directory for one
+            ssh = stack.enter_context(OpenSsh(config, opts, site, stack.enter_context(private_tempdir()), job))
         key = make_session_key(config, ssh.key, opts["keygen-options"]) if ssh else None
         holder = token_hex(32)
         shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
@@ -3695,7 +3721,7 @@ def explain_lost_session(site, job):
 # node, the tarfile module here), modes kept.
 # ---------------------------------------------------------------------------
 
-REMOTE_PATH = re.compile(r"((?:slurm:)?\d+(?:_\d+)?(?:\.\d+(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)?)?):(.*)", re.DOTALL)
+REMOTE_PATH = re.compile(r"(?P<job>%s):(?P<path>.*)" % ANY_JOB_ID.pattern, re.DOTALL)
 
 UPLOAD_SCRIPT = """\
 p=%(path)s; n=%(name)s
@@ -3716,7 +3742,7 @@ def run_cp(config_path, argv):
     if (remote[0] is None) == (remote[1] is None):
         raise UsageError("name exactly one side as JOB:PATH, e.g. sshjob cp 1.0:results.dat . ")
     download = remote[0] is not None
-    job, path = (remote[0] if download else remote[1]).groups()
+    job, path = (remote[0] if download else remote[1]).group("job", "path")
     local = args.target if download else args.source
     if not download and not os.path.exists(local):
         raise UsageError("%s does not exist" % local)
@@ -4327,11 +4353,9 @@ def persistent_key(config):
             for stale in (path, path + ".pub"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stale)
-            made = subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob@" + socket.gethostname(),
-                                   "-f", path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, universal_newlines=True)
-            if made.returncode != 0:
-                raise StorageError("ssh-keygen cannot make the sshjob key %s: %s" % (path, made.stdout.strip()))
+            failure = finish_keygen(start_keygen(keygen, path, "sshjob@" + socket.gethostname()))
+            if failure:
+                raise StorageError("ssh-keygen cannot make the sshjob key %s: %s" % (path, failure))
             log.debug("made the sshjob key %s", path)
     return path
 
@@ -4454,7 +4478,6 @@ def run_ssh_config(config_path, argv):
 # them while Slurm suspends the job.
 # ---------------------------------------------------------------------------
 
-SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
 TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCELLED")
 SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
@@ -5006,38 +5029,25 @@ class NodeStep:
         start_guardian(self.tag, self.tmp)
 
     def transport(self):
-        """(transport, why), as the schedd chooses for a pool's job."""
-        wanted = field(self.request, "transport", str, "auto")
-        problem = None
-        try:
-            find_program(self.config, "sshd", "node " + self.node)
-            find_program(self.config, "ssh_keygen", "node " + self.node)
-        except MissingProgram as e:
-            problem = str(e)
-        problem = problem or login_shell_problem(self.owner)
-        if self.request.get("interactive") is True and self.owner.pw_uid != 0 and wanted == "auto":
-            problem = problem or Starter.devpts_problem()
-        if wanted == "openssh" or (wanted == "auto" and self.request.get("key") and not problem):
-            if problem:
-                raise MissingProgram(problem)
-            return "openssh", "both ends have OpenSSH" if wanted == "auto" else "asked for"
-        if wanted not in ("auto", "builtin"):
-            raise UsageError("unknown transport %r: openssh, builtin or auto" % wanted)
-        return "builtin", "asked for" if wanted == "builtin" else problem or "this machine has no ssh client"
+        """(transport, why), as for a pool's job: no TLS is needed, Slurm
+        carries the built-in transport."""
+        problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
+        terminal_problem = Starter.devpts_problem() if self.request.get("interactive") is True else None
+        return choose_transport(self.request, self.owner.pw_uid, problem, terminal_problem)
 
     def prepare_sshd(self):
         """The session's host key and sshd files; returns the public host key."""
         keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
         key = parse_public_key(field(self.request, "key", str))
         host_key = os.path.join(self.tmp, "host_key")
-        making = subprocess.Popen([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshjob-job-" + self.name, "-f",
-                                   host_key], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        making = start_keygen(keygen, host_key, "sshjob-job-" + self.name)
         script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
                                 welcome(self.name, self.node, self.pids))
         files = {"authorized_keys": key + "\n", "session.sh": script,  # written while the key is made
                  "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner)}
-        if making.wait() != 0:
-            raise subprocess.CalledProcessError(making.returncode, making.args)
+        failure = finish_keygen(making)
+        if failure:
+            raise StorageError("ssh-keygen cannot make the session's host key on %s: %s" % (self.node, failure))
         for name, text in files.items():
             write_private(os.path.join(self.tmp, name), text)
         with open(host_key + ".pub") as f:

@@ -33,10 +33,14 @@ def test_an_ordinary_owner_gets_an_interactive_shell_by_default(pool, users):
     assert "/dev/pts/" in output
     with open("/proc/self/mounts") as f:
         devpts = [line.split()[3] for line in f if line.split()[1:3] == ["/dev/pts", "devpts"]]
-    assert "transport: openssh" in output  # where devpts lacks gid=5, the root starter gives sshd terminals of its own
-    if devpts and "gid=5" not in devpts[0].split(","):
-        starter_log = open(os.path.join(pool.dir, "starter.log")).read()  # noqa: SIM115
-        assert "sshd sessions get a devpts instance of their own" in starter_log
+    with open(os.path.join(pool.dir, "starter.log")) as f:
+        starter_log = f.read()
+    if devpts and "gid=5" not in devpts[0].split(",") and "private terminals are not possible" in starter_log:
+        assert "transport: builtin" in output  # this kernel gives no devpts instance of its own: the fallback
+    else:  # where devpts lacks gid=5, the root starter gives sshd terminals of its own
+        assert "transport: openssh" in output
+        if devpts and "gid=5" not in devpts[0].split(","):
+            assert "sshd sessions get a devpts instance of their own" in starter_log
     command = pool.sshjob("client", "-debug", job, "echo plain", user=ALICE)  # no terminal: sshd serves it
     assert command.stdout == "plain\n" and "transport: openssh" in command.stderr
 
