@@ -4958,26 +4958,25 @@ def guard_step(step_pid, started, tag, tmp):
     """The guardian: while the step lives, stop the session's processes
     when Slurm stops the step (suspend) and continue them after; when it
     ends, however it ends, end them all, wherever they have forked to."""
+    family = ProcessFamily(None, "session", tag)  # found by its tag: the step's cgroup is Slurm's
     stopped = None  # the pids stopped with the step, while it is stopped
     while True:
         state = process_state(step_pid, started)
         if state is None:
             break
         if state in "Tt" and stopped is None:
-            stopped = [pid for pid, _ in tagged_pids(tag)]
+            stopped = family.pids()
             signal_pids(stopped, signal.SIGSTOP)
         elif state not in "Tt" and stopped is not None:
             signal_pids(stopped, signal.SIGCONT)
             stopped = None
         time.sleep(0.2)
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        pids = [pid for pid, _ in tagged_pids(tag)]
-        signal_pids(pids, signal.SIGCONT)
-        signal_pids(pids, signum)
+        family.signal(signal.SIGCONT)
+        family.signal(signum)
         deadline = time.time() + 2
-        while pids and time.time() < deadline:
+        while family.pids() and time.time() < deadline:
             time.sleep(0.1)
-            pids = [pid for pid, _ in tagged_pids(tag)]
     shutil.rmtree(tmp, ignore_errors=True)
 
 

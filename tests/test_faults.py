@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import INTERPRETERS, run
+from conftest import INTERPRETERS, run, wait_for
 
 
 def copies(marker):
@@ -72,13 +72,6 @@ def node_of(pool, job):
         if fields[0] == job:
             return fields[3]
     return None
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting for " + what
-        time.sleep(0.2)
 
 
 def read(path):

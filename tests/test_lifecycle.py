@@ -11,22 +11,7 @@ import threading
 import time
 
 import pytest
-
-
-def state_of(pid):
-    """The process state letter from /proc/PID/stat, or None once it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def wait_for(predicate, timeout=20, what="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting for " + what
-        time.sleep(0.05)
+from conftest import state_of, wait_for
 
 
 def background_session(pool, job, command):

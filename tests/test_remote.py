@@ -11,13 +11,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, run
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import INTERPRETERS, free_port, run
 
 
 class Host:

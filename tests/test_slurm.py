@@ -16,7 +16,7 @@ import time
 
 import pytest
 import slurm
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, run, x_display
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, run, state_of, wait_for, x_display
 from test_session import drive_terminal
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
@@ -91,20 +91,6 @@ def cluster(base, users):
 def batch_pids(job):
     rows = [line.split() for line in run(["scontrol", "listpids", job]).stdout.splitlines()[1:]]
     return [int(row[0]) for row in rows if row[2] == "batch"]
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
-
-
-def state_of(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        return f.read().rpartition(")")[2].split()[0]
 
 
 def pids_of(name):

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, run, x_display
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, free_port, run, x_display
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
 
@@ -31,12 +31,6 @@ def as_user(user, argv, env=None, **kwargs):
     kwargs.setdefault("cwd", "/")
     return run(["runuser", "-u", user, "--", "env", "-i"] + ["%s=%s" % item for item in variables.items()]
                + list(argv), **kwargs)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port, timeout=20):
