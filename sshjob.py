@@ -2276,10 +2276,15 @@ def session_marks(tag, pids, part, job, node):
             "SSHJOB_JOB_ID": job, "SSHJOB_NODE": str(node)}
 
 
+def job_variables(job_env):
+    """What of the job's environment its sessions get: all but bash's state."""
+    return {k: v for k, v in job_env.items() if k not in BASH_STATE}
+
+
 def session_variables(job_env, client_env, marks):
     """The environment of a session inside a job: the job's, except where
     the client brings its own terminal, display or locale, and the marks."""
-    env = {k: v for k, v in job_env.items() if k not in BASH_STATE}
+    env = job_variables(job_env)
     env.update(client_env)
     env.update(marks)
     return env
@@ -2293,7 +2298,7 @@ def session_script(job, env, tag, pids, node, workdir, shells, greeting):
     q = shlex.quote
     lines = ["# sshjob session in job %s" % job]
     marks = session_marks(tag, pids, "1", job, node)
-    for name, value in sorted(session_variables(env, {}, {}).items()):
+    for name, value in sorted(job_variables(env).items()):
         if not SHELL_NAME.fullmatch(name) or name in marks:
             continue
         if CLIENT_VARIABLES.fullmatch(name):
