@@ -66,18 +66,28 @@ def _site(root):
 
 def _run_unpacked(root):
     """Once this very build is unpacked, import it from there: shiv's own
-    bootstrap would cost some 40 ms of imports at every start.  The module
-    is compiled into that cache of ours even where PYTHONDONTWRITEBYTECODE
-    is set (containers often set it): else every start would compile it
-    again, some 60 ms."""
+    bootstrap would cost some 40 ms of imports at every start."""
     import os, sys
     site = _site(root)
-    if os.path.isfile(os.path.join(site, "sshjob.py")):
+    module = os.path.join(site, "sshjob.py")
+    if os.path.isfile(module):
+        _compile_once(module)
         sys.path.insert(0, site)
-        sys.dont_write_bytecode, saved = False, sys.dont_write_bytecode
         import sshjob
-        sys.dont_write_bytecode = saved
         sys.exit(sshjob.main())
+
+
+def _compile_once(module):
+    """Compile the module into the unpacked copy, ours, even where
+    PYTHONDONTWRITEBYTECODE says not to write bytecode (containers often
+    set it): else every start would compile it again, some 60 ms."""
+    import importlib.util, os  # importlib.util is loaded already: runpy needs it
+    if not os.path.exists(importlib.util.cache_from_source(module)):
+        import py_compile
+        try:
+            py_compile.compile(module, doraise=True)
+        except (OSError, py_compile.PyCompileError):
+            pass  # a read-only copy: it runs all the same, compiled at each start
 
 
 _run_unpacked(_choose_shiv_root())

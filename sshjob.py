@@ -2205,7 +2205,9 @@ def shell_and_workdir(shells, workdir):
 # only when the client brought none.
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-POSIX_LOGIN_SHELLS = {"sh", "bash", "dash", "ksh", "mksh"}
+# Login shells that read session.sh themselves; ksh93 crashes on its
+# `unset SHLVL; exec`, and mksh holds KSH_VERSION read-only.
+SOURCING_SHELLS = {"sh", "bash", "dash"}
 # The state of a bash shell, not of the job: read-only in bash, and a job's
 # exported shell options (set -e) would end an interactive session at its
 # first failing command.
@@ -2229,25 +2231,29 @@ def sshd_config(config, host_key, sdir, owner):
     if path:
         with open(path) as f:
             template = f.read()
+    shell_level = "SetEnv SHLVL=1" if sshd_version(find_program(config, "sshd")) >= (7, 8) else ""
+    clean_login_shell = bool(shell_level) and "shell_level" in template
     try:
         return string.Template(template).substitute(
             host_key=host_key,
             authorized_keys=os.path.join(sdir, "authorized_keys"),
-            force_command=force_command(os.path.join(sdir, "session.sh"), owner.pw_shell),
+            force_command=force_command(os.path.join(sdir, "session.sh"), owner.pw_shell, clean_login_shell),
             user=owner.pw_name,
             sftp_server=find_sftp_server(config),
             agent_forwarding="yes" if config.flag("allow_agent_forwarding") else "no",
-            shell_level="SetEnv SHLVL=1" if sshd_version(find_program(config, "sshd")) >= (7, 8) else "",
+            shell_level=shell_level,
         )
     except (KeyError, ValueError) as e:
         raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
 
 
-def force_command(script, login_shell):
+def force_command(script, login_shell, clean):
     """What sshd runs, through the user's login shell, to start a session:
     a POSIX login shell reads session.sh itself, which spares every session
-    the start of one more shell; any other (csh, fish) hands it to /bin/sh."""
-    if os.path.basename(login_shell or "/bin/sh") in POSIX_LOGIN_SHELLS:
+    the start of one more shell, where it is `clean` (it read no ~/.bashrc,
+    whose functions and options would apply to the script); any other
+    shell (csh, fish, ksh) hands it to /bin/sh."""
+    if clean and os.path.basename(login_shell or "/bin/sh") in SOURCING_SHELLS:
         return ". " + shlex.quote(script)
     return "/bin/sh " + shlex.quote(script)
 
@@ -2277,8 +2283,10 @@ def session_marks(tag, pids, part, job, node):
 
 
 def job_variables(job_env):
-    """What of the job's environment its sessions get: all but bash's state."""
-    return {k: v for k, v in job_env.items() if k not in BASH_STATE}
+    """What of the job's environment its sessions get: all but bash's state
+    and the variables of the ssh connection that submitted the job (a stale
+    SSH_ORIGINAL_COMMAND would run in place of a session's shell)."""
+    return {k: v for k, v in job_env.items() if k not in BASH_STATE and not k.startswith("SSH_")}
 
 
 def session_variables(job_env, client_env, marks):
@@ -4484,6 +4492,7 @@ def run_ssh_config(config_path, argv):
 # ---------------------------------------------------------------------------
 
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
+DIRECT_TAKEN = b"\x01"  # the node's answer to the secret on a direct connection that it takes
 TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCELLED")
 SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
                   "NODE_FAIL": "completed", "PREEMPTED": "idle", "BOOT_FAIL": "completed", "DEADLINE": "completed",
@@ -4844,17 +4853,34 @@ class SlurmStep:
         if host:
             try:
                 sock = socket.create_connection((host, port), timeout=3)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(bytes.fromhex(self.reply["secret"]))
-                sock.settimeout(None)
-                log.debug("connected to the job's sshd directly, at %s:%d", host, port)
-                return sock
             except OSError as e:
                 log.debug("cannot reach the node at %s:%d (%s): the session goes through srun", host, port, e)
+            else:
+                if self.taken(sock):
+                    log.debug("connected to the job's sshd directly, at %s:%d", host, port)
+                    return sock
+                log.debug("the node at %s:%d did not take the direct connection (it came from another address "
+                          "than srun's, as through NAT): the session goes through srun", host, port)
         send_msg(self.channel, {"op": "pipe"})
         self.channel.settimeout(None)
         log.debug("the session goes through srun's pipe")
         return self.channel
+
+    def taken(self, sock):
+        """Whether the node took `sock` for the session: it answers the
+        secret with one byte, or closes a connection that comes from
+        another address than srun's."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(bytes.fromhex(self.reply["secret"]))
+            sock.settimeout(IO_TIMEOUT)
+            if sock.recv(1) == DIRECT_TAKEN:
+                sock.settimeout(None)
+                return True
+        except OSError:
+            pass
+        sock.close()
+        return False
 
     def close(self):
         """Let srun end by itself once its step has answered (the step ends
@@ -5045,11 +5071,13 @@ class NodeStep:
         key = parse_public_key(field(self.request, "key", str))
         host_key = os.path.join(self.tmp, "host_key")
         making = start_keygen(keygen, host_key, "sshjob-job-" + self.name)
-        script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
-                                welcome(self.name, self.node, self.pids))
-        files = {"authorized_keys": key + "\n", "session.sh": script,  # written while the key is made
-                 "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner)}
-        failure = finish_keygen(making)
+        try:
+            script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
+                                    welcome(self.name, self.node, self.pids))
+            files = {"authorized_keys": key + "\n", "session.sh": script,  # written while the key is made
+                     "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner)}
+        finally:
+            failure = finish_keygen(making)
         if failure:
             raise StorageError("ssh-keygen cannot make the session's host key on %s: %s" % (self.node, failure))
         for name, text in files.items():
@@ -5108,6 +5136,7 @@ class NodeStep:
         sock.settimeout(1)
         with contextlib.suppress(OSError, ProtocolError):
             if hmac.compare_digest(_recv_exactly(sock, len(secret)), secret):
+                sock.sendall(DIRECT_TAKEN)
                 sock.settimeout(None)
                 return sock
         sock.close()

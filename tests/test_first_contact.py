@@ -74,12 +74,13 @@ def test_bashrc_is_read_once_by_the_sessions_own_shell(pool, users):
             os.unlink(reads)
 
 
-@pytest.mark.parametrize("login_shell", ["/bin/dash", "/usr/bin/tcsh"])
-def test_any_login_shell_and_a_jobs_exported_shell_options(pool, users, login_shell):
-    """sshd runs each session through the owner's login shell: a POSIX one
-    reads the session's script itself, another (tcsh) hands it to /bin/sh.
-    The state of the job's bash (set -e exported in SHELLOPTS, a read-only
-    UID) is not the session's."""
+@pytest.mark.parametrize("login_shell", ["/bin/bash", "/bin/dash", "/usr/bin/tcsh"])
+def test_any_login_shell_and_a_jobs_stale_shell_state(pool, users, login_shell):
+    """sshd runs each session through the owner's login shell: bash and dash
+    read the session's script themselves, another (tcsh) hands it to
+    /bin/sh.  The job's bash state (set -e exported in SHELLOPTS, a
+    read-only UID) and the ssh connection it was submitted from (an
+    SSH_ORIGINAL_COMMAND) are not the session's."""
     assert os.access(login_shell, os.X_OK), "%s is missing: .ci/run installs it" % login_shell
     name = "sshjob-" + os.path.basename(login_shell)
     try:
@@ -88,12 +89,17 @@ def test_any_login_shell_and_a_jobs_exported_shell_options(pool, users, login_sh
         subprocess.run(["useradd", "--create-home", "--shell", login_shell, name], check=True)
     workdir = pool.workdir(name)
     job = pool.running_job("sleep", "600", user=name, workdir=workdir, options=(
-        "--env", "SHELLOPTS=braceexpand:errexit:hashall", "--env", "UID=0", "--env", "FROM_JOB=yes"))
+        "--env", "SHELLOPTS=braceexpand:errexit:hashall", "--env", "UID=0", "--env", "FROM_JOB=yes",
+        "--env", "SSH_ORIGINAL_COMMAND=echo stale"))
     for transport in ("openssh", "builtin"):
         command = pool.sshjob("client", "-transport", transport, job, 'false; echo "survived $FROM_JOB $(id -un)"; pwd',
                               user=name, env={"SHELL": "/bin/bash"})
         assert (command.returncode, command.stdout, command.stderr) == (0, "survived yes %s\n%s\n" % (name, workdir),
                                                                         ""), transport
+        status, output = drive_terminal(
+            pool.argv("client", "-transport", transport, job, user=name, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
+            [("pid(s)", "false; echo inside-$FROM_JOB\n"), ("inside-yes", "exit 7\n")])
+        assert status == 7 and "stale" not in output, (transport, output)
 
 
 def test_a_nologin_owner_gets_commands_shells_and_files(pool, carol, tmp_path):
