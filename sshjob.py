@@ -1771,10 +1771,10 @@ class Schedd:
 
     @staticmethod
     def choose_transport(message, row, starter):
-        sshd_problem = starter.ssh_problem or row["ssh_problem"] or (None if row["hostkey"] else (
+        why_no_sshd = starter.ssh_problem or row["ssh_problem"] or (None if row["hostkey"] else (
             "job %s has no ssh host key: ssh-keygen was missing on %s when it started" % (row_id(row), starter.name)))
-        builtin_problem = starter.builtin_problem or (None if starter.tls_fingerprint else "no transport")
-        return choose_transport(message, row["uid"], sshd_problem, starter.pty_problem, builtin_problem)
+        why_no_builtin = starter.builtin_problem or (None if starter.tls_fingerprint else "no transport")
+        return choose_transport(message, row["uid"], why_no_sshd, starter.pty_problem, why_no_builtin)
 
     def audit(self, who, message, granted, reason=""):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": who.name, "job": message.get("job"),
@@ -2203,7 +2203,7 @@ def shell_and_workdir(shells, workdir):
 
 # Variables the ssh client may bring into a session; the job's value applies
 # only when the client brought none.
-CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|SSH_\w+|XAUTHORITY")
+CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Login shells that read session.sh themselves; ksh93 crashes on its
 # `unset SHLVL; exec`, and mksh holds KSH_VERSION read-only.
@@ -3685,7 +3685,7 @@ def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
     stderr; returns the remote exit status."""
     interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
     request = {"holder": holder, "command": command, "env": {
-        k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k) and not k.startswith("SSH_")}}
+        k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k)}}
     if interactive:
         rows, columns = window_size(0)
         request["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
