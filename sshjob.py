@@ -3444,13 +3444,42 @@ def signals_raise(*signums):
 
 @contextlib.contextmanager
 def private_tempdir():
+    """The session's key directory, under $TMPDIR, mode 0700, removed on
+    every exit; its name holds this process's pid so that, should this
+    process be killed before it can remove it, a later client does."""
     import tempfile
-    path = tempfile.mkdtemp(prefix="sshjob-")  # under $TMPDIR, mode 0700
+    path = tempfile.mkdtemp(prefix="sshjob-%d-" % os.getpid())
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
         log.debug("removed %s", path)
+        remove_orphaned_tempdirs(os.path.dirname(path))
+
+
+def remove_orphaned_tempdirs(parent):
+    """Remove the key directories of this user's clients that were killed
+    (SIGKILL, the OOM killer) before they could: those whose process is
+    gone, and which are over a minute old (a process of another PID
+    namespace sharing $TMPDIR may have the pid of a dead one here)."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = re.fullmatch(r"sshjob-(\d+)-\w+", entry.name)
+        if not match:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or time.time() - info.st_mtime < 60:
+                continue
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.debug("removed %s, left by a client that was killed", entry.path)
+        except (OSError, OverflowError):
+            continue  # its process lives, as another user's; or the entry is gone, or no pid
 
 
 def make_session_key(config, path, keygen_options):
@@ -4687,7 +4716,7 @@ class SlurmSite:
         for name in SLURM_PROGRAMS:
             slurm_command(name)
         self.spec = self.node = self.request = None
-        self.batch_host = False
+        self.batch_host = ""  # the name of the node that runs the batch script
         self.target = None  # (job id, node, working directory) once the job runs
         self.steps = []
         self.program = os.path.abspath(sys.argv[0])
@@ -4704,6 +4733,26 @@ class SlurmSite:
         return self.spec
 
     def ticket(self, request):
+        self.request = request
+        step = None
+        if self.node is None and self.spec.isdigit():
+            step = SlurmStep(self, None)  # srun starts while scontrol reads the job: its first node is the one
+        try:
+            job = self.running_job()
+            self.target = (job["JobId"], self.pick_node(job), job.get("WorkDir", ""))
+            self.batch_host = job.get("BatchHost", "")
+            step = step or SlurmStep(self, self.target[1])
+            step.begin(request)
+        except BaseException:
+            if step:
+                step.close()
+            raise
+        self.target = self.target[:1] + (step.reply.get("node") or self.target[1],) + self.target[2:]
+        return {"job": self.spec, "user": step.reply["user"], "starter": self.target[1],
+                "transport": step.reply["transport"], "why": step.reply["why"], "step": step}
+
+    def running_job(self):
+        """The job's scontrol record, if it runs; else why not, as one sentence."""
         jobs = slurm_jobs(self.spec)
         if not jobs:
             raise NotFound("job %s is unknown to Slurm" % self.spec)
@@ -4717,12 +4766,7 @@ class SlurmSite:
             raise JobGone("job %s has finished (%s)" % (self.spec, state))
         if state != "RUNNING":
             raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), job.get("Reason", "")))
-        self.target = (job["JobId"], self.pick_node(job), job.get("WorkDir", ""))
-        self.batch_host = job.get("BatchHost") == self.target[1]
-        self.request = request
-        step = self.start_step(request)
-        return {"job": self.spec, "user": step.reply["user"], "starter": self.target[1],
-                "transport": step.reply["transport"], "why": step.reply["why"], "step": step}
+        return job
 
     def pick_node(self, job):
         nodes = job.get("NodeList", "")
@@ -4739,11 +4783,11 @@ class SlurmSite:
             raise UsageError("job %s does not run on node %s (its nodes: %s)" % (self.spec, self.node, nodes))
         return self.node
 
-    def start_step(self, request):
-        return SlurmStep(self, request)
-
     def step_for(self, ticket, transport):
-        step = (ticket or {}).pop("step", None) or self.start_step(dict(self.request, transport=transport))
+        step = (ticket or {}).pop("step", None)
+        if step is None:
+            step = SlurmStep(self, self.target[1])
+            step.begin(dict(self.request, transport=transport))
         if step.reply["transport"] != transport:
             raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
         return step
@@ -4778,12 +4822,14 @@ class SlurmStep:
     """One job step, from the client's side: srun runs SLURM_BOOT on the
     node, with stdin and stdout on a socket pair whose other end is ours."""
 
-    def __init__(self, site, request):
+    def __init__(self, site, node):
+        """Start srun on `node`; on the job's first node where None."""
         import tempfile
         self.site = site
-        job, node, workdir = site.target
-        argv = [slurm_command("srun"), "--jobid", job, "--overlap", "-N1", "-n1", "-w", node, "--quiet", "-u",
-                site.config["remote_python"], "-I", "-S", "-c", SLURM_BOOT, site.program, site.digest]
+        argv = [slurm_command("srun"), "--jobid", site.spec if node is None else site.target[0], "--overlap", "-N1",
+                "-n1"] + ([] if node is None else ["-w", node]) + ["--quiet", "-u", site.config["remote_python"],
+                                                                  "-I", "-S", "-c", SLURM_BOOT, site.program,
+                                                                  site.digest]
         if log.debugging():
             argv.append("--debug")
         env = {k: v for k, v in os.environ.items()  # not another allocation's sizes, which srun would obey
@@ -4795,13 +4841,17 @@ class SlurmStep:
             self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=self.errors, env=env,
                                          start_new_session=True)
         site.steps.append(self)  # from now on, close() ends it, whatever happens
+
+    def begin(self, request):
+        """Bring the node the module, and ask the step for the session."""
         self.channel.settimeout(60)
         try:
             self.boot()
             send_msg(self.channel, {"key": request.get("key"), "transport": request.get("transport", "auto"),
-                                    "interactive": request.get("interactive") is True, "workdir": workdir,
-                                    "shells": request.get("shells") or [], "job": site.spec,
-                                    "direct": site.config.flag("slurm_direct"), "batch_host": site.batch_host})
+                                    "interactive": request.get("interactive") is True, "workdir": self.site.target[2],
+                                    "shells": request.get("shells") or [], "job": self.site.spec,
+                                    "direct": self.site.config.flag("slurm_direct"),
+                                    "batch_host": self.site.batch_host})
             self.reply = raise_for_reply(recv_msg(self.channel))
         except (OSError, ProtocolError):
             raise self.failure() from None
@@ -4886,6 +4936,9 @@ class SlurmStep:
         """Let srun end by itself once its step has answered (the step ends
         with its session: waiting would only add Slurm's teardown to every
         session); end it, and at once, where the step never answered."""
+        if self not in self.site.steps:
+            return  # closed already
+        self.site.steps.remove(self)
         self.channel.close()
         if hasattr(self, "reply"):
             self.errors.close()
@@ -5045,18 +5098,30 @@ class NodeStep:
         self.name = field(request, "job", str, self.job_id)
         self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.ending = None  # what BuiltinSession reports: Slurm ends jobs its own way
+        self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        self.tag = token_hex(8)
+        self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
+        start_guardian(self.tag, self.tmp)
+        self.making = self.start_host_key()
         pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
         deadline = time.monotonic() + 5
-        while env is None and request.get("batch_host") is True and time.monotonic() < deadline:
+        while env is None and request.get("batch_host") == self.node and time.monotonic() < deadline:
             time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts
             pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
         self.pids = pids
         self.env = env if env is not None else dict(os.environ)
         self.workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
-        self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
-        self.tag = token_hex(8)
-        self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
-        start_guardian(self.tag, self.tmp)
+
+    def start_host_key(self):
+        """ssh-keygen making the session's host key while the step reads the
+        job's context: an OpenSSH session will need it, and it takes as long."""
+        if self.request.get("transport") == "builtin":
+            return None
+        try:
+            keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
+        except MissingProgram:
+            return None  # said, if an OpenSSH session is chosen all the same
+        return start_keygen(keygen, os.path.join(self.tmp, "host_key"), "sshjob-job-" + self.name)
 
     def transport(self):
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
@@ -5067,10 +5132,10 @@ class NodeStep:
 
     def prepare_sshd(self):
         """The session's host key and sshd files; returns the public host key."""
-        keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
         key = parse_public_key(field(self.request, "key", str))
         host_key = os.path.join(self.tmp, "host_key")
-        making = start_keygen(keygen, host_key, "sshjob-job-" + self.name)
+        making = self.making or start_keygen(find_program(self.config, "ssh_keygen", "node " + self.node), host_key,
+                                             "sshjob-job-" + self.name)
         try:
             script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
                                     welcome(self.name, self.node, self.pids))
@@ -5147,7 +5212,7 @@ class NodeStep:
         listener = self.listen()
         secret = os.urandom(32)
         send_msg(channel, {"ok": True, "transport": "openssh", "why": self.why, "user": self.owner.pw_name,
-                           "hostkey": hostkey, "secret": secret.hex(),
+                           "node": self.node, "hostkey": hostkey, "secret": secret.hex(),
                            "direct": list(listener.getsockname()) if listener else None})
         sock = self.await_client(channel, listener, secret)
         if listener:
@@ -5161,7 +5226,8 @@ class NodeStep:
 
     def run_builtin(self, channel):
         import pty
-        send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name})
+        send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name,
+                           "node": self.node})
         command, terminal, client_env = Job.builtin_request(recv_msg(channel))
         marks = session_marks(self.tag, self.pids, "1", self.name, self.node)
         argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), self.shells,
@@ -5186,6 +5252,9 @@ class NodeStep:
         self.transport_name, self.why = self.transport()
         if self.transport_name == "openssh":
             return self.run_sshd(channel)
+        if self.making:  # a host key that no sshd will use
+            self.making.kill()
+            self.making.wait()
         return self.run_builtin(channel)
 
 

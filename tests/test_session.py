@@ -15,7 +15,7 @@ import termios
 import time
 
 import pytest
-from conftest import INTERPRETERS, run
+from conftest import INTERPRETERS, run, wait_for
 
 
 def proc_cmdline(pid):
@@ -215,6 +215,26 @@ def test_temporary_key_directory_removed_on_signals(pool, tmp_path):
         assert os.listdir(str(tmp_path)) == []
     ok = pool.sshjob("client", job, "true", env={"TMPDIR": str(tmp_path)})
     assert ok.returncode == 0 and os.listdir(str(tmp_path)) == []
+
+
+def test_a_killed_clients_key_directory_is_removed_by_a_later_client(pool, tmp_path):
+    """SIGKILL leaves no chance to clean up: the next client does it, for a
+    directory over a minute old whose client is gone."""
+    job = pool.running_job()
+    env = {"TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(pool.argv("client", job, "sleep 60", env=env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: glob.glob(str(tmp_path / "sshjob-*" / "id.pub")), what="the client's key")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (orphan,) = os.listdir(str(tmp_path))
+    assert orphan.startswith("sshjob-%d-" % proc.pid)
+    assert pool.sshjob("client", job, "true", env=env).returncode == 0
+    assert os.listdir(str(tmp_path)) == [orphan], "removed while it may be another PID namespace's"
+    an_hour_ago = time.time() - 3600
+    os.utime(str(tmp_path / orphan), (an_hour_ago, an_hour_ago))
+    assert pool.sshjob("client", job, "true", env=env).returncode == 0
+    assert os.listdir(str(tmp_path)) == []
 
 
 def test_two_sessions_at_once(pool):
