@@ -4717,6 +4717,7 @@ class SlurmSite:
             slurm_command(name)
         self.spec = self.node = self.request = None
         self.batch_host = ""  # the name of the node that runs the batch script
+        self.pending = False  # whether the job was found not running yet
         self.target = None  # (job id, node, working directory) once the job runs
         self.steps = []
         self.program = os.path.abspath(sys.argv[0])
@@ -4735,7 +4736,7 @@ class SlurmSite:
     def ticket(self, request):
         self.request = request
         step = None
-        if self.node is None and self.spec.isdigit():
+        if self.node is None and self.spec.isdigit() and not self.pending:
             step = SlurmStep(self, None)  # srun starts while scontrol reads the job: its first node is the one
         try:
             job = self.running_job()
@@ -4765,6 +4766,7 @@ class SlurmSite:
         if state in SLURM_FINISHED:
             raise JobGone("job %s has finished (%s)" % (self.spec, state))
         if state != "RUNNING":
+            self.pending = True  # -auto-retry asks again: with scontrol alone until it runs
             raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), job.get("Reason", "")))
         return job
 

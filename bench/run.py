@@ -204,6 +204,9 @@ def slurm_figures(args, scratch, plain, env, who):
         ours, peer = timed_pair(builtin + ["true"], srun + ["true"], args.runs, env=env, **who)
         row("Slurm: client -transport builtin J true", ms(ours), "srun --overlap true", ms(peer), "ms",
             "<= 1.0 (issue 9: 1.5)")
+        floor = [args.python, "-I", "-S", "-c", "pass"]  # the least that a step running Python costs
+        ours, peer = timed_pair(srun + floor, srun + ["true"], args.runs, env=env, **who)
+        row("  floor: srun --overlap python3 -c pass", ms(ours), "srun --overlap true", ms(peer), "ms", "report")
         quoted = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
         plain_cat = quoted(plain + ["cat > /dev/null"])
         for path, prefix, target in (("direct", "", ">= 0.9"), ("srun's pipe", "SSHJOB_SLURM_DIRECT=false ", "report")):
