@@ -2147,6 +2147,13 @@ Subsystem sftp ${sftp_server}
 LogLevel ERROR
 """
 
+def ssh_config_path(path, percent_expanded=True):
+    """`path` as a value of an OpenSSH configuration line (or of ssh's -o):
+    quoted, as a directory may have a space in its name, and with its %s
+    doubled where OpenSSH expands %-tokens in the value."""
+    return '"%s"' % (path.replace("%", "%%") if percent_expanded else path)
+
+
 def login_shell_problem(owner):
     """Why sshd cannot run sessions for this user, or None: sshd runs every
     session, forced command included, through the user's login shell, and
@@ -2186,6 +2193,14 @@ def choose_transport(request, uid, why_no_sshd, why_no_terminal, why_no_builtin=
     return "builtin", "asked for" if wanted == "builtin" else why_no_sshd or "this machine has no ssh client"
 
 
+def with_exported_functions(env):
+    """`env NAME=VALUE... ` to put before the command of a shell's `exec`:
+    it hands the bash functions that `env` exports to the program, past a
+    /bin/sh (dash) that drops them; "" where there are none."""
+    words = [shlex.quote("%s=%s" % item) for item in sorted(env.items()) if EXPORTED_FUNCTION.fullmatch(item[0])]
+    return "env %s " % " ".join(words) if words else ""
+
+
 def shell_and_workdir(shells, workdir):
     """Shell code, run as the job's user, that exports SHELL as the first
     of the client's `shells` that this user can run (else /bin/sh) and
@@ -2205,6 +2220,9 @@ def shell_and_workdir(shells, workdir):
 # only when the client brought none.
 CLIENT_VARIABLES = re.compile(r"TERM|DISPLAY|LANG|LANGUAGE|LC_\w+|XAUTHORITY")
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# How bash exports a function (`export -f`; Lmod's `module` and `ml`): a
+# variable that /bin/sh cannot name, and dash drops.
+EXPORTED_FUNCTION = re.compile(r"BASH_FUNC_[^=]+%%")
 # Login shells that read session.sh themselves; ksh93 crashes on its
 # `unset SHLVL; exec`, and mksh holds KSH_VERSION read-only.
 SOURCING_SHELLS = {"sh", "bash", "dash"}
@@ -2235,8 +2253,8 @@ def sshd_config(config, host_key, sdir, owner):
     clean_login_shell = bool(shell_level) and "shell_level" in template
     try:
         return string.Template(template).substitute(
-            host_key=host_key,
-            authorized_keys=os.path.join(sdir, "authorized_keys"),
+            host_key=ssh_config_path(host_key, percent_expanded=False),
+            authorized_keys=ssh_config_path(os.path.join(sdir, "authorized_keys")),
             force_command=force_command(os.path.join(sdir, "session.sh"), owner.pw_shell, clean_login_shell),
             user=owner.pw_name,
             sftp_server=find_sftp_server(config),
@@ -2306,7 +2324,8 @@ def session_script(job, env, tag, pids, node, workdir, shells, greeting):
     q = shlex.quote
     lines = ["# sshjob session in job %s" % job]
     marks = session_marks(tag, pids, "1", job, node)
-    for name, value in sorted(job_variables(env).items()):
+    variables = job_variables(env)
+    for name, value in sorted(variables.items()):
         if not SHELL_NAME.fullmatch(name) or name in marks:
             continue
         if CLIENT_VARIABLES.fullmatch(name):
@@ -2315,11 +2334,12 @@ def session_script(job, env, tag, pids, node, workdir, shells, greeting):
             lines.append("export %s=%s" % (name, q(value)))
     lines.append("export " + " ".join("%s=%s" % (name, q(value)) for name, value in marks.items()))
     lines += shell_and_workdir(shells, workdir)
+    functions = with_exported_functions(variables)
     lines += [
         "unset SHLVL",  # the session's shell is a top-level one: it reads ~/.bashrc (see sshd_config)
-        'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi',
+        'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s"$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi' % functions,
         "printf %%s %s" % q(greeting),
-        'exec "$SHELL" -l',
+        'exec %s"$SHELL" -l' % functions,
     ]
     return "\n".join(lines) + "\n"
 
@@ -2329,8 +2349,9 @@ def builtin_session(owner, env, shells, workdir, command):
     shell, or `command` run by that shell, in the job's working directory."""
     base = {"HOME": owner.pw_dir, "USER": owner.pw_name, "LOGNAME": owner.pw_name, "PATH": os.defpath}
     base.update(env)
+    functions = with_exported_functions(env)
     script = "\n".join(shell_and_workdir(shells, workdir) + [
-        'if [ "$#" -gt 0 ]; then exec "$SHELL" -c "$1"; fi', 'exec "$SHELL" -l'])
+        'if [ "$#" -gt 0 ]; then exec %s"$SHELL" -c "$1"; fi' % functions, 'exec %s"$SHELL" -l' % functions])
     return ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else []), base
 
 
@@ -2389,7 +2410,7 @@ class Job:
             env.setdefault("PATH", os.defpath)
             env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
             wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
-                       'exec "$@" <"/dev/null" >>"$o" 2>>"$e"' % PIDS_VAR)
+                       'exec %s"$@" <"/dev/null" >>"$o" 2>>"$e"' % (PIDS_VAR, with_exported_functions(env)))
             self.process = subprocess.Popen(
                 ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
                 env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -3506,8 +3527,8 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     if not os.path.isfile(program[0]):
         raise MissingProgram("%s was not found on this machine: %s" % (base, how_to_install(base)))
     options = {
-        "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": key,
-        "UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
+        "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": ssh_config_path(key),
+        "UserKnownHostsFile": ssh_config_path(known_hosts), "GlobalKnownHostsFile": "/dev/null",
         "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
         "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
         "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
@@ -4460,15 +4481,14 @@ def ssh_config_block(config_path):
     here = os.path.abspath(sys.argv[0])
     command = [sys.executable, here] + (["--config", os.path.abspath(config_path)] if config_path else [])
     proxy = " ".join(shlex.quote(a) for a in command).replace("%", "%%") + " proxy '%h' '%r'"
-    quote = lambda path: '"%s"' % path.replace("%", "%%")  # noqa: E731
     return "\n".join([
         BLOCK_BEGIN,
         "Host *%s" % HOST_SUFFIX,
         "    ProxyCommand %s" % proxy,
         "    ProxyUseFdpass yes",
-        "    IdentityFile %s" % quote(os.path.join(home, "id_ed25519")),
+        "    IdentityFile %s" % ssh_config_path(os.path.join(home, "id_ed25519")),
         "    IdentitiesOnly yes",
-        "    UserKnownHostsFile %s" % quote(os.path.join(home, "known_hosts")),
+        "    UserKnownHostsFile %s" % ssh_config_path(os.path.join(home, "known_hosts")),
         "    GlobalKnownHostsFile /dev/null",
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",

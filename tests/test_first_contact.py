@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import INTERPRETERS, ROOT, USER_PYTHON, run
+from conftest import INTERPRETERS, ROOT, USER_PYTHON, Pool, run
 from test_session import drive_terminal
 
 ALICE = "sshjob-alice"
@@ -148,6 +148,29 @@ def test_a_temporary_directory_deeper_than_a_socket_path(pool, tmp_path):
     assert cp.returncode == 0, cp.stderr
     assert (tmp_path / "scp.dat").read_text() == (tmp_path / "cp.dat").read_text() == "deep\n"
     assert os.listdir(deep) == []  # and nothing is left behind
+
+
+def test_a_pool_and_a_temporary_directory_with_spaces_and_percent_signs(base, tmp_path):
+    """sshd and ssh read paths from configuration lines, where a space ends
+    a value and % starts a token: a pool in "My Pools/100%" still works."""
+    pool = Pool(base, INTERPRETERS[-1], "a pool 100%").start()
+    try:
+        temporary = tmp_path / "my tmp %d"
+        temporary.mkdir()
+        env = {"TMPDIR": str(temporary)}
+        job = pool.running_job()
+        for transport in ("openssh", "builtin"):
+            result = pool.sshjob("client", "-transport", transport, job, "echo fine", env=env)
+            assert (result.returncode, result.stdout) == (0, "fine\n"), result.stderr
+        (tmp_path / "in.dat").write_text("spaced\n")
+        cp = pool.sshjob("cp", str(tmp_path / "in.dat"), job + ":in.dat", env=env)
+        assert cp.returncode == 0, cp.stderr
+        scp = pool.sshjob("client", "-ssh", "scp", job, "remote:in.dat", str(temporary / "out.dat"), env=env)
+        assert scp.returncode == 0, scp.stderr
+        assert (temporary / "out.dat").read_text() == "spaced\n"
+        assert os.listdir(str(temporary)) == ["out.dat"]  # no key directory left behind
+    finally:
+        pool.stop()
 
 
 def test_build_without_shiv_says_what_to_install():

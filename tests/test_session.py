@@ -237,6 +237,22 @@ def test_a_killed_clients_key_directory_is_removed_by_a_later_client(pool, tmp_p
     assert os.listdir(str(tmp_path)) == []
 
 
+def test_the_jobs_exported_bash_functions_reach_the_job_and_its_sessions(pool):
+    """`export -f` (Lmod's `module`) puts a function in a variable that
+    /bin/sh cannot name: dash drops it, and must not lose it on the way."""
+    greet = {"BASH_FUNC_greet%%": '() {  echo "greetings, $1"\n}'}
+    workdir = pool.workdir()
+    job = pool.running_job("bash", "-c", "greet job > greet.out; exec sleep 600", workdir=workdir,
+                           options=["--env", "%s=%s" % next(iter(greet.items()))])
+    greeting = os.path.join(workdir, "greet.out")
+    wait_for(lambda: os.path.exists(greeting) and os.path.getsize(greeting), what="the job's greeting")
+    with open(greeting) as f:
+        assert f.read() == "greetings, job\n"
+    for transport in ("openssh", "builtin"):
+        result = pool.sshjob("client", "-transport", transport, job, "greet " + transport, env={"SHELL": "/bin/bash"})
+        assert (result.returncode, result.stdout) == (0, "greetings, %s\n" % transport), result.stderr
+
+
 def test_two_sessions_at_once(pool):
     job = pool.running_job()
     first = subprocess.Popen(pool.argv("client", job, "sleep 2; echo first"), stdout=subprocess.PIPE,

@@ -55,10 +55,10 @@ class Cluster:
         os.chown(path, record.pw_uid, record.pw_gid)
         return path
 
-    def sbatch(self, *options, user=ALICE, workdir=None, script="sleep 600"):
+    def sbatch(self, *options, user=ALICE, workdir=None, script="sleep 600", env=None):
         workdir = workdir or self.workdir(user)
         result = run(["runuser", "-u", user, "--", "sbatch", "--parsable", "-D", workdir, "-o", "/dev/null"]
-                     + list(options) + ["--wrap", script], cwd="/")
+                     + list(options) + ["--wrap", script], cwd="/", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout.strip().split(";")[0]
 
@@ -114,6 +114,17 @@ def test_a_command_runs_inside_the_job_as_its_user(cluster):
     assert "oops" in result.stderr
     caller = cluster.sshjob("client", job, 'echo "[$CALLER_ONLY]"', env={"CALLER_ONLY": "x"})
     assert caller.stdout == "[]\n"  # the job's environment, not the caller's
+
+
+def test_the_batch_scripts_exported_bash_functions_reach_the_session(cluster):
+    """Lmod exports `module` as a bash function: sbatch hands it to the batch
+    script, and a session of the job has it, whatever /bin/sh is."""
+    greet = {"BASH_FUNC_greet%%": '() {  echo "greetings, $1"\n}'}
+    job = cluster.running(env=dict(os.environ, **greet))
+    for transport in ("openssh", "builtin"):
+        result = cluster.sshjob("client", "-transport", transport, job, "greet " + transport,
+                                env={"SHELL": "/bin/bash"})
+        assert (result.returncode, result.stdout) == (0, "greetings, %s\n" % transport), result.stderr
 
 
 def test_the_scheduler_is_chosen_by_variable_configuration_or_detection(cluster):
