@@ -2147,6 +2147,7 @@ Subsystem sftp ${sftp_server}
 LogLevel ERROR
 """
 
+
 def ssh_config_path(path, percent_expanded=True):
     """`path` as a value of an OpenSSH configuration line (or of ssh's -o):
     quoted, as a directory may have a space in its name, and with its %s
@@ -4754,6 +4755,8 @@ class SlurmSite:
         return self.spec
 
     def ticket(self, request):
+        """What the job is and how to reach it, with the session's step
+        started; NotRunning while the job is not running."""
         self.request = request
         step = None
         if self.node is None and self.spec.isdigit() and not self.pending:
@@ -4848,10 +4851,10 @@ class SlurmStep:
         """Start srun on `node`; on the job's first node where None."""
         import tempfile
         self.site = site
-        argv = [slurm_command("srun"), "--jobid", site.spec if node is None else site.target[0], "--overlap", "-N1",
-                "-n1"] + ([] if node is None else ["-w", node]) + ["--quiet", "-u", site.config["remote_python"],
-                                                                  "-I", "-S", "-c", SLURM_BOOT, site.program,
-                                                                  site.digest]
+        where = ["--jobid", site.spec] if node is None else ["--jobid", site.target[0], "-w", node]
+        argv = [slurm_command("srun")] + where + ["--overlap", "-N1", "-n1", "--quiet", "-u",
+                                                   site.config["remote_python"], "-I", "-S", "-c", SLURM_BOOT,
+                                                   site.program, site.digest]
         if log.debugging():
             argv.append("--debug")
         env = {k: v for k, v in os.environ.items()  # not another allocation's sizes, which srun would obey
