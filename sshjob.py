@@ -137,6 +137,7 @@ TOKEN_WARNING = 7 * 86400.0  # seconds before a starter's token expires that its
 DEFAULT_CONFIG = "/etc/sshjob/sshjob.conf"
 SBIN_PATH = "/usr/sbin:/usr/local/sbin:/sbin"
 
+KEY_DIR_PREFIX = "sshjob-keys-"  # a client's key directory under $TMPDIR
 TAG_VAR = "_SSHJOB_JOB_TAG"  # inherited by every process of a job
 PIDS_VAR = "_SSHJOB_JOB_PIDS"
 SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only
@@ -2151,7 +2152,15 @@ LogLevel ERROR
 def ssh_config_path(path, percent_expanded=True):
     """`path` as a value of an OpenSSH configuration line (or of ssh's -o):
     quoted, as a directory may have a space in its name, and with its %s
-    doubled where OpenSSH expands %-tokens in the value."""
+    doubled where OpenSSH expands %-tokens in the value.  None for
+    `percent_expanded` where the version decides (ssh expands them in
+    UserKnownHostsFile from 8.4 on): a % is refused there, as are a double
+    quote and a backslash anywhere (OpenSSH reads them as escapes from 8.7
+    on, literally before)."""
+    odd = [c for c in '"\\' + ("%" if percent_expanded is None else "") if c in path]
+    if odd:
+        raise ConfigError("OpenSSH cannot be given the path %s: versions of it read %s differently; use a "
+                          "directory without it (for a client, set TMPDIR)" % (path, " and ".join(odd)))
     return '"%s"' % (path.replace("%", "%%") if percent_expanded else path)
 
 
@@ -2199,7 +2208,7 @@ def with_exported_functions(env):
     it hands the bash functions that `env` exports to the program, past a
     /bin/sh (dash) that drops them; "" where there are none."""
     words = [shlex.quote("%s=%s" % item) for item in sorted(env.items()) if EXPORTED_FUNCTION.fullmatch(item[0])]
-    return "env %s " % " ".join(words) if words else ""
+    return "/usr/bin/env %s " % " ".join(words) if words else ""  # by path: the job's PATH may not have it
 
 
 def shell_and_workdir(shells, workdir):
@@ -3467,41 +3476,50 @@ def signals_raise(*signums):
 @contextlib.contextmanager
 def private_tempdir():
     """The session's key directory, under $TMPDIR, mode 0700, removed on
-    every exit; its name holds this process's pid so that, should this
-    process be killed before it can remove it, a later client does."""
+    every exit.  The client holds a lock in it for as long as it lives, so
+    that a later client can tell one whose client was killed outright
+    (SIGKILL, the OOM killer) and remove it."""
     import tempfile
-    path = tempfile.mkdtemp(prefix="sshjob-%d-" % os.getpid())
+    path = tempfile.mkdtemp(prefix=KEY_DIR_PREFIX)
+    lock = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
+        with contextlib.suppress(OSError):  # a file system without locks: ours cannot be told from an orphan
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(lock)
         log.debug("removed %s", path)
         remove_orphaned_tempdirs(os.path.dirname(path))
 
 
 def remove_orphaned_tempdirs(parent):
-    """Remove the key directories of this user's clients that were killed
-    (SIGKILL, the OOM killer) before they could: those whose process is
-    gone, and which are over a minute old (a process of another PID
-    namespace sharing $TMPDIR may have the pid of a dead one here)."""
+    """Remove this user's key directories whose lock no client holds: their
+    clients were killed, on this host or on another that shares $TMPDIR.
+    One made less than a minute ago may be a client's that has yet to take
+    its lock."""
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return
     for entry in entries:
-        match = re.fullmatch(r"sshjob-(\d+)-\w+", entry.name)
-        if not match:
+        if not entry.name.startswith(KEY_DIR_PREFIX):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or time.time() - info.st_mtime < 60:
                 continue
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            log.debug("removed %s, left by a client that was killed", entry.path)
-        except (OSError, OverflowError):
-            continue  # its process lives, as another user's; or the entry is gone, or no pid
+            lock = os.open(os.path.join(entry.path, "lock"), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            continue  # its client lives (or this file system has no locks)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        os.close(lock)
+        log.debug("removed %s, left by a client that was killed", entry.path)
 
 
 def make_session_key(config, path, keygen_options):
@@ -3529,7 +3547,7 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
         raise MissingProgram("%s was not found on this machine: %s" % (base, how_to_install(base)))
     options = {
         "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": ssh_config_path(key),
-        "UserKnownHostsFile": ssh_config_path(known_hosts), "GlobalKnownHostsFile": "/dev/null",
+        "UserKnownHostsFile": ssh_config_path(known_hosts, percent_expanded=None), "GlobalKnownHostsFile": "/dev/null",
         "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
         "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
         "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
@@ -4489,7 +4507,7 @@ def ssh_config_block(config_path):
         "    ProxyUseFdpass yes",
         "    IdentityFile %s" % ssh_config_path(os.path.join(home, "id_ed25519")),
         "    IdentitiesOnly yes",
-        "    UserKnownHostsFile %s" % ssh_config_path(os.path.join(home, "known_hosts")),
+        "    UserKnownHostsFile %s" % ssh_config_path(os.path.join(home, "known_hosts"), percent_expanded=None),
         "    GlobalKnownHostsFile /dev/null",
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",
@@ -4968,10 +4986,9 @@ class SlurmStep:
         if hasattr(self, "reply"):
             self.errors.close()
             return
-        for signum, wait in ((None, 1), (signal.SIGTERM, 5), (signal.SIGKILL, None)):
-            if signum:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signum)
+        for signum, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
             try:
                 self.proc.wait(timeout=wait)
                 break

@@ -152,10 +152,11 @@ def test_a_temporary_directory_deeper_than_a_socket_path(pool, tmp_path):
 
 def test_a_pool_and_a_temporary_directory_with_spaces_and_percent_signs(base, tmp_path):
     """sshd and ssh read paths from configuration lines, where a space ends
-    a value and % starts a token: a pool in "My Pools/100%" still works."""
+    a value and % starts a token: a pool in "My Pools/100%" still works, and
+    a $TMPDIR that ssh's versions would read differently is one sentence."""
     pool = Pool(base, INTERPRETERS[-1], "a pool 100%").start()
     try:
-        temporary = tmp_path / "my tmp %d"
+        temporary = tmp_path / "my tmp"
         temporary.mkdir()
         env = {"TMPDIR": str(temporary)}
         job = pool.running_job()
@@ -169,6 +170,14 @@ def test_a_pool_and_a_temporary_directory_with_spaces_and_percent_signs(base, tm
         assert scp.returncode == 0, scp.stderr
         assert (temporary / "out.dat").read_text() == "spaced\n"
         assert os.listdir(str(temporary)) == ["out.dat"]  # no key directory left behind
+        percent = tmp_path / "100%"  # ssh expands % in UserKnownHostsFile from 8.4 on, not before
+        percent.mkdir()
+        refused = pool.sshjob("client", job, "true", env={"TMPDIR": str(percent)})
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert refused.stderr == ("sshjob: OpenSSH cannot be given the path %s/sshjob-keys-%s/known_hosts: versions "
+                                  "of it read %% differently; use a directory without it (for a client, set "
+                                  "TMPDIR)\n" % (percent, refused.stderr.split("sshjob-keys-")[1][:8]))
+        assert os.listdir(str(percent)) == []
     finally:
         pool.stop()
 

@@ -218,23 +218,38 @@ def test_temporary_key_directory_removed_on_signals(pool, tmp_path):
 
 
 def test_a_killed_clients_key_directory_is_removed_by_a_later_client(pool, tmp_path):
-    """SIGKILL leaves no chance to clean up: the next client does it, for a
-    directory over a minute old whose client is gone."""
+    """SIGKILL leaves no chance to clean up: a later client does it, for a
+    directory whose client holds no lock in it, and never for a live
+    client's, however old (its process may be on another host sharing
+    $TMPDIR, where no pid says anything)."""
     job = pool.running_job()
     env = {"TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(pool.argv("client", job, "sleep 60", env=env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: glob.glob(str(tmp_path / "sshjob-*" / "id.pub")), what="the client's key")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    (orphan,) = os.listdir(str(tmp_path))
-    assert orphan.startswith("sshjob-%d-" % proc.pid)
-    assert pool.sshjob("client", job, "true", env=env).returncode == 0
-    assert os.listdir(str(tmp_path)) == [orphan], "removed while it may be another PID namespace's"
-    an_hour_ago = time.time() - 3600
-    os.utime(str(tmp_path / orphan), (an_hour_ago, an_hour_ago))
-    assert pool.sshjob("client", job, "true", env=env).returncode == 0
-    assert os.listdir(str(tmp_path)) == []
+
+    def client_in_session():
+        before = set(os.listdir(str(tmp_path)))
+        proc = subprocess.Popen(pool.argv("client", job, "sleep 60", env=env), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+        def new_keys():
+            return [n for n in set(os.listdir(str(tmp_path))) - before if (tmp_path / n / "id.pub").exists()]
+
+        wait_for(new_keys, what="the client's key")
+        (made,) = new_keys()
+        an_hour_ago = time.time() - 3600
+        os.utime(str(tmp_path / made), (an_hour_ago, an_hour_ago))
+        return proc, made
+
+    killed, orphan = client_in_session()
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    living, alive = client_in_session()
+    try:
+        assert sorted(os.listdir(str(tmp_path))) == sorted([orphan, alive])
+        assert pool.sshjob("client", job, "true", env=env).returncode == 0
+        assert os.listdir(str(tmp_path)) == [alive]
+    finally:
+        os.killpg(living.pid, signal.SIGKILL)
+        living.wait()
 
 
 def test_the_jobs_exported_bash_functions_reach_the_job_and_its_sessions(pool):
