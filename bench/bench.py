@@ -64,9 +64,12 @@ def start_plain_sshd(scratch):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(scratch, name)], check=True)
     port = free_port()
     config = os.path.join(scratch, "sshd_config")
+    sftp_server = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                                    "/usr/libexec/sftp-server") if os.path.exists(p)), "internal-sftp")
     with open(config, "w") as f:
         f.write("ListenAddress 127.0.0.1\nPort %d\nHostKey %s/host\nAuthorizedKeysFile %s/id.pub\n"
-                "UsePAM no\nStrictModes no\nPidFile none\nLogLevel ERROR\n" % (port, scratch, scratch))
+                "UsePAM no\nStrictModes no\nPidFile none\nLogLevel ERROR\nSubsystem sftp %s\n"
+                % (port, scratch, scratch, sftp_server))
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", config])
     time.sleep(0.5)

@@ -3,7 +3,7 @@
 measured in the same run (issue 11).
 
     python3 bench/run.py [--runs 15] [--gib 1] [--sessions 100] [--user sshjob-bench]
-                         [--python /usr/bin/python3] [--only pool|ssh-hosts|slurm ...]
+                         [--python /usr/bin/python3] [--only pool|copies|ssh-hosts|slurm ...]
 
 Starts a personal pool with the built dist/sshjob.pyz, a plain sshd on
 127.0.0.1, and (where Slurm is installed) the tests' single-node Slurm, then
@@ -39,7 +39,7 @@ import slurm
 from bench import PYZ, SSH_ISOLATION, bench_parser, start_plain_sshd, throughput_pair, timed, timed_pair
 
 ROWS = []
-SECTIONS = ["pool", "ssh-hosts", "slurm"]
+SECTIONS = ["pool", "copies", "ssh-hosts", "slurm"]
 
 
 def row(what, ours, peer_name, peer, unit, target, higher_is_better=False):
@@ -157,6 +157,41 @@ def pool_figures(args, scratch, plain, env, who, job):
         print("  %d sessions: %.1f s, %d failed; starter %.0f MiB, %d fds" % (count, wall, failed, rss, fds))
 
 
+def copy_figures(args, scratch, port, key, env, who, job):
+    """The setup of each copying tool as the README shows it, on a 4 KiB
+    file, against the same tool over plain ssh."""
+    sshjob = [args.python, PYZ]
+    source = os.path.join(scratch, "small.dat")
+    with open(source, "wb") as f:
+        f.write(os.urandom(4096))
+    os.chmod(source, 0o644)
+    target = tempfile.mkdtemp(prefix="copies-", dir=scratch)
+    if who:
+        os.chown(target, who["user"], who["group"])
+    out = os.path.join(target, "out.dat")
+    batch = os.path.join(scratch, "sftp-batch")
+    with open(batch, "w") as f:
+        f.write("get %s %s\n" % (source, out))
+    os.chmod(batch, 0o644)
+    plain_ssh = " ".join(shlex.quote(a) for a in ["ssh"] + SSH_ISOLATION + ["-i", key, "-p", str(port)])
+    plain = SSH_ISOLATION + ["-i", key, "-P", str(port)]
+    pairs = [
+        ("sshjob cp JOB:F .", sshjob + ["cp", job + ":" + source, out], "plain scp",
+         ["scp"] + plain + ["127.0.0.1:" + source, out]),
+        ("client -ssh scp JOB remote:F .", sshjob + ["client", "-ssh", "scp", job, "remote:" + source, out],
+         "plain scp", ["scp"] + plain + ["127.0.0.1:" + source, out]),
+        ("rsync -e 'sshjob client' JOB:F .", ["rsync", "-I", "-e", " ".join(sshjob + ["client"]), job + ":" + source,
+                                              out], "plain rsync", ["rsync", "-I", "-e", plain_ssh,
+                                                                    "127.0.0.1:" + source, out]),
+        ("client -ssh sftp JOB -b batch", sshjob + ["client", "-ssh", "sftp", job, "-b", batch], "plain sftp",
+         ["sftp"] + plain + ["-b", batch, "127.0.0.1"]),
+    ]
+    for what, ours, peer_name, peer in pairs:
+        timed(ours, 1, env=env, **who)
+        ours, peer = timed_pair(ours, peer, args.runs, env=env, **who)
+        row(what, ms(ours), peer_name, ms(peer), "ms", "<= 1.0")
+
+
 def ssh_host_figures(args, scratch, plain, env, job, who):
     config = os.path.join(scratch, "ssh_config")
     with open(config, "w") as f:
@@ -259,6 +294,8 @@ def main():
         job = pool_job(args, env, who)
         if "pool" in sections:
             pool_figures(args, scratch, plain, env, who, job)
+        if "copies" in sections:
+            copy_figures(args, scratch, port, key, env, who, job)
         if "ssh-hosts" in sections:
             ssh_host_figures(args, scratch, plain, env, job, who)
         if "slurm" in sections:
