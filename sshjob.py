@@ -4789,7 +4789,8 @@ class SlurmSite:
             if step:
                 step.close()
             raise
-        self.target = self.target[:1] + (step.reply.get("node") or self.target[1],) + self.target[2:]
+        job_id, node, workdir = self.target
+        self.target = (job_id, step.reply.get("node") or node, workdir)  # where srun put an early step
         return {"job": self.spec, "user": step.reply["user"], "starter": self.target[1],
                 "transport": step.reply["transport"], "why": step.reply["why"], "step": step}
 
@@ -5144,7 +5145,10 @@ class NodeStep:
         self.tag = token_hex(8)
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
         start_guardian(self.tag, self.tmp)
-        self.making = self.start_host_key()
+        self.making = None  # the host key, made while the job's context is read: an OpenSSH session needs it
+        if request.get("transport") != "builtin":
+            with contextlib.suppress(MissingProgram):  # transport() says so, and chooses the built-in one
+                self.making = self.start_host_key()
         pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
         deadline = time.monotonic() + 5
         while env is None and request.get("batch_host") == self.node and time.monotonic() < deadline:
@@ -5155,14 +5159,8 @@ class NodeStep:
         self.workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
 
     def start_host_key(self):
-        """ssh-keygen making the session's host key while the step reads the
-        job's context: an OpenSSH session will need it, and it takes as long."""
-        if self.request.get("transport") == "builtin":
-            return None
-        try:
-            keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
-        except MissingProgram:
-            return None  # said, if an OpenSSH session is chosen all the same
+        """ssh-keygen making the session's host key, until finish_keygen."""
+        keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
         return start_keygen(keygen, os.path.join(self.tmp, "host_key"), "sshjob-job-" + self.name)
 
     def transport(self):
@@ -5176,8 +5174,7 @@ class NodeStep:
         """The session's host key and sshd files; returns the public host key."""
         key = parse_public_key(field(self.request, "key", str))
         host_key = os.path.join(self.tmp, "host_key")
-        making = self.making or start_keygen(find_program(self.config, "ssh_keygen", "node " + self.node), host_key,
-                                             "sshjob-job-" + self.name)
+        making = self.making or self.start_host_key()
         try:
             script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
                                     welcome(self.name, self.node, self.pids))
