@@ -125,6 +125,126 @@ def token_hex(nbytes):
     random and hashlib, some 5 ms, for one call to os.urandom."""
     return os.urandom(nbytes).hex()
 
+
+def source_of(function):
+    """The source text of a top-level function of this module, to run with
+    `python -c` where importing the whole module would cost too much (or
+    where the module is not there yet).  Such a function imports what it
+    uses inside its body; its lines below the `def` are all indented."""
+    with open(__file__) as f:
+        lines = f.read().splitlines()
+    start = end = function.__code__.co_firstlineno - 1
+    while end + 1 < len(lines) and (not lines[end + 1].strip() or lines[end + 1][0] in " \t"):
+        end += 1
+    return "\n".join(lines[start:end + 1]).rstrip() + "\n"
+
+
+def pyz_launcher(build_id):
+    """The first code that sshjob.pyz runs: build.py puts its source ahead
+    of shiv's bootstrap.  It runs this very build from the copy that shiv
+    unpacked, some 40 ms sooner than shiv's bootstrap would; where there is
+    no copy to trust, it points shiv at a private place to unpack one and
+    lets the bootstrap go on.
+
+    A copy is trusted only if every level of it (the root, the build's
+    directory, site-packages, sshjob.py) belongs to the effective user and
+    is writable by no one else, and sshjob.py holds the bytes of this build
+    (the build id is their hash).  Root takes its home from the password
+    database, and SHIV_ROOT only if root owns it: `sudo -E` and sudo setups
+    that keep HOME must not make root run a module that a user planted.
+    Jobs often run with HOME unset, missing or read-only: the copy then
+    lives in a private directory under the temporary directory."""
+    import os
+    import stat
+    import sys
+
+    try:
+        from _sha2 import sha256  # the C module alone: hashlib costs some 3 ms more at every start
+    except ImportError:
+        from _sha256 import sha256  # Python 3.11 and older
+    euid = os.geteuid()
+    name = "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), build_id)
+
+    def ours(path, kind):
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        return info.st_uid == euid and not info.st_mode & 0o022 and stat.S_IFMT(info.st_mode) == kind
+
+    def writable(directory):
+        """Tried, not guessed: os.access says yes to root for /proc and read-only mounts."""
+        import tempfile
+
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError:
+            return False
+        return ours(directory, stat.S_IFDIR)
+
+    def trusted_copy(root):
+        site = os.path.join(root, name, "site-packages")
+        module = os.path.join(site, "sshjob.py")
+        levels = ((root, stat.S_IFDIR), (os.path.dirname(site), stat.S_IFDIR), (site, stat.S_IFDIR),
+                  (module, stat.S_IFREG))
+        if not all(ours(path, kind) for path, kind in levels):
+            return None
+        with open(module, "rb") as f:
+            if sha256(f.read() + b"sshjob.py").hexdigest() != build_id:
+                return None
+        return site
+
+    def compiled_once(site):
+        """Compile the copy in place, even where PYTHONDONTWRITEBYTECODE says
+        not to write bytecode (containers often set it): else every start
+        would compile it again, some 60 ms."""
+        import importlib.util  # loaded already: runpy needs it
+
+        module = os.path.join(site, "sshjob.py")
+        if not os.path.exists(importlib.util.cache_from_source(module)):
+            import py_compile
+
+            try:
+                py_compile.compile(module, doraise=True)
+            except (OSError, py_compile.PyCompileError):
+                pass  # a read-only copy: it runs all the same, compiled at each start
+
+    def private_temporary_root():
+        import tempfile
+
+        root = os.path.join(tempfile.gettempdir(), "sshjob-shiv-%d" % euid)
+        try:
+            os.mkdir(root, 0o700)
+        except OSError:
+            pass
+        return root if ours(root, stat.S_IFDIR) else tempfile.mkdtemp(prefix="sshjob-shiv-")
+
+    for variable in ("SHIV_INTERPRETER", "SHIV_ENTRY_POINT", "SHIV_CONSOLE_SCRIPT", "SHIV_MODULE",
+                     "SHIV_PREPEND_PYTHONPATH", "SHIV_EXTEND_PYTHONPATH"):
+        os.environ.pop(variable, None)  # what to run is this build's to say, not the environment's
+    if euid == 0:
+        import pwd
+
+        home = pwd.getpwuid(0).pw_dir
+    else:
+        home = os.path.expanduser("~")
+    chosen = os.environ.get("SHIV_ROOT")
+    roots = [chosen] if chosen else ([os.path.join(home, ".shiv")] if home != "~" else [])
+    roots = [root for root in roots if trusted_copy(root) or writable(root)] or [private_temporary_root()]
+    site = trusted_copy(roots[0])
+    if site:
+        compiled_once(site)
+        sys.path.insert(0, site)
+        import sshjob
+
+        sys.exit(sshjob.main())
+    os.environ["SHIV_ROOT"] = roots[0]
+    if os.path.exists(os.path.join(roots[0], name)):
+        os.environ["SHIV_FORCE_EXTRACT"] = "1"  # a copy that is not this build's, or not ours alone: anew
+
 MAX_FRAME = 64 * 1024  # bytes; no message of the protocol comes near it
 IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply, TLS handshake included
 MAX_UNANSWERED = 256  # connections a daemon holds at once before their first request is read
@@ -878,12 +998,9 @@ class Config:
         import configparser
         self.path = os.path.abspath(path) if path else None
         self._file = configparser.ConfigParser(interpolation=None)
-        if path and os.geteuid() == 0 and os.path.exists(path):  # root runs what the file names
-            check_trusted(self.path, "file")
-            check_trusted(os.path.dirname(self.path), "directory")
         if path:
             try:
-                with open(path) as f:
+                with open_trusted(self.path) as f:  # it names programs that run as the caller, root too
                     self._file.read_file(f)
             except OSError as e:
                 raise ConfigError("cannot read the configuration %s (%s)" % (path, e.strerror)) from None
@@ -990,19 +1107,53 @@ def find_config_path(explicit=None):
 
 
 def check_trusted(path, kind):
-    """Refuse a file or directory that another user could have written: a
-    pool's configuration names the programs its daemons run, as root too.
-    It must belong to us or to root, and be writable by no one else (not
-    even a sticky one such as /tmp, where others may create what we use)."""
+    """Refuse a file or directory that another user could have written or
+    swapped: a pool's configuration names the programs that its users and
+    its daemons run, as root too.  See walk_trusted."""
+    os.close(walk_trusted(path, kind))
+
+
+def open_trusted(path):
+    """A file that only the caller or root may have written (see
+    walk_trusted), open for reading, by the descriptor the walk checked."""
+    return os.fdopen(walk_trusted(path, "file"), errors="replace")
+
+
+def walk_trusted(path, kind):
+    """A descriptor of `path` ("file" or "directory") if it, its directory
+    and every directory above belong to the caller or root and are
+    writable by no one else; directories above its own may be sticky, as
+    /tmp is, where others cannot move what is ours.  The walk goes down
+    from / by directory descriptors, never following a link, so nothing
+    can be swapped in between a check and the use.  Else ConfigError."""
+    real = os.path.realpath(path)
+    parts = [part for part in real.split("/") if part]
+    uid = os.geteuid()
+    own_level = len(parts) - (2 if kind == "file" else 1)  # the depth of the directory that holds it, or of it
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        info = os.lstat(path)
-    except OSError as e:
-        raise ConfigError("cannot use %s (%s)" % (path, e.strerror)) from None
-    is_kind = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
-    if not is_kind(info.st_mode) or info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
-        who = "root" if os.geteuid() == 0 else "%s or root" % user_name(os.geteuid())
-        raise ConfigError("%s is not a %s that only %s may change: make a new one, or fix its owner and mode"
-                          % (path, kind, who))
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if not last or kind == "directory" else 0)
+            try:
+                inner = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if last and e.errno == errno.ENOENT:
+                    raise
+                raise ConfigError("cannot use %s (%s)" % (path, e.strerror)) from None
+            os.close(fd)
+            fd = inner
+            info = os.fstat(fd)
+            loose = info.st_mode & 0o022 and not (depth < own_level and info.st_mode & stat.S_ISVTX)
+            if info.st_uid not in (0, uid) or loose or (last and kind == "file" and not stat.S_ISREG(info.st_mode)):
+                who = "root" if uid == 0 else "%s or root" % user_name(uid)
+                what = "/" + "/".join(parts[:depth + 1])
+                raise ConfigError("%s is not a %s that only %s may change%s: make a new one, or fix its owner "
+                                  "and mode" % (path, kind, who, "" if what == real else " (%s is not)" % what))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def own_directory(path, mode):
@@ -2822,11 +2973,14 @@ class Starter:
         else:
             key, holder = parse_public_key(field(message, "key", str)), None
         job = self.jobs.get(run)
+        # The ticket first, checked against a secret of nobody's where there is no such job: so the answer
+        # tells no one without a ticket which runs are live here.
+        claims = self.tickets.redeem(job.secret if job else token_hex(32), message.get("ticket"), run, key=key,
+                                     holder=holder)
         if job is None or job.ending:
             raise NotRunning("job %s is not running on %s" % (run, self.name))
         if job.process.poll() is not None:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
-        claims = self.tickets.redeem(job.secret, message.get("ticket"), run, key=key, holder=holder)
         shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
         sdir = job.prepare_session(key, shells) if op == "ssh" else None
         send_msg(sock, {"ok": True})
@@ -3207,19 +3361,29 @@ def relay_to_job(sock, interactive, streams):
 # starts in some 10 ms.
 # ---------------------------------------------------------------------------
 
-BRIDGE_STUB = """\
-import _socket as s, sys
-try:
-    desk = s.socket(s.AF_UNIX, s.SOCK_STREAM)
-    desk.connect("\\0" + sys.argv[1])
-    _, ancillary, _, _ = desk.recvmsg(1, s.CMSG_SPACE(4))
-    if not ancillary or ancillary[0][:2] != (s.SOL_SOCKET, s.SCM_RIGHTS):
-        sys.exit(1)
-    ssh = s.socket(s.AF_UNIX, s.SOCK_STREAM, 0, 1)
-    ssh.sendmsg([b"\\0"], [(s.SOL_SOCKET, s.SCM_RIGHTS, ancillary[0][2][:4])])
-except OSError:
-    sys.exit(1)  # the desk closed: the client has said why
-"""
+def bridge(desk):
+    """The bridge, ssh's ProxyCommand: it takes the connected socket from the
+    client's ticket desk `desk` and passes it on to ssh (ProxyUseFdpass).
+    ssh runs it as `python3 -I -S -c SOURCE DESK` (see source_of); it
+    imports nothing but `_socket`, the C half of `socket` (whose Python half
+    costs as much again as the interpreter's start), so that it starts in
+    some 10 ms.  Returns the exit status: 1 when the desk closed, the client
+    having said why."""
+    import _signal
+    import _socket as s
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # Ctrl-C while it waits ends it quietly, as it ends ssh
+    try:
+        channel = s.socket(s.AF_UNIX, s.SOCK_STREAM)
+        channel.connect("\0" + desk)
+        _, ancillary, _, _ = channel.recvmsg(1, s.CMSG_SPACE(4))
+        if not ancillary or ancillary[0][:2] != (s.SOL_SOCKET, s.SCM_RIGHTS):
+            return 1
+        ssh = s.socket(s.AF_UNIX, s.SOCK_STREAM, 0, 1)
+        ssh.sendmsg([b"\n"], [(s.SOL_SOCKET, s.SCM_RIGHTS, ancillary[0][2][:4])])
+    except (OSError, KeyboardInterrupt):
+        return 1
+    return 0
 
 
 class PoolSite:
@@ -3369,15 +3533,17 @@ class TicketDesk:
             self.ready.close()
 
     def proxy_command(self):
-        argv = [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, self.name]
+        """The bridge role, run by ssh without importing this module."""
+        code = source_of(bridge) + "import sys\nsys.exit(bridge(sys.argv[1]))\n"
+        argv = [sys.executable, "-I", "-S", "-c", code, self.name]
         return " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
 
 
 def run_bridge(argv):
-    """The stub as a role of its own: `sshjob bridge DESK`."""
+    """`sshjob bridge DESK`: the bridge as a role of its own."""
     if len(argv) != 1:
         raise UsageError("usage: sshjob bridge DESK (ssh runs it; the client makes DESK)")
-    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", BRIDGE_STUB, argv[0]])
+    return bridge(argv[0])
 
 
 # ---------------------------------------------------------------------------
@@ -3570,21 +3736,15 @@ def run_client(config_path, argv):
     if opts["help"]:
         sys.stdout.write(CLIENT_USAGE)
         return 0
-
-    def builtin_session(site, ticket, holder, command):
-        if opts["ssh"] or opts["X"]:
-            raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only (%s):"
-                                 " sshjob cp, and rsync -e 'sshjob client', copy files without it"
-                                 % (opts["ssh"] or "-X", ticket["job"], ticket["why"]))
-        return run_builtin(site, ticket, holder, command)
-
-    return enter_job(config_path, opts, builtin_session)
+    return enter_job(config_path, opts)
 
 
-def enter_job(config_path, opts, builtin_session):
-    """Reach the job as `opts` say: over OpenSSH (ssh, or the -ssh command)
-    where both ends have it, else with `builtin_session(site, ticket,
-    holder, command)`.  Returns the exit status."""
+def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
+    """Reach the job as `opts` say, over OpenSSH (ssh, or the -ssh command)
+    where both ends have it, else over the built-in transport, with the
+    remote command's stdin, stdout and stderr on `streams`; `on_ticket` is
+    called with the ticket before the session starts.  Returns the exit
+    status."""
     if opts["debug"]:
         log.set_level(Log.DEBUG)
     if opts["transport"] not in ("auto", "openssh", "builtin"):
@@ -3592,7 +3752,7 @@ def enter_job(config_path, opts, builtin_session):
     config, site, job = find_site(config_path, opts)
     command = " ".join(opts["command"]) if opts["command"] else None
     try:
-        return enter_job_at(site, config, opts, job, command, builtin_session)
+        return enter_job_at(site, config, opts, job, command, streams, on_ticket)
     except (Interrupted, KeyboardInterrupt):
         if opts["remove-on-interrupt"]:
             with contextlib.suppress(SshjobError, OSError):
@@ -3616,11 +3776,12 @@ def find_site(config_path, opts):
     return config, PoolSite(config.schedd(opts["name"])), job_name(cluster, proc)
 
 
-def enter_job_at(site, config, opts, job, command, builtin_session):
+def enter_job_at(site, config, opts, job, command, streams, on_ticket):
     with contextlib.ExitStack() as stack:
         ssh = None
         if wants_openssh(config, opts):  # the built-in transport needs no key, so no directory for one
-            ssh = stack.enter_context(OpenSsh(config, opts, site, stack.enter_context(private_tempdir()), job))
+            ssh = stack.enter_context(OpenSsh(config, opts, site, stack.enter_context(private_tempdir()), job,
+                                              streams))
         key = make_session_key(config, ssh.key, opts["keygen-options"]) if ssh else None
         holder = token_hex(32)
         shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
@@ -3632,13 +3793,19 @@ def enter_job_at(site, config, opts, job, command, builtin_session):
         ticket = wait_for_ticket(site, request, opts["auto-retry"])
         log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket["user"], ticket["starter"],
                   ticket["transport"], ticket["why"])
+        if on_ticket:
+            on_ticket(ticket)
         if ticket["transport"] == "openssh":
             status = ssh.run(dict(request, transport="openssh"), ticket)
         else:
             if ssh:
                 ssh.close()  # before the session: it is on the terminal
+            if opts["ssh"] or opts["X"]:
+                raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only "
+                                     "(%s): sshjob cp, and rsync -e 'sshjob client', copy files without it"
+                                     % (opts["ssh"] or "-X", ticket["job"], ticket["why"]))
             try:
-                status = builtin_session(site, ticket, holder, command)
+                status = run_builtin(site, ticket, holder, command, streams)
             except Unreachable:
                 explain_lost_session(site, job)
                 raise
@@ -3694,10 +3861,11 @@ class OpenSsh:
     desk holds its connection: stopping it would leave its own ssh behind,
     which would then speak."""
 
-    def __init__(self, config, opts, site, tmp, job):
+    def __init__(self, config, opts, site, tmp, job, streams=(0, 1, 2)):
         self.config = config
         self.opts = opts
         self.site = site
+        self.streams = streams
         self.key = os.path.join(tmp, "id")
         self.known_hosts = os.path.join(tmp, "known_hosts")
         write_private(self.known_hosts, "")
@@ -3717,7 +3885,7 @@ class OpenSsh:
         argv = ssh_command(self.config, self.opts, self.desk.alias, self.user, self.known_hosts, self.key,
                            self.desk.proxy_command())
         log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
-        self.proc = start_foreground(argv)
+        self.proc = start_foreground(argv, self.streams)
 
     def stop(self):
         if self.proc and self.proc.returncode is None:
@@ -3769,8 +3937,10 @@ def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
             raise Unreachable("the connection to job %s broke (%s)" % (ticket["job"], e)) from None
 
 
-def start_foreground(argv):
-    return subprocess.Popen(argv, env=dict(os.environ, SHELL="/bin/sh"))  # ssh runs ProxyCommand with $SHELL
+def start_foreground(argv, streams=(0, 1, 2)):
+    """ssh, on the given stdin, stdout and stderr; it runs its ProxyCommand with $SHELL."""
+    stdin, stdout, stderr = (None if fd == n else fd for n, fd in enumerate(streams))
+    return subprocess.Popen(argv, env=dict(os.environ, SHELL="/bin/sh"), stdin=stdin, stdout=stdout, stderr=stderr)
 
 
 def wait_foreground(child):
@@ -3798,9 +3968,9 @@ def explain_lost_session(site, job):
 
 
 # ---------------------------------------------------------------------------
-# Files: sshjob cp JOB:PATH LOCAL and sshjob cp LOCAL JOB:PATH.  Over OpenSSH
-# it is scp -r -p; over the built-in transport, a tar stream (tar on the
-# node, the tarfile module here), modes kept.
+# Files: sshjob cp JOB:PATH LOCAL and sshjob cp LOCAL JOB:PATH.  A tar
+# stream (tar on the node, the tarfile module here) over either transport,
+# modes kept; what comes from a job is extracted as data (as_data).
 # ---------------------------------------------------------------------------
 
 REMOTE_PATH = re.compile(r"(?P<job>%s):(?P<path>.*)" % ANY_JOB_ID.pattern, re.DOTALL)
@@ -3828,78 +3998,93 @@ def run_cp(config_path, argv):
     local = args.target if download else args.source
     if not download and not os.path.exists(local):
         raise UsageError("%s does not exist" % local)
-    scp_args = ["remote:" + path, local] if download else [local, "remote:" + path]
-    opts = dict(parse_client_args([job]), ssh="scp -r -p -q", command=scp_args, transport=args.transport,
-                debug=args.debug)
-
-    def copy_builtin(site, ticket, holder, command):
-        return (download_tree if download else upload_tree)(site, ticket, holder, path, local)
-
-    return enter_job(config_path, opts, copy_builtin)
+    opts = dict(parse_client_args([job]), transport=args.transport, debug=args.debug)
+    return (download_tree if download else upload_tree)(config_path, opts, path, local)
 
 
-def download_tree(site, ticket, holder, path, local):
-    """Remote tar out, extracted here: into LOCAL if it is a directory, else
-    as LOCAL.  It is unpacked aside first, and put in place only whole."""
+def download_tree(config_path, opts, path, local):
+    """The job's tar of PATH, extracted here as data (see as_data): into
+    LOCAL if it is a directory, else as LOCAL.  It is unpacked aside first,
+    and put in place only whole.  The same stream on either transport, so
+    that what a job hands back is checked the same way whatever carries it
+    (scp, the legacy protocol above all, would keep set-id bits)."""
     import tarfile  # sshjob cp's alone
     import tempfile
 
     parent, name = os.path.split(path.rstrip("/") or "/")
-    command = "cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))
-    target = os.path.join(local, name) if os.path.isdir(local) else local
+    opts = dict(opts, ssh=None, command=["cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."),
+                                                                                 shlex.quote(name))])
+    target = os.path.join(local, name) if is_directory(local) else local
     staging = tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(os.path.abspath(target)))
     read_end, write_end = os.pipe()
-    outcome = []
+    owners, refusals, failures = [], [], []
 
-    def relay():
-        with open(os.devnull, "rb") as nothing:
-            try:
-                outcome.append(run_builtin_closing(site, ticket, holder, command, (nothing.fileno(), write_end, 2)))
-            except SshjobError as e:
-                outcome.append(e)
-
-    relayer = threading.Thread(target=relay)
-    relayer.start()
-    try:
-        with os.fdopen(read_end, "rb") as incoming:  # closed before the join: a relay still writing stops
+    def extract():
+        with os.fdopen(read_end, "rb") as incoming:  # closed when done: a job still writing stops
             try:
                 with tarfile.open(fileobj=Progress(incoming, "received"), mode="r|") as archive:
                     links = set()
+                    shared = owners != [user_name(os.getuid())]
                     for member in archive:
-                        archive.extract(as_data(member, name, links), staging, set_attrs=True,
+                        archive.extract(as_data(member, name, links, shared), staging, set_attrs=True,
                                         **as_filtered(tarfile))
-            except tarfile.TarError as e:
-                outcome.append(UsageError("the copy from the job failed: %s" % e))
-        relayer.join()
-        statuses = [o for o in outcome if isinstance(o, int)]
-        errors = [o for o in outcome if isinstance(o, SshjobError)]
-        if statuses and statuses[0]:  # the remote tar failed, and said why on stderr
-            return statuses[0]
-        if errors or not statuses:
-            raise errors[0] if errors else UsageError("the copy from the job failed")
+            except Refused as e:
+                refusals.append(e)
+            except (tarfile.TarError, OSError) as e:
+                failures.append(UsageError("the copy from the job failed: %s" % e))
+
+    extractor = threading.Thread(target=extract)
+    extractor.start()
+    try:
+        with open(os.devnull, "rb") as nothing:
+            try:
+                status = enter_job(config_path, opts, (nothing.fileno(), write_end, 2),
+                                   on_ticket=lambda ticket: owners.append(ticket["user"]))
+            finally:
+                os.close(write_end)
+        extractor.join()
+        if refusals:
+            raise refusals[0]
+        if status:  # the job's tar failed, and said why on stderr
+            return status
+        if failures or not os.path.lexists(os.path.join(staging, name)):
+            raise failures[0] if failures else UsageError("the copy from the job failed")
         put_in_place(os.path.join(staging, name), target)
         return 0
     finally:
-        relayer.join()
+        extractor.join()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_directory(path):
+    """Whether `path` is a directory to copy into.  A link is followed only
+    if it is the caller's or root's: another user's link in a sticky /tmp
+    must not steer a copy (what fs.protected_symlinks does, where it is on)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (0, os.getuid()):
+        raise Refused("%s is a link that %s made: sshjob cp does not follow it" % (path, user_name(info.st_uid)))
+    return os.path.isdir(path)
 
 
 def put_in_place(source, target):
     """Move a downloaded file or tree to `target`, merging a tree into a
     directory that is there already."""
-    if not (os.path.isdir(source) and os.path.isdir(target)):
+    if not (os.path.isdir(source) and not os.path.islink(source) and is_directory(target)):
         os.replace(source, target)
         return
     for entry in os.listdir(source):
         put_in_place(os.path.join(source, entry), os.path.join(target, entry))
 
 
-def upload_tree(site, ticket, holder, path, local):
+def upload_tree(config_path, opts, path, local):
     """A tar stream of LOCAL, unpacked in the job at PATH (into it, if it is a directory)."""
     import tarfile  # sshjob cp's alone
 
     name = os.path.basename(os.path.abspath(local))
-    command = UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}
+    opts = dict(opts, ssh=None, command=[UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}])
     read_end, write_end = os.pipe()
 
     def pack():
@@ -3910,7 +4095,7 @@ def upload_tree(site, ticket, holder, path, local):
     packer = threading.Thread(target=pack, daemon=True)
     packer.start()
     try:
-        return run_builtin(site, ticket, holder, command, (read_end, 1, 2))
+        return enter_job(config_path, opts, (read_end, 1, 2))
     finally:
         os.close(read_end)
         packer.join(timeout=5)
@@ -3925,14 +4110,6 @@ def without_owner(member):
     return member
 
 
-def run_builtin_closing(site, ticket, holder, command, streams):
-    """run_builtin, then close its stdout so that the reader sees the end."""
-    try:
-        return run_builtin(site, ticket, holder, command, streams)
-    finally:
-        os.close(streams[1])
-
-
 def as_filtered(tarfile):
     """as_data() below filters every member, on every Python; where tarfile
     has filters of its own (3.12, and security releases of 3.8 to 3.11), it
@@ -3940,12 +4117,13 @@ def as_filtered(tarfile):
     return {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
 
 
-def as_data(member, name, links):
+def as_data(member, name, links, shared=True):
     """A member of a job's archive, made safe to extract here, as data: it
     must be `name` or under it, a file, directory or link that stays
     inside; it comes out owned by whoever copies, without set-id or sticky
-    bits, so that a job cannot plant files for a super user who copies from
-    it.  `links` holds the symlinks the archive made so far: no member may
+    bits, and, where the job is another user's (`shared`), writable by no
+    one but the copier: a job cannot plant files for a super user who
+    copies from it.  `links` holds the symlinks the archive made so far: no member may
     pass through one, since the text of a path says nothing of where those
     lead.  Anything else ends the copy with Refused."""
     path = member.name.rstrip("/")
@@ -3961,7 +4139,7 @@ def as_data(member, name, links):
     if not inside:
         raise Refused("the job sent %s, which is not a plain file, directory or link inside %s: the copy stops"
                       % (member.name, name))
-    member.mode &= 0o777
+    member.mode &= 0o755 if shared else 0o777
     member.uid, member.gid = os.getuid(), os.getgid()
     member.uname = member.gname = ""
     return member
@@ -4404,7 +4582,6 @@ HOST_SUFFIX = ".sshjob"
 SLURM_HOST_SUFFIX = ".slurm.sshjob"
 BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts (sshjob ssh-config --install) >>>"
 BLOCK_END = "# <<< sshjob <<<"
-KEYS_PER_HOST = 8  # host keys kept per name: a Slurm job's sessions each have one, and may overlap
 
 
 def sshjob_home():
@@ -4443,18 +4620,21 @@ def persistent_key(config):
 
 
 def remember_host_key(path, host, key):
-    """Put `host key` into sshjob's known_hosts, keeping the host's newest
-    KEYS_PER_HOST keys (a Slurm job's sessions have one each)."""
+    """Pin `key` as the one host key of `host` in sshjob's known_hosts.  The
+    schedd or the Slurm step vouches for it; the key the name had before
+    goes, so that an old job's key (its owner could read it) is not trusted
+    for a new job of the same name (a new pool, a Slurm whose ids
+    restarted).  A Slurm job shows one key on each node to all its
+    sessions (see NodeStep.start_host_key), so that concurrent connections
+    agree on it."""
     with locked(path + ".lock"):
         try:
             with open(path) as f:
                 lines = [line.rstrip("\n") for line in f if line.strip()]
         except FileNotFoundError:
             lines = []
-        line = "%s %s" % (host, parse_public_key(key))
-        same = [known for known in lines if known.split(" ", 1)[0] == host and known != line]
         others = [known for known in lines if known.split(" ", 1)[0] != host]
-        write_atomically(path, "\n".join(others + same[-(KEYS_PER_HOST - 1):] + [line]) + "\n")
+        write_atomically(path, "\n".join(others + ["%s %s" % (host, parse_public_key(key))]) + "\n")
 
 
 def job_of_host(host):
@@ -4550,7 +4730,7 @@ def run_ssh_config(config_path, argv):
 # and no root.  Slurm decides who gets in: a session is a job step
 # (srun --jobid J --overlap) that the user starts, which Slurm
 # authenticates and refuses in other users' jobs.  The step runs this
-# module on the node (`sshjob slurm-step`, started by SLURM_BOOT): it finds
+# module on the node (`sshjob slurm-step`, started by slurm_boot): it finds
 # the job's batch script, takes its environment and working directory, and
 # starts sshd -i as the user on a TCP connection that the client makes to
 # it directly (a one-time secret admits it, ssh authenticates both ends),
@@ -4561,6 +4741,9 @@ def run_ssh_config(config_path, argv):
 
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
 DIRECT_TAKEN = b"\x01"  # the node's answer to the secret on a direct connection that it takes
+DIRECT_BACKLOG = 128  # connections the kernel queues on a step's direct listener
+DIRECT_PENDING = 64  # connections a step reads secrets from at once; past that the oldest goes
+DIRECT_SECRET_WAIT = 0.5  # seconds a connection to a step's listener has to bring the secret
 TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCELLED")
 SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
                   "NODE_FAIL": "completed", "PREEMPTED": "idle", "BOOT_FAIL": "completed", "DEADLINE": "completed",
@@ -4574,105 +4757,164 @@ SLURM_ERRORS = (  # what srun and scontrol say, and the sentence a user reads
     ("Requested node configuration is not available", UsageError, "job {job} has no node {node}"),
 )
 
-# Run by srun on the node with `python3 -I -S -c`: find this module (cached
-# by its hash, at the client's path, or shipped by the client, compressed,
-# when asked for with "need"), say "have HOW", and run the step.  Only bytes
-# whose hash was checked run: from the cache only if it and its parent are
-# private directories of this user's (so that nothing can be planted or
-# swapped beside the file), and by explicit path, never a search of
-# sys.path; from memory otherwise.  Unbuffered reads: what follows on stdin
-# is the step's.
-SLURM_BOOT = r"""
-import hashlib, os, stat, sys
-program, digest = sys.argv[1], sys.argv[2]
-parent = os.path.join(os.path.expanduser("~"), ".cache", "sshjob")
-cache = os.path.join(parent, digest)
-module = os.path.join(cache, "sshjob.py")
-def private(path):
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
-def read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-def inside(path):
-    if path.endswith(".py"):
-        return read(path)
-    try:
-        import zipfile
-        with zipfile.ZipFile(path) as z:
-            return z.read("site-packages/sshjob.py")
-    except Exception:
-        return None
-def fits(data):
-    return data is not None and hashlib.sha256(data).hexdigest() == digest
-def take(size):
-    data = b""
-    while len(data) < size:
-        chunk = os.read(0, size - len(data))
-        if not chunk:
-            sys.exit(1)
-        data += chunk
-    return data
-def line():
-    text = b""
-    while not text.endswith(b"\n") and len(text) < 20:
-        text += take(1)
-    return int(text) if text.strip().isdigit() else 0
-def cached(data):
-    try:
-        for path in (parent, cache):
-            os.makedirs(path, 0o700, exist_ok=True)
-            info = os.lstat(path)
-            if path == parent and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-                os.chmod(path, 0o700)  # ours, made by an earlier sshjob or under a loose umask
-            if not private(path):
-                return False
-        fd, name = tempfile.mkstemp(dir=cache)
-        os.write(fd, data)
+def slurm_boot():
+    """What srun runs on the node, as `python3 -I -S -c SOURCE PROGRAM DIGEST`:
+    its source is sent, not imported.  It finds this module (cached by its
+    hash, at the client's path, or shipped by the client, compressed, after
+    saying "need"), says "have HOW", and runs the step.
+
+    Exactly the bytes whose SHA-256 the client sent run: the module is
+    compiled from the bytes that were hashed, never imported by path, and
+    its compiled code is cached beside it under a hash keyed with that
+    digest.  The cache is walked with directory descriptors from the home
+    directory down, each level owned by the user and writable by no one
+    else, and every file is checked by its descriptor (owned by the user):
+    nothing can be swapped in between a check and its use.  Reads are
+    unbuffered: what follows on stdin is the step's."""
+    import hashlib
+    import marshal
+    import os
+    import sys
+    import types
+
+    program, digest = sys.argv[1], sys.argv[2]
+    uid = os.getuid()
+    code_name = "code-%s" % (sys.implementation.cache_tag or "python")
+
+    def owned(fd, kind):
+        info = os.fstat(fd)
+        return info.st_uid == uid and not info.st_mode & 0o022 and (info.st_mode & 0o170000) == kind
+
+    def private_directory(parent, name):
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(name, flags, dir_fd=parent)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700, dir_fd=parent)
+                fd = os.open(name, flags, dir_fd=parent)
+        except OSError:
+            return None
+        if owned(fd, 0o040000):
+            return fd
         os.close(fd)
-        os.replace(name, module)
-        return True
-    except OSError:
-        return False
-data = read(module) if private(parent) and private(cache) else None
-how = "cached in " + cache
-if not fits(data):
-    data, how = inside(program), "read from " + program
-    if not fits(data):
+        return None
+
+    def cache_directory():
+        try:
+            fd = os.open(os.path.expanduser("~"), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        if not owned(fd, 0o040000):
+            os.close(fd)
+            return None
+        for name in (".cache", "sshjob", digest):
+            inner = private_directory(fd, name)
+            os.close(fd)
+            if inner is None:
+                return None
+            fd = inner
+        return fd
+
+    def read_own(directory, name):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read() if owned(fd, 0o100000) else None
+
+    def write_own(directory, name, data):
+        temporary = ".%s.%d" % (name, os.getpid())
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except OSError:
+            return
+
+    def code_key(data):
+        return hashlib.sha256(digest.encode() + code_name.encode() + data).hexdigest().encode()
+
+    def cached_code(directory):
+        stored = read_own(directory, code_name) or b""
+        key, _, data = stored.partition(b"\n")
+        if not data or key != code_key(data):
+            return None
+        try:
+            return marshal.loads(data)
+        except (EOFError, ValueError, TypeError):
+            return None
+
+    def inside(path):
+        if path.endswith(".py"):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError:
+                return None
+        try:
+            import zipfile
+
+            with zipfile.ZipFile(path) as z:
+                return z.read("site-packages/sshjob.py")
+        except Exception:
+            return None
+
+    def fits(data):
+        return data is not None and hashlib.sha256(data).hexdigest() == digest
+
+    def take(size):
+        data = b""
+        while len(data) < size:
+            chunk = os.read(0, size - len(data))
+            if not chunk:
+                sys.exit(1)
+            data += chunk
+        return data
+
+    def shipped():
         os.write(1, b"need\n")
-        size = line()
-        if not size:
+        text = b""
+        while not text.endswith(b"\n") and len(text) < 20:
+            text += take(1)
+        if not text.strip().isdigit() or not int(text):
             sys.exit(3)
         import zlib
+
         try:
-            data, how = zlib.decompress(take(size)), "shipped by the client"
+            return zlib.decompress(take(int(text)))
         except zlib.error:
             sys.exit(3)
+
+    cache = cache_directory()
+    where = os.path.join(os.path.expanduser("~"), ".cache", "sshjob", digest)
+    code = cached_code(cache) if cache is not None else None
+    how = "cached in " + where
+    if code is None:
+        data = read_own(cache, "sshjob.py") if cache is not None else None
         if not fits(data):
-            sys.exit(3)
-    import tempfile
-    if not cached(data):
-        module, how = None, how + ", run from memory (no private cache directory)"
-os.write(1, ("have " + how + "\n").encode())
-if module:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sshjob", module)
-    sshjob = importlib.util.module_from_spec(spec)
-    sys.modules["sshjob"] = sshjob
-    spec.loader.exec_module(sshjob)
-else:
-    import types
+            data, how = inside(program), "read from " + program
+            if not fits(data):
+                data, how = shipped(), "shipped by the client"
+                if not fits(data):
+                    sys.exit(3)
+            if cache is not None:
+                write_own(cache, "sshjob.py", data)
+        code = compile(data, os.path.join(where, "sshjob.py"), "exec")
+        if cache is not None:
+            packed = marshal.dumps(code)
+            write_own(cache, code_name, code_key(packed) + b"\n" + packed)
+        else:
+            how += ", run from memory (no private cache directory)"
+    os.write(1, ("have " + how + "\n").encode())
     sshjob = sys.modules["sshjob"] = types.ModuleType("sshjob")
-    sshjob.__file__ = program
-    exec(compile(data, program, "exec"), sshjob.__dict__)
-sys.exit(sshjob.main(sys.argv[3:] + ["slurm-step"]))
-"""
+    sshjob.__file__ = os.path.join(where, "sshjob.py")
+    exec(code, sshjob.__dict__)
+    sys.exit(sshjob.main(sys.argv[3:] + ["slurm-step"]))
+
+
 
 
 def choose_scheduler(config_path, opts):
@@ -4758,6 +5000,7 @@ class SlurmSite:
         self.batch_host = ""  # the name of the node that runs the batch script
         self.pending = False  # whether the job was found not running yet
         self.target = None  # (job id, node, working directory) once the job runs
+        self.started = ""  # when it started: a job's host key on a node is kept for its id and this
         self.steps = []
         self.program = os.path.abspath(sys.argv[0])
         with open(os.path.abspath(__file__), "rb") as f:
@@ -4782,6 +5025,7 @@ class SlurmSite:
         try:
             job = self.running_job()
             self.target = (job["JobId"], self.pick_node(job), job.get("WorkDir", ""))
+            self.started = job.get("StartTime", "")
             self.batch_host = job.get("BatchHost", "")
             step = step or SlurmStep(self, self.target[1])
             step.begin(request)
@@ -4863,7 +5107,7 @@ class SlurmSite:
 
 
 class SlurmStep:
-    """One job step, from the client's side: srun runs SLURM_BOOT on the
+    """One job step, from the client's side: srun runs slurm_boot on the
     node, with stdin and stdout on a socket pair whose other end is ours."""
 
     def __init__(self, site, node):
@@ -4872,7 +5116,8 @@ class SlurmStep:
         self.site = site
         where = ["--jobid", site.spec] if node is None else ["--jobid", site.target[0], "-w", node]
         argv = [slurm_command("srun")] + where + ["--overlap", "-N1", "-n1", "--quiet", "-u",
-                                                   site.config["remote_python"], "-I", "-S", "-c", SLURM_BOOT,
+                                                   site.config["remote_python"], "-I", "-S", "-c",
+                                                   source_of(slurm_boot) + "slurm_boot()\n",
                                                    site.program, site.digest]
         if log.debugging():
             argv.append("--debug")
@@ -4880,7 +5125,7 @@ class SlurmStep:
                if not (k.startswith("SLURM_") and k != "SLURM_CONF") and k != "XDG_CACHE_HOME"}
         self.channel, theirs = socket.socketpair()
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(); a file: srun outlives a proxy)
-        log.debug("starting the session's step: %s BOOT", " ".join(map(shlex.quote, argv[:argv.index(SLURM_BOOT)])))
+        log.debug("starting the session's step: %s BOOT", " ".join(map(shlex.quote, argv[:argv.index("-c") + 1])))
         with theirs:
             self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=self.errors, env=env,
                                          start_new_session=True)
@@ -4895,7 +5140,7 @@ class SlurmStep:
                                     "interactive": request.get("interactive") is True, "workdir": self.site.target[2],
                                     "shells": request.get("shells") or [], "job": self.site.spec,
                                     "direct": self.site.config.flag("slurm_direct"),
-                                    "batch_host": self.site.batch_host})
+                                    "batch_host": self.site.batch_host, "started": self.site.started})
             self.reply = raise_for_reply(recv_msg(self.channel))
         except (OSError, ProtocolError):
             raise self.failure() from None
@@ -5128,6 +5373,29 @@ def start_guardian(tag, tmp):
     os.waitpid(pid, 0)
 
 
+JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
+
+
+def job_key_directory(job, started):
+    """Where the host key of Slurm job `job`, which started at `started`,
+    is kept on this node for its later sessions: under a directory of the
+    user's own in the temporary directory, private, not a link.  None where
+    there is no such directory.  Keys of jobs whose last session is over a
+    week old go."""
+    import tempfile
+    base = os.path.join(tempfile.gettempdir(), "sshjob-%d" % os.getuid())
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077 or not job:
+        return None
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            if entry.name.startswith("hostkey-") and time.time() - entry.stat().st_mtime > JOB_KEYS_KEPT:
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return os.path.join(base, "hostkey-%s-%s" % (job, re.sub(r"\W", "", started or "")))
+
+
 class NodeStep:
     """The session's step on the node: the job's context, the transport,
     the files of sshd, the guardian."""
@@ -5145,7 +5413,7 @@ class NodeStep:
         self.tag = token_hex(8)
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
         start_guardian(self.tag, self.tmp)
-        self.making = None  # the host key, made while the job's context is read: an OpenSSH session needs it
+        self.making = self.host_key = None  # made while the job's context is read: an OpenSSH session needs it
         if request.get("transport") != "builtin":
             with contextlib.suppress(MissingProgram):  # transport() says so, and chooses the built-in one
                 self.making = self.start_host_key()
@@ -5159,9 +5427,35 @@ class NodeStep:
         self.workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
 
     def start_host_key(self):
-        """ssh-keygen making the session's host key, until finish_keygen."""
+        """The job's host key on this node, as its earlier sessions had it:
+        every session of a job shows the one key that clients pin for the
+        job's name.  It is kept in a private directory of the user's on the
+        node (job_key_directory), where there is one; else the key is the
+        session's own.  Returns ssh-keygen making a key (see
+        finish_host_key), or None when the job has one already."""
+        keep = job_key_directory(self.job_id, self.request.get("started"))
+        self.host_key = os.path.join(keep or os.path.join(self.tmp, "hostkey"), "ssh_host_ed25519_key")
+        if keep and os.path.isfile(self.host_key + ".pub"):
+            os.utime(keep)
+            return None
         keygen = find_program(self.config, "ssh_keygen", "node " + self.node)
-        return start_keygen(keygen, os.path.join(self.tmp, "host_key"), "sshjob-job-" + self.name)
+        os.mkdir(os.path.join(self.tmp, "hostkey"), 0o700)
+        return start_keygen(keygen, os.path.join(self.tmp, "hostkey", "ssh_host_ed25519_key"),
+                            "sshjob-job-" + self.name)
+
+    def finish_host_key(self, making):
+        """Wait for the key that `making` makes, and keep it for the job's
+        later sessions, unless another session of the job was first."""
+        failure = finish_keygen(making) if making else None
+        if failure:
+            raise StorageError("ssh-keygen cannot make the session's host key on %s: %s" % (self.node, failure))
+        made = os.path.join(self.tmp, "hostkey")
+        keep = os.path.dirname(self.host_key)
+        if making and keep != made:
+            with contextlib.suppress(OSError):
+                os.rename(made, keep)
+            if not os.path.isfile(self.host_key + ".pub"):
+                self.host_key = os.path.join(made, "ssh_host_ed25519_key")
 
     def transport(self):
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
@@ -5173,20 +5467,18 @@ class NodeStep:
     def prepare_sshd(self):
         """The session's host key and sshd files; returns the public host key."""
         key = parse_public_key(field(self.request, "key", str))
-        host_key = os.path.join(self.tmp, "host_key")
-        making = self.making or self.start_host_key()
+        making = self.making if self.host_key else self.start_host_key()
         try:
             script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
-                                    welcome(self.name, self.node, self.pids))
-            files = {"authorized_keys": key + "\n", "session.sh": script,  # written while the key is made
-                     "sshd_config": sshd_config(self.config, host_key, self.tmp, self.owner)}
+                                    welcome(self.name, self.node, self.pids))  # made while the key is
+            sshd_version(find_program(self.config, "sshd", "node " + self.node))
         finally:
-            failure = finish_keygen(making)
-        if failure:
-            raise StorageError("ssh-keygen cannot make the session's host key on %s: %s" % (self.node, failure))
+            self.finish_host_key(making)
+        files = {"authorized_keys": key + "\n", "session.sh": script,
+                 "sshd_config": sshd_config(self.config, self.host_key, self.tmp, self.owner)}
         for name, text in files.items():
             write_private(os.path.join(self.tmp, name), text)
-        with open(host_key + ".pub") as f:
+        with open(self.host_key + ".pub") as f:
             return parse_public_key(f.read())
 
     def listen(self):
@@ -5199,52 +5491,105 @@ class NodeStep:
             return None
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((host, 0))
-        listener.listen(4)
+        listener.listen(DIRECT_BACKLOG)
+        listener.setblocking(False)
         return listener
 
-    def await_client(self, channel, listener, secret):
-        """The client's direct connection, with the secret; or None when
-        the client asks for the srun pipe instead.  Connections from
-        anywhere but the client's address are dropped unread; the pipe's
-        end (a proxy hands its socket to ssh and exits) is no answer."""
-        deadline = time.monotonic() + IO_TIMEOUT
+    @staticmethod
+    def await_client(channel, listener, secret, timeout=IO_TIMEOUT):
+        """The client's direct connection, with the secret; or None when the
+        client asks for the srun pipe instead (the channel is read in the
+        same pass as the listener).  Another user on the client's host or on
+        this node may flood the listener: connections from elsewhere than
+        the client's address are closed unread, those that do not bring the
+        secret within DIRECT_SECRET_WAIT are closed, their secrets are read
+        side by side, and the whole wait ends at its deadline, whatever
+        the listener does."""
+        deadline = time.monotonic() + timeout
+        pending = {}  # connection: (its deadline, what it sent so far)
         waits = ([listener] if listener else []) + [channel]
-        while waits:
-            ready = select.select(waits, [], [], max(0.0, deadline - time.monotonic()))[0]
-            if not ready:
-                break
-            if listener in ready:
-                sock = self.admit(listener, secret)
-                if sock:
-                    return sock
-                continue
-            try:
-                message = recv_msg(channel)
-            except ProtocolError:
-                waits.remove(channel)
-                continue
-            if field(message, "op", str) != "pipe":
-                raise ProtocolError("expected the client's choice of path")
-            return None
-        raise Unreachable("the client did not connect within %.0f s" % IO_TIMEOUT)
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise Unreachable("the client did not connect within %.0f s" % timeout)
+                for sock in [s for s, (due, _) in pending.items() if due <= now]:
+                    del pending[sock]
+                    sock.close()
+                wait = min([deadline] + [due for due, _ in pending.values()]) - now
+                ready = select.select(waits + list(pending), [], [], max(0.0, wait))[0]
+                if channel in ready:
+                    try:
+                        message = recv_msg(channel)
+                    except ProtocolError:  # the pipe's end: a proxy hands its socket to ssh and exits
+                        waits.remove(channel)
+                        message = None
+                    if message is not None:
+                        if field(message, "op", str) != "pipe":
+                            raise ProtocolError("expected the client's choice of path")
+                        return None
+                if listener in ready:
+                    sock = NodeStep.accept_some(listener, pending, secret)
+                    if sock:
+                        return sock
+                for sock in [s for s in ready if s in pending]:
+                    if NodeStep.read_secret(sock, pending, secret):
+                        del pending[sock]
+                        return sock
+        finally:
+            for sock in pending:
+                sock.close()
 
     @staticmethod
-    def admit(listener, secret):
-        """A connection that brings the secret at once, from the client's
-        address (or, the client being on this node, from our own)."""
-        import hmac
-        sock, peer = listener.accept()
-        if peer[0] not in (os.environ.get("SLURM_LAUNCH_NODE_IPADDR"), listener.getsockname()[0]):
-            sock.close()
-            return None
-        sock.settimeout(1)
-        with contextlib.suppress(OSError, ProtocolError):
-            if hmac.compare_digest(_recv_exactly(sock, len(secret)), secret):
-                sock.sendall(DIRECT_TAKEN)
-                sock.settimeout(None)
+    def accept_some(listener, pending, secret):
+        """Accept what waits on the listener, from the client's address (or,
+        the client being on this node, from our own) only, keeping at most
+        DIRECT_PENDING unproven connections: the oldest goes first.  The
+        client sends the secret as it connects, so it is read at once:
+        returns the connection that brought it, if one did."""
+        allowed = (os.environ.get("SLURM_LAUNCH_NODE_IPADDR"), listener.getsockname()[0])
+        for _ in range(DIRECT_PENDING):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            if peer[0] not in allowed:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            if len(pending) >= DIRECT_PENDING:
+                oldest = next(iter(pending))
+                del pending[oldest]
+                oldest.close()
+            pending[sock] = (time.monotonic() + DIRECT_SECRET_WAIT, b"")
+            if NodeStep.read_secret(sock, pending, secret):
+                del pending[sock]
                 return sock
-        sock.close()
         return None
+
+    @staticmethod
+    def read_secret(sock, pending, secret):
+        """Whether `sock` has brought the whole secret; one that brings
+        another, or ends, is closed.  (Nothing is said of a part: a
+        prefix's answer would let a flood learn the secret byte by byte.)"""
+        import hmac
+        due, got = pending[sock]
+        try:
+            got += sock.recv(len(secret) - len(got))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            got = b""
+        if got and len(got) < len(secret):
+            pending[sock] = (due, got)
+            return False
+        if got and hmac.compare_digest(got, secret):
+            sock.setblocking(True)
+            sock.sendall(DIRECT_TAKEN)
+            return True
+        del pending[sock]
+        sock.close()
+        return False
 
     def run_sshd(self, channel):
         hostkey = self.prepare_sshd()
@@ -5294,11 +5639,12 @@ class NodeStep:
         if self.making:  # a host key that no sshd will use
             self.making.kill()
             self.making.wait()
+            self.making = None
         return self.run_builtin(channel)
 
 
 def run_slurm_step(config_path):
-    """`sshjob slurm-step`: what SLURM_BOOT runs on the node, on srun's pipes."""
+    """`sshjob slurm-step`: what slurm_boot runs on the node, on srun's pipes."""
     channel = PipeChannel(0, 1)
     step = None
     try:

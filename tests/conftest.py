@@ -18,7 +18,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USERS = ("sshjob-alice", "sshjob-bob")
+ALICE, BOB = "sshjob-alice", "sshjob-bob"
+USERS = (ALICE, BOB)
 USER_PYTHON = "/usr/bin/python3"  # the pyenv interpreters live under /root, closed to other users
 
 
@@ -57,6 +58,20 @@ def run(argv, timeout=60, **kwargs):
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     return subprocess.run(argv, timeout=timeout, universal_newlines=True, **kwargs)
+
+
+def home_of(user):
+    return pwd.getpwnam(user).pw_dir
+
+
+def as_user(user, argv, env=None, **kwargs):
+    """argv as `user` would type it: their HOME, their ~/.ssh/config."""
+    variables = {"HOME": home_of(user), "PATH": os.environ["PATH"], "SHELL": "/bin/sh", "USER": user,
+                 "LOGNAME": user, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+    variables.update(env or {})
+    kwargs.setdefault("cwd", "/")
+    return run(["runuser", "-u", user, "--", "env", "-i"] + ["%s=%s" % item for item in variables.items()
+                                                             if item[1] is not None] + list(argv), **kwargs)
 
 
 def wait_for(predicate, timeout=20, what="condition"):

@@ -153,20 +153,27 @@ def start_controller():
     wait(lambda: node_state(host) in ("idle", "mixed", "allocated"), "slurmctld to answer", 60)
 
 
+def daemon_pid(daemon):
+    """The pid of a running slurmctld or slurmd of these tests, or None."""
+    try:
+        with open("%s/log/%s.pid" % (STATE, daemon)) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def stop():
     """Cancel every job, stop slurmd and slurmctld (munged stays: it is harmless)."""
-    if os.path.exists(CONF) and shutil.which("scancel"):
-        run(["scancel", "--full", "--quiet", "--user", "root"])
-        for user in {p.pw_name for p in pwd.getpwall() if p.pw_name.startswith("sshjob-")}:
-            run(["scancel", "--full", "--quiet", "--user", user])
+    if daemon_pid("slurmctld") and shutil.which("scancel"):  # else scancel would wait a minute for it
+        users = ["root"] + sorted(p.pw_name for p in pwd.getpwall() if p.pw_name.startswith("sshjob-"))
+        run(["scancel", "--full", "--quiet", "--user", ",".join(users)])
     for daemon in ("slurmd", "slurmctld"):
-        pidfile = "%s/log/%s.pid" % (STATE, daemon)
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
+        pid = daemon_pid(daemon)
+        if pid is None:
             continue
+        os.kill(pid, signal.SIGTERM)
         deadline = time.time() + 20
         while time.time() < deadline and os.path.exists("/proc/%d" % pid):
             time.sleep(0.1)

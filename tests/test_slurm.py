@@ -476,3 +476,50 @@ def test_nothing_planted_beside_the_cached_module_runs(cluster):
         assert not os.path.exists(marker)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+FLOODER = r"""
+import os, socket, sys, time
+uid, end = int(sys.argv[1]), time.time() + float(sys.argv[2])
+held = []
+def listeners():
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f][1:]
+    for row in rows:
+        host, port = row[1].split(":")
+        if row[3] == "0A" and int(row[7]) == uid and host != "00000000":
+            yield socket.inet_ntoa(bytes.fromhex(host)[::-1]), int(port, 16)
+while time.time() < end:
+    for address in list(listeners()):
+        for _ in range(64):
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.connect(address)
+            except OSError:
+                pass
+            held.append(sock)
+    while len(held) > 900:
+        held.pop(0).close()
+print(len(held))
+"""
+
+
+def test_another_user_flooding_the_direct_listener_stalls_no_session(cluster):
+    """bob watches for alice's step listeners and floods each with connections
+    that send nothing (the second audit's N4): alice's sessions still go
+    straight in, direct, and never wait for the flood."""
+    job = cluster.running()
+    flooder = subprocess.Popen(["runuser", "-u", BOB, "--", USER_PYTHON, "-c", FLOODER,
+                                str(pwd.getpwnam(ALICE).pw_uid), "60"], stdout=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            result = cluster.sshjob("client", "-debug", job, "echo in")
+            assert (result.returncode, result.stdout) == (0, "in\n"), result.stderr
+            assert "connected to the job's sshd directly" in result.stderr
+            assert time.monotonic() - started < 5
+    finally:
+        os.killpg(flooder.pid, signal.SIGKILL)
+        flooder.wait()

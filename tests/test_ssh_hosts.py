@@ -6,7 +6,6 @@ sftp, curl through -L, -R and -D forwards, a ControlMaster, and Ansible run
 against a job of a root-run pool that the user owns."""
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -14,23 +13,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, free_port, run, x_display
-
-ALICE, BOB = "sshjob-alice", "sshjob-bob"
-
-
-def home_of(user):
-    return pwd.getpwnam(user).pw_dir
-
-
-def as_user(user, argv, env=None, **kwargs):
-    """argv as `user` would type it: their HOME, their ~/.ssh/config."""
-    variables = {"HOME": home_of(user), "PATH": os.environ["PATH"], "SHELL": "/bin/sh", "USER": user,
-                 "LOGNAME": user, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-    variables.update(env or {})
-    kwargs.setdefault("cwd", "/")
-    return run(["runuser", "-u", user, "--", "env", "-i"] + ["%s=%s" % item for item in variables.items()]
-               + list(argv), **kwargs)
+from conftest import ALICE, BOB, INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, as_user, free_port, home_of, run, x_display
 
 
 def wait_for_port(port, timeout=20):
@@ -110,6 +93,27 @@ def test_ssh_by_name_runs_inside_the_job_with_a_pinned_host_key(hosts, job):
     assert known and known[-1][1:3] in keys  # the job's own key, as the schedd knows it
     unpinned = as_user(ALICE, ["ssh", "-o", "UserKnownHostsFile=/dev/null", name + ".sshjob", "true"])
     assert unpinned.returncode == 255 and "Host key verification failed" in unpinned.stderr
+
+
+def test_a_name_keeps_one_host_key_the_one_its_job_has_now(hosts, users):
+    """A job run again (vacated) has a new host key; its old one, which the
+    job's owner could read, is trusted for the name no longer."""
+    name = hosts.running_job("sleep", "900", user=ALICE, workdir=hosts.workdir(ALICE))
+    known_hosts = os.path.join(home_of(ALICE), ".local", "share", "sshjob", "known_hosts")
+
+    def pinned():
+        with open(known_hosts) as f:
+            return [line.split()[1:3] for line in f if line.split()[0] == name + ".sshjob"]
+
+    assert as_user(ALICE, ["ssh", name + ".sshjob", "true"]).returncode == 0
+    first = pinned()
+    assert len(first) == 1
+    assert hosts.sshjob("vacate", name).returncode == 0
+    hosts.wait_state(name, "running")
+    again = as_user(ALICE, ["ssh", name + ".sshjob", "echo again"])
+    assert again.stdout == "again\n", again.stderr
+    second = pinned()
+    assert len(second) == 1 and second != first
 
 
 def test_scp_sftp_rsync_and_git(hosts, job):

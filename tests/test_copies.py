@@ -1,0 +1,91 @@
+"""What a job hands back: `sshjob cp` from a job whose owner means harm, by a
+queue super user (root), over each transport and with an scp that speaks the
+legacy SCP protocol (the second audit's N1, and its note on put_in_place).
+
+The job's owner is sshjob-alice; bob plants links in a sticky directory."""
+
+import os
+import stat
+
+import pytest
+from conftest import ALICE, BOB, USER_PYTHON, as_user
+
+
+def modes_under(path):
+    """{relative path: (mode bits, uid)} of everything under `path`, links not followed."""
+    found = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            info = os.lstat(full)
+            found[os.path.relpath(full, path)] = (stat.S_IMODE(info.st_mode), info.st_uid)
+    info = os.lstat(path)
+    found["."] = (stat.S_IMODE(info.st_mode), info.st_uid)
+    return found
+
+
+@pytest.fixture
+def legacy_scp(tmp_path):
+    """A PATH whose scp speaks the legacy protocol: OpenSSH before 9.0 (RHEL 7 and 8), or any scp -O."""
+    directory = tmp_path / "oldssh"
+    directory.mkdir()
+    (directory / "scp").write_text('#!/bin/sh\nexec /usr/bin/scp -O "$@"\n')
+    os.chmod(str(directory / "scp"), 0o755)
+    return "%s:%s" % (directory, os.environ["PATH"])
+
+
+@pytest.mark.parametrize("transport", ["openssh", "builtin"])
+def test_a_super_users_copy_brings_no_set_id_sticky_or_shared_write_bits(pool, users, tmp_path, legacy_scp,
+                                                                         transport):
+    workdir = pool.workdir(ALICE)
+    as_user(ALICE, ["sh", "-c", "cd %s && cp /bin/id suid.bin && chmod 4755 suid.bin && mkdir tree && "
+                                "cp /bin/id tree/s2 && chmod 6755 tree/s2 && chmod 1777 tree && "
+                                "echo data > tree/shared.txt && chmod 666 tree/shared.txt" % workdir])
+    job = pool.running_job(user=ALICE, workdir=workdir)
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    env = {"PATH": legacy_scp}
+    one = pool.sshjob("cp", "--debug", "--transport", transport, job + ":suid.bin", str(downloads / "cp.bin"),
+                      env=env)
+    assert one.returncode == 0, one.stderr
+    assert "transport: %s" % transport in one.stderr
+    tree = pool.sshjob("cp", "--transport", transport, job + ":tree", str(downloads), env=env)
+    assert tree.returncode == 0, tree.stderr
+    assert modes_under(str(downloads)) == {
+        ".": (0o755, 0), "cp.bin": (0o755, 0), "tree": (0o755, 0), "tree/s2": (0o755, 0),
+        "tree/shared.txt": (0o644, 0)}
+    assert (downloads / "tree" / "shared.txt").read_text() == "data\n"
+
+
+def test_the_owners_own_copy_keeps_its_modes_but_no_set_id_bits(pool, users, tmp_path):
+    workdir = pool.workdir(ALICE)
+    as_user(ALICE, ["sh", "-c", "cd %s && mkdir tree && cp /bin/id tree/s && chmod 4775 tree/s && chmod 2775 tree"
+                    % workdir])
+    job = pool.running_job(user=ALICE, workdir=workdir)
+    place = pool.workdir(ALICE)
+    copied = as_user(ALICE, [USER_PYTHON, pool.pyz, "cp", job + ":tree", place], env={"SSHJOB_CONFIG": pool.config})
+    assert copied.returncode == 0, copied.stderr
+    uid = os.stat(place).st_uid
+    assert modes_under(os.path.join(place, "tree")) == {".": (0o775, uid), "s": (0o775, uid)}
+
+
+def test_a_link_that_another_user_planted_does_not_steer_a_copy(pool, users, tmp_path):
+    workdir = pool.workdir(ALICE)
+    as_user(ALICE, ["sh", "-c", "mkdir %s/tree && echo payload > %s/tree/f" % (workdir, workdir)])
+    job = pool.running_job(user=ALICE, workdir=workdir)
+    sticky = os.path.join(pool.dir, "shared-tmp")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    victim = tmp_path / "root-only"
+    victim.mkdir()
+    as_user(BOB, ["ln", "-s", str(victim), os.path.join(sticky, "results")])
+    result = pool.sshjob("cp", job + ":tree", os.path.join(sticky, "results"))
+    assert result.returncode == 1
+    assert result.stderr == ("sshjob: %s/results is a link that %s made: sshjob cp does not follow it\n"
+                             % (sticky, BOB))
+    assert os.listdir(str(victim)) == []
+    mine = os.path.join(sticky, "mine")
+    os.symlink(str(victim), mine)  # root's own link is followed, as the caller meant it
+    followed = pool.sshjob("cp", job + ":tree", mine)
+    assert followed.returncode == 0, followed.stderr
+    assert (victim / "tree" / "f").read_text() == "payload\n"
