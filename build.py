@@ -26,8 +26,9 @@ def build():
         import shiv.builder
         import shiv.cli
     except ImportError:
-        sys.exit("build.py: shiv is not installed; install it with: python3 -m pip install shiv==1.0.8 "
-                 "(only building needs it; `python3 sshjob.py` runs without building)")
+        sys.exit("build.py: shiv is not installed; install it in a virtual environment and build with that: "
+                 "python3 -m venv /tmp/shiv && /tmp/shiv/bin/pip install shiv==1.0.8 && /tmp/shiv/bin/python "
+                 "build.py (only building needs it; `python3 sshjob.py` runs without building)")
 
     with open(os.path.join(HERE, "sshjob.py"), "rb") as f:
         source = f.read()

@@ -245,7 +245,8 @@ def pyz_launcher(build_id):
     if os.path.exists(os.path.join(roots[0], name)):
         os.environ["SHIV_FORCE_EXTRACT"] = "1"  # a copy that is not this build's, or not ours alone: anew
 
-MAX_FRAME = 64 * 1024  # bytes; no message of the protocol comes near it
+MAX_FRAME = 1024 * 1024  # bytes a message may have: a job's spec, with a login environment, and room to spare
+MAX_JOB_SPEC = 512 * 1024  # bytes of a job's command, environment and paths, as JSON
 IO_TIMEOUT = 15.0  # seconds a peer may take over one request or reply, TLS handshake included
 MAX_UNANSWERED = 256  # connections a daemon holds at once before their first request is read
 MAX_UNANSWERED_PER_PEER = 16  # of those, from one address (one uid on a Unix socket)
@@ -271,6 +272,8 @@ PACKAGES = {
     "rsync": "rsync",
     "openssl": "openssl",
 }
+
+NO_LOGIN_SHELLS = ("nologin", "false")  # login shells of accounts that refuse every session
 
 SFTP_SERVERS = (
     "/usr/lib/openssh/sftp-server",
@@ -330,6 +333,12 @@ class JobGone(SshjobError):
     kind = "gone"
 
 
+class Held(SshjobError):
+    """The job waits for someone to release it: -auto-retry does not wait for that."""
+
+    kind = "held"
+
+
 class Refused(SshjobError):
     kind = "refused"
 
@@ -368,6 +377,7 @@ ERRORS = {
         NotFound,
         NotRunning,
         JobGone,
+        Held,
         Refused,
         TicketInvalid,
         StorageError,
@@ -512,6 +522,28 @@ def splice(a, b):
     backward.start()
     pump(a, b)
     backward.join()
+
+
+def wait_for(readers, writers=(), timeout=None):
+    """(readable, writable): which of `readers` and `writers` (sockets or
+    descriptors) are ready, as select() says, but for descriptors of any
+    number: select() refuses those past 1023, which a busy daemon has."""
+    poller = select.poll()
+    masks, objects = {}, {}
+    for mask, group in ((select.POLLIN, readers), (select.POLLOUT, writers)):
+        for thing in group:
+            fd = thing if isinstance(thing, int) else thing.fileno()
+            masks[fd] = masks.get(fd, 0) | mask
+            objects[fd, mask] = thing
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+    done = select.POLLHUP | select.POLLERR | select.POLLNVAL
+    readable = [objects[fd, select.POLLIN] for fd, events in ready
+                if events & (select.POLLIN | done) and (fd, select.POLLIN) in objects]
+    writable = [objects[fd, select.POLLOUT] for fd, events in ready
+                if events & (select.POLLOUT | done) and (fd, select.POLLOUT) in objects]
+    return readable, writable
 
 
 def peer_credentials(sock):
@@ -1292,6 +1324,18 @@ def private_terminals():
     return enter
 
 
+def process_state(pid, started=None):
+    """The state letter of process `pid` (R, S, T, Z...), if it is still the
+    one that started at `started` (clock ticks after boot, as /proc says),
+    where that is given; else None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0] if started is None or fields[19] == started else None
+
+
 def exit_status(returncode):
     """A Popen return code as a shell reports it: 128+N for death by signal N."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -1566,6 +1610,11 @@ INTERACTIVE_PLACEHOLDER = 86400 * 7  # seconds of `sleep` in an interactive job 
 
 def check_job_spec(cmd, env, *paths):
     """What a starter cannot start, refused at submit rather than on the node."""
+    size = len(json.dumps([cmd, env, paths]))
+    if size > MAX_JOB_SPEC:
+        raise UsageError("the job's command and environment take %d KiB, and a job may bring %d KiB: give it "
+                         "the variables it needs with --env NAME=VALUE rather than --getenv"
+                         % (size // 1024, MAX_JOB_SPEC // 1024))
     texts = list(cmd) + list(env) + list(env.values()) + list(paths)
     if any("\0" in text for text in texts):
         raise UsageError("the job's command, environment or paths hold a NUL byte")
@@ -1912,6 +1961,9 @@ class Schedd:
         if state in ("completed", "removed"):
             raise JobGone("job %s has %s: there is nothing to enter" % (
                 name, "finished" if state == "completed" else "been removed"))
+        if state == "held":
+            raise Held("job %s is held (%s): it will not run until it is released (sshjob release %s)" % (
+                name, row["note"] or "no reason given", name))
         if state != "running":
             raise NotRunning("job %s is %s, not running yet" % (name, state))
         starter = self.starters.get(row["starter"])
@@ -2140,10 +2192,13 @@ class Schedd:
             return []
         rows = self.query("SELECT * FROM jobs WHERE state = 'idle' AND (? OR owner = ?)"
                           " ORDER BY cluster, proc, node LIMIT ?", (record.user == "root", record.user, free))
-        commands = []
+        commands, size = [], 0
         for row in rows:
             if run_id(row) in running:
                 continue
+            size += len(row["cmd"]) + len(row["env"])
+            if commands and size > MAX_FRAME // 2:  # the rest go with the next poll: a reply fits a frame
+                break
             secret = token_hex(32)
             self.update_row(row, state="starting", starter=record.name, secret=secret, note=None)
             commands.append({
@@ -2258,7 +2313,7 @@ def run_until_signalled(server, on_stop=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.1)
     finally:
         if on_stop:
             on_stop()
@@ -2294,7 +2349,7 @@ PrintMotd no
 PrintLastLog no
 ExposeAuthInfo yes
 UseDNS no
-AcceptEnv LANG LC_*
+AcceptEnv LANG LANGUAGE LC_*
 Subsystem sftp ${sftp_server}
 LogLevel ERROR
 """
@@ -2320,7 +2375,7 @@ def login_shell_problem(owner):
     session, forced command included, through the user's login shell, and
     nologin or false (batch and service accounts) refuse them all."""
     shell = owner.pw_shell or "/bin/sh"
-    if os.path.basename(shell) in ("nologin", "false") or not os.access(shell, os.X_OK):
+    if os.path.basename(shell) in NO_LOGIN_SHELLS or not os.access(shell, os.X_OK):
         return "user %s's login shell is %s, through which sshd runs every session" % (owner.pw_name, shell)
     return None
 
@@ -3160,10 +3215,10 @@ def recv_frame(sock):
 
 
 def readable(sock, others, timeout=None):
-    """select() that knows TLS may hold decrypted bytes the socket does not show."""
+    """wait_for() that knows TLS may hold decrypted bytes the socket does not show."""
     if getattr(sock, "pending", lambda: 0)():
-        return [sock] + select.select(others, [], [], 0)[0]
-    return select.select([sock] + others, [], [], timeout)[0]
+        return [sock] + wait_for(others, timeout=0)[0]
+    return wait_for([sock] + others, timeout=timeout)[0]
 
 
 def write_all(fd, data):
@@ -3213,7 +3268,7 @@ class BuiltinSession:
             if take_client and self.sock.pending():
                 ready, writable = [self.sock], []
             else:
-                ready, writable, _ = select.select(listen + [self.sock] * take_client, waiting, [], 0.5)
+                ready, writable = wait_for(listen + [self.sock] * take_client, waiting, 0.5)
             if writable:
                 self.feed_stdin()
             for fd in ready:
@@ -3263,7 +3318,7 @@ class BuiltinSession:
 
     def drain_terminal(self):
         """The shell has exited: pass on what it wrote last."""
-        while select.select([self.master], [], [], 0.05)[0]:
+        while wait_for([self.master], timeout=0.05)[0]:
             try:
                 data = os.read(self.master, MAX_CHUNK)
             except OSError:
@@ -3688,9 +3743,42 @@ def remove_orphaned_tempdirs(parent):
         log.debug("removed %s, left by a client that was killed", entry.path)
 
 
+def split_words(text, what):
+    """The words of a command line the user gave, as a shell splits them."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UsageError("%s %r cannot be split into words (%s): quote it as a shell would"
+                         % (what, text, str(e).lower())) from None
+
+
+KEYGEN_VALUES = ("-t", "-b", "-a", "-C", "-N", "-O", "-Z")  # what -keygen-options may set: the key's kind and cost
+KEYGEN_FLAGS = ("-q", "-v")
+
+
+def keygen_arguments(text):
+    """The words of -keygen-options, refused unless each only shapes the
+    key: -f would write the private key outside sshjob's private directory,
+    and others make ssh-keygen do something else altogether."""
+    words = split_words(text, "-keygen-options")
+    index = 0
+    while index < len(words):
+        word = words[index]
+        value = next((option for option in KEYGEN_VALUES if word.startswith(option)), None)
+        if value and word == value:
+            index += 1  # its value follows
+        elif not value and word not in KEYGEN_FLAGS:
+            raise UsageError("-keygen-options may not hold %s: it takes %s and %s, as the session's key must stay in "
+                             "sshjob's private directory" % (word, ", ".join(KEYGEN_VALUES), " ".join(KEYGEN_FLAGS)))
+        index += 1
+    if index > len(words):
+        raise UsageError("-keygen-options: %s needs a value" % words[-1])
+    return words
+
+
 def make_session_key(config, path, keygen_options):
     keygen = find_program(config, "ssh_keygen", "this machine")
-    failure = finish_keygen(start_keygen(keygen, path, "sshjob-session", shlex.split(keygen_options)))
+    failure = finish_keygen(start_keygen(keygen, path, "sshjob-session", keygen_arguments(keygen_options)))
     if failure or not os.path.exists(path + ".pub"):
         raise UsageError("ssh-keygen failed with options %r: %s" % (keygen_options, failure or "it made no key"))
     os.chmod(path + ".pub", 0o600)
@@ -3704,7 +3792,7 @@ def make_session_key(config, path, keygen_options):
 
 def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
-    program = shlex.split(opts["ssh"] or config["ssh"])
+    program = split_words(opts["ssh"], "-ssh") if opts["ssh"] else split_words(config["ssh"], "the setting ssh")
     if not program:
         raise UsageError("the -ssh command is empty")
     base = os.path.basename(program[0])
@@ -3717,11 +3805,12 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
         "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
         "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
         "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
+        "SendEnv": "LANG LANGUAGE LC_*",  # the client's locale, as plain ssh sends it (TERM, DISPLAY come anyway)
     }
     argv = program + ["-F", "/dev/null"]
     for name, value in options.items():
         argv += ["-o", "%s=%s" % (name, value)]
-    argv += shlex.split(config["ssh_options"])
+    argv += split_words(config["ssh_options"], "the setting ssh_options")
     if base == "ssh" and opts["X"]:
         argv.append("-X")
     if base == "scp":
@@ -3750,6 +3839,8 @@ def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
     if opts["transport"] not in ("auto", "openssh", "builtin"):
         raise UsageError("unknown transport %r: openssh, builtin or auto" % opts["transport"])
     config, site, job = find_site(config_path, opts)
+    if opts["X"] and not os.environ.get("DISPLAY"):
+        sys.stderr.write("sshjob: warning: -X, but DISPLAY is not set: there is no X display to forward\n")
     command = " ".join(opts["command"]) if opts["command"] else None
     try:
         return enter_job_at(site, config, opts, job, command, streams, on_ticket)
@@ -3784,12 +3875,11 @@ def enter_job_at(site, config, opts, job, command, streams, on_ticket):
                                               streams))
         key = make_session_key(config, ssh.key, opts["keygen-options"]) if ssh else None
         holder = token_hex(32)
-        shells = ",".join(s for s in [opts["shells"], os.environ.get("SHELL")] if s)
         interactive = command is None and not opts["ssh"] and os.isatty(0) and os.isatty(1)
         request = {"op": "ssh_ticket", "job": opts["job"], "key": key and read_public_key(key),
                    "interactive": interactive,
                    "holder": holder_hash(holder), "transport": opts["transport"],
-                   "shells": [s for s in shells.split(",") if s], "command": command}
+                   "shells": offered_shells(opts["shells"]), "command": command}
         ticket = wait_for_ticket(site, request, opts["auto-retry"])
         log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket["user"], ticket["starter"],
                   ticket["transport"], ticket["why"])
@@ -3800,10 +3890,14 @@ def enter_job_at(site, config, opts, job, command, streams, on_ticket):
         else:
             if ssh:
                 ssh.close()  # before the session: it is on the terminal
-            if opts["ssh"] or opts["X"]:
+            if opts["ssh"]:
                 raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only "
                                      "(%s): sshjob cp, and rsync -e 'sshjob client', copy files without it"
-                                     % (opts["ssh"] or "-X", ticket["job"], ticket["why"]))
+                                     % (opts["ssh"], ticket["job"], ticket["why"]))
+            if opts["X"]:
+                raise MissingProgram("-X needs OpenSSH on both ends, and job %s has the built-in transport only "
+                                     "(%s): X11 forwarding needs sshd on the node and ssh here"
+                                     % (ticket["job"], ticket["why"]))
             try:
                 status = run_builtin(site, ticket, holder, command, streams)
             except Unreachable:
@@ -3812,6 +3906,20 @@ def enter_job_at(site, config, opts, job, command, streams, on_ticket):
     if status == 255:
         explain_lost_session(site, job)
     return status
+
+
+def offered_shells(option):
+    """The shells the job's node tries, in order, the first it has winning:
+    those of -shells, then $SHELL, unless it is one that refuses logins (a
+    service account's nologin, run by sudo -u or runuser)."""
+    shells = [shell for shell in (option or "").split(",") if shell]
+    mine = os.environ.get("SHELL")
+    if mine and os.path.basename(mine) in NO_LOGIN_SHELLS:
+        log.debug("$SHELL is %s, which refuses logins: not offered to the job", mine)
+    elif mine:
+        shells.append(mine)
+    log.debug("shells offered to the job, in order: %s, then /bin/sh", ", ".join(shells) or "none")
+    return shells
 
 
 def wants_openssh(config, opts):
@@ -3836,17 +3944,37 @@ def read_public_key(key):
 
 def wait_for_ticket(site, request, auto_retry):
     """A ticket for the job; with -auto-retry, wait while the job is not
-    running yet, saying so, until it runs or never will."""
+    running yet, saying so, until it runs or never will (a held job will
+    not run until someone releases it: that ends the wait with a sentence).
+    On a terminal one line says how long, updated; elsewhere a line is
+    written when the reason changes, and once a minute."""
     started = time.time()
-    while True:
-        try:
-            return site.ticket(request)
-        except NotRunning as e:
-            if not auto_retry:
-                raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
-            sys.stderr.write("sshjob: %s; waiting (%d s)...\n" % (e, time.time() - started))
-            sys.stderr.flush()
-            time.sleep(2)
+    said, last = None, 0.0
+    on_terminal = sys.stderr.isatty()
+    try:
+        while True:
+            try:
+                ticket = site.ticket(request)
+                if on_terminal and said:
+                    sys.stderr.write("\n")
+                return ticket
+            except NotRunning as e:
+                if not auto_retry:
+                    raise NotRunning("%s: use -auto-retry to wait for it" % e) from None
+                now = time.time()
+                line = "sshjob: %s; waiting (%d s)..." % (e, now - started)
+                if on_terminal:
+                    sys.stderr.write("\r\033[K" + line)
+                elif str(e) != said or now - last >= 60:
+                    sys.stderr.write(line + "\n")
+                    last = now
+                said = str(e)
+                sys.stderr.flush()
+                time.sleep(2)
+    except BaseException:
+        if on_terminal and said:
+            sys.stderr.write("\n")
+        raise
 
 
 class OpenSsh:
@@ -3961,6 +4089,8 @@ def explain_lost_session(site, job):
     """ssh failed: if the job's end is why, say so in a sentence."""
     try:
         state = site.state(job)
+    except Unreachable as e:
+        raise JobGone("the session ended, and %s: its pool may have been stopped" % e) from None
     except SshjobError:
         return
     if state in LOST_SESSION:
@@ -3984,8 +4114,12 @@ cd -- "$(dirname -- "$p")" && tar -xpf - && { [ "$n" = "$(basename -- "$p")" ] |
 
 def run_cp(config_path, argv):
     import argparse
-    parser = argparse.ArgumentParser(prog="sshjob cp", description="Copy files and directories to or from a job.")
+    parser = argparse.ArgumentParser(prog="sshjob cp", description="Copy files and directories to or from a job.",
+                                     add_help=False)
+    parser.add_argument("--help", "-help", "-h", action="help", help="show this help and exit")
     parser.add_argument("--transport", "-transport", default="auto", choices=("auto", "openssh", "builtin"))
+    parser.add_argument("--auto-retry", "-auto-retry", action="store_true",
+                        help="if the job is not running yet, wait until it is")
     parser.add_argument("--debug", "-debug", action="store_true")
     parser.add_argument("source")
     parser.add_argument("target")
@@ -3998,7 +4132,7 @@ def run_cp(config_path, argv):
     local = args.target if download else args.source
     if not download and not os.path.exists(local):
         raise UsageError("%s does not exist" % local)
-    opts = dict(parse_client_args([job]), transport=args.transport, debug=args.debug)
+    opts = dict(parse_client_args([job]), transport=args.transport, debug=args.debug, **{"auto-retry": args.auto_retry})
     return (download_tree if download else upload_tree)(config_path, opts, path, local)
 
 
@@ -4230,6 +4364,7 @@ def run_submit(config_path, argv):
         env[name] = value
     workdir = os.path.abspath(args.workdir)
     paths = {name: os.path.join(workdir, getattr(args, name)) for name in ("output", "error")}
+    check_job_spec(command, env, workdir, *paths.values())
     schedd = schedd_of(config_path)
     reply = schedd.call(dict(
         op="submit", cmd=command, env=env, workdir=workdir, count=args.count, nodes=args.nodes, **paths))
@@ -4440,15 +4575,12 @@ def pool_stop(pool_dir):
 
 
 def process_alive(pid):
-    """True while `pid` runs (a zombie child counts as gone, and is reaped)."""
+    """True while `pid` runs: a zombie counts as gone (and is reaped if it
+    is our child; others' wait for whoever reaps them, which may be slow)."""
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return process_state(pid) not in (None, "Z", "X")
 
 
 def run_pool(config_path, argv):
@@ -4477,10 +4609,10 @@ def run_demo(config_path, argv):
         config_path = pool_start(pool_dir, quiet=True)
         os.environ["SSHJOB_CONFIG"] = config_path
         print("sshjob demo: a personal pool runs in %s" % pool_dir)
-        with contextlib.redirect_stdout(sys.stderr):
-            run_submit(config_path, ["--workdir", workdir, "--env", "DEMO=hello from the job", "--",
-                                     "sleep", "3600"])
         schedd = Config(config_path).schedd()
+        schedd.call({"op": "submit", "cmd": ["sleep", "3600"], "workdir": workdir, "output": "/dev/null",
+                     "error": "/dev/null", "env": {"PATH": os.environ.get("PATH", os.defpath),
+                                                  "DEMO": "hello from the job"}})
         wait_until(lambda: job_state(schedd, "1.0") == "running", {}, "the demo job", pool_dir)
         command = argv or ([] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR])
         print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(command))
@@ -4588,9 +4720,13 @@ def sshjob_home():
     """The user's private sshjob directory (the persistent key, known_hosts)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     path = os.path.join(base, "sshjob")
-    os.makedirs(path, 0o700, exist_ok=True)
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o700)
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise ConfigError("cannot make %s for the key and known hosts of jobs as ssh hosts (%s): set HOME, or "
+                          "XDG_DATA_HOME, to a directory of yours" % (path, e.strerror)) from None
     return path
 
 
@@ -4657,7 +4793,7 @@ def run_proxy(config_path, argv):
     key = persistent_key(config)
     request = {"op": "ssh_ticket", "job": opts["job"], "key": read_public_key(key), "interactive": False,
                "holder": token_hex(32), "transport": "openssh",  # no holder is ever shown: random stands for its hash
-               "shells": [s for s in [os.environ.get("SHELL")] if s], "command": None}
+               "shells": offered_shells(None), "command": None}
     try:
         ticket = site.ticket(request)
         if user != ticket["user"]:
@@ -4710,17 +4846,21 @@ def run_ssh_config(config_path, argv):
         sys.stdout.write(block)
         return 0
     ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
-    os.makedirs(ssh_dir, 0o700, exist_ok=True)
     path = os.path.realpath(os.path.join(ssh_dir, "config"))  # a dotfile manager's link stays a link
     try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    if BLOCK_BEGIN in text and BLOCK_END in text:
-        before, _, rest = text.partition(BLOCK_BEGIN)
-        text = before + rest.partition(BLOCK_END)[2].lstrip("\n")
-    write_atomically(path, block + ("\n" + text if text.strip() else ""))  # first: its settings win
+        os.makedirs(ssh_dir, 0o700, exist_ok=True)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        if BLOCK_BEGIN in text and BLOCK_END in text:
+            before, _, rest = text.partition(BLOCK_BEGIN)
+            text = before + rest.partition(BLOCK_END)[2].lstrip("\n")
+        write_atomically(path, block + ("\n" + text if text.strip() else ""))  # first: its settings win
+    except OSError as e:
+        raise ConfigError("cannot write the Host block into %s (%s): set HOME to your home directory, or print the "
+                          "block (sshjob ssh-config) and add it yourself" % (path, e.strerror)) from None
     sys.stderr.write("sshjob: the Host block is in %s: ssh JOB.sshjob (e.g. ssh 1.0.sshjob) reaches a job\n" % path)
     return 0
 
@@ -4748,6 +4888,12 @@ TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCEL
 SLURM_FINISHED = {"COMPLETED": "completed", "CANCELLED": "removed", "FAILED": "completed", "TIMEOUT": "completed",
                   "NODE_FAIL": "completed", "PREEMPTED": "idle", "BOOT_FAIL": "completed", "DEADLINE": "completed",
                   "OUT_OF_MEMORY": "completed"}
+SLURM_HELD = ("JobHeldAdmin", "JobHeldUser")  # reasons of a pending job that waits for a release
+SLURM_NEVER = {  # reasons of a pending job that will never run, and what to do
+    "DependencyNeverSatisfied": "a job it depends on can never satisfy its dependency; cancel it and submit it again",
+    "BadConstraints": "no node can ever satisfy its constraints; cancel it and submit it again",
+    "PartitionDown": "its partition is down; ask the cluster's admins",
+}
 SLURM_ERRORS = (  # what srun and scontrol say, and the sentence a user reads
     ("Access/permission denied", Refused, "Slurm refuses a session in job {job}: it is not yours"),
     ("Unable to contact slurm controller", Unreachable, "Slurm's controller (slurmctld) does not answer"),
@@ -5051,9 +5197,15 @@ class SlurmSite:
         state = job.get("JobState", "")
         if state in SLURM_FINISHED:
             raise JobGone("job %s has finished (%s)" % (self.spec, state))
+        reason = job.get("Reason", "")
+        if reason in SLURM_HELD:
+            raise Held("job %s is held in Slurm (%s): it will not run until it is released (scontrol release %s)"
+                       % (self.spec, reason, self.spec))
+        if reason in SLURM_NEVER:
+            raise JobGone("job %s will never run in Slurm (%s): %s" % (self.spec, reason, SLURM_NEVER[reason]))
         if state != "RUNNING":
             self.pending = True  # -auto-retry asks again: with scontrol alone until it runs
-            raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), job.get("Reason", "")))
+            raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), reason))
         return job
 
     def pick_node(self, job):
@@ -5247,10 +5399,12 @@ class SlurmStep:
 def slurm_queue(everyone):
     """The user's Slurm jobs (everyone's) as the rows of `sshjob q`."""
     options = [] if everyone else ["--user", pwd.getpwuid(os.getuid()).pw_name]
-    output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%o", *options)
+    output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%j|%o", *options)
     rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
     for line in output.splitlines():
-        job, user, state, nodes, reason, command = (line.split("|", 5) + [""] * 6)[:6]
+        job, user, state, nodes, reason, name, command = (line.split("|", 6) + [""] * 7)[:7]
+        if command in ("", "(null)"):  # sbatch --wrap: Slurm keeps no command, only the job's name
+            command = "(%s)" % name
         note = "  [%s]" % reason if state == "PENDING" and reason not in ("", "None") else ""
         rows.append((job, user, state.lower(), nodes or "-", command + note))
     return rows
@@ -5313,17 +5467,6 @@ def address_facing(peer):
             return probe.getsockname()[0]
         except OSError:
             return None
-
-
-def process_state(pid, started):
-    """The state letter of process `pid` if it is still the one that
-    started at `started` (clock ticks after boot), else None."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[0] if fields[19] == started else None
 
 
 def guard_step(step_pid, started, tag, tmp):
@@ -5517,7 +5660,7 @@ class NodeStep:
                     del pending[sock]
                     sock.close()
                 wait = min([deadline] + [due for due, _ in pending.values()]) - now
-                ready = select.select(waits + list(pending), [], [], max(0.0, wait))[0]
+                ready = wait_for(waits + list(pending), timeout=max(0.0, wait))[0]
                 if channel in ready:
                     try:
                         message = recv_msg(channel)

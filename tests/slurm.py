@@ -167,8 +167,8 @@ def daemon_pid(daemon):
 def stop():
     """Cancel every job, stop slurmd and slurmctld (munged stays: it is harmless)."""
     if daemon_pid("slurmctld") and shutil.which("scancel"):  # else scancel would wait a minute for it
-        users = ["root"] + sorted(p.pw_name for p in pwd.getpwall() if p.pw_name.startswith("sshjob-"))
-        run(["scancel", "--full", "--quiet", "--user", ",".join(users)])
+        for user in ["root"] + sorted(p.pw_name for p in pwd.getpwall() if p.pw_name.startswith("sshjob-")):
+            run(["scancel", "--full", "--quiet", "--user", user])
     for daemon in ("slurmd", "slurmctld"):
         pid = daemon_pid(daemon)
         if pid is None:

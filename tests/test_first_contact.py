@@ -185,8 +185,10 @@ def test_a_pool_and_a_temporary_directory_with_spaces_and_percent_signs(base, tm
 def test_build_without_shiv_says_what_to_install():
     result = run([sys.executable, "-S", os.path.join(ROOT, "build.py")])  # -S: no site-packages, no shiv
     assert result.returncode == 1
-    assert result.stderr == ("build.py: shiv is not installed; install it with: python3 -m pip install "
-                             "shiv==1.0.8 (only building needs it; `python3 sshjob.py` runs without building)\n")
+    assert result.stderr == (
+        "build.py: shiv is not installed; install it in a virtual environment and build with that: python3 -m venv "
+        "/tmp/shiv && /tmp/shiv/bin/pip install shiv==1.0.8 && /tmp/shiv/bin/python build.py (only building needs "
+        "it; `python3 sshjob.py` runs without building)\n")
 
 
 @pytest.mark.parametrize("python", INTERPRETERS)
@@ -216,26 +218,36 @@ def test_an_interactive_job_as_condor_submit_i(pool):
     pool.wait_state(job, "removed")
 
 
-def test_remove_on_interrupt_and_hold_release(pool):
-    job = pool.running_job()
-    held = pool.sshjob("hold", job)
-    assert held.stdout == "Job %s held: it stays in the queue until released.\n" % job
-    assert "[held by root]" in pool.sshjob("q").stdout
+def test_remove_on_interrupt_and_hold_release(make_pool):
+    pool = make_pool({"starter_slots": "1"})
+    pool.running_job()
+    job = pool.submit("sleep", "600")  # idle: the one slot is taken
     waiting = subprocess.Popen(pool.argv("client", "-auto-retry", "-remove-on-interrupt", job, "true"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     line = waiting.stderr.readline()
-    assert "is held, not running yet; waiting" in line, line
+    assert "is idle, not running yet; waiting" in line, line
     waiting.send_signal(2)  # Ctrl-C
     assert waiting.wait(timeout=30) == 130
     assert "job %s removed, as -remove-on-interrupt asks" % job in waiting.stderr.read()
     assert pool.state(job) == "removed"
-    other = pool.running_job()
-    assert pool.sshjob("hold", other).returncode == 0
+    other = pool.submit("sleep", "600")
+    held = pool.sshjob("hold", other)
+    assert held.stdout == "Job %s held: it stays in the queue until released.\n" % other
+    assert "[held by root]" in pool.sshjob("q").stdout
     released = pool.sshjob("release", other)
     assert released.stdout == "Job %s released: it goes back to idle.\n" % other
-    pool.wait_state(other, "running")
+    assert pool.state(other) == "idle"
     again = pool.sshjob("release", other)
     assert again.returncode == 1 and "cannot be released" in again.stderr
+
+
+def test_a_held_job_is_said_at_once_and_not_waited_for(pool):
+    job = pool.running_job()
+    assert pool.sshjob("hold", job).returncode == 0
+    for args in (["client", "-auto-retry", job, "true"], ["cp", "--auto-retry", job + ":x", "/tmp/x"]):
+        result = pool.sshjob(*args, timeout=20)
+        assert (result.returncode, result.stderr) == (1, "sshjob: job %s is held (held by root): it will not run until "
+                                                         "it is released (sshjob release %s)\n" % (job, job))
 
 
 def test_remove_on_interrupt_when_the_session_is_interrupted(pool):
@@ -247,3 +259,76 @@ def test_remove_on_interrupt_when_the_session_is_interrupted(pool):
     assert session.wait(timeout=30) == 143
     assert "job %s removed, as -remove-on-interrupt asks" % job in session.stderr.read()
     pool.wait_state(job, "removed")
+
+
+@pytest.mark.parametrize("args", [["-ssh", "scp -o 'x"], ["-keygen-options", "'"], ["-ssh", 'ssh "']],
+                         ids=["ssh-scp", "keygen", "ssh"])
+def test_bad_quoting_is_one_sentence(pool, args):
+    job = pool.running_job()
+    result = pool.sshjob("client", *(args + [job, "true"]))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot be split into words (no closing quotation): quote it as a shell would" in result.stderr
+
+
+def test_keygen_options_cannot_move_the_key_out_of_the_private_directory(pool, tmp_path):
+    job = pool.running_job()
+    target = tmp_path / "stolen"
+    for options in ("-f %s" % target, "-t ed25519 -f%s" % target, "-y", "-R host"):
+        result = pool.sshjob("client", "-keygen-options", options, job, "true")
+        assert result.returncode == 2 and result.stderr.startswith("sshjob: -keygen-options may not hold -"), (
+            options, result.stderr)
+        assert "the session's key must stay in sshjob's private directory" in result.stderr
+    assert not target.exists() and not os.path.exists(str(target) + ".pub")
+    fine = pool.sshjob("client", "-keygen-options", "-t rsa -b 3072 -C note", job, "echo rsa")
+    assert fine.stdout == "rsa\n", fine.stderr
+
+
+def test_the_clients_locale_reaches_the_session_over_openssh(pool):
+    job = pool.running_job(options=["--env", "LANG=C", "--env", "LC_TIME=C"])
+    for transport in ("openssh", "builtin"):
+        result = pool.sshjob("client", "-transport", transport, job, 'echo "$LANG $LC_TIME $LC_ALL"',
+                             env={"LANG": "C.UTF-8", "LC_TIME": "POSIX", "LC_ALL": "C.UTF-8"})
+        assert result.stdout == "C.UTF-8 POSIX C.UTF-8\n", (transport, result.stderr)
+    untouched = pool.sshjob("client", job, 'echo "$LANG $LC_TIME"', env={"LANG": None})
+    assert untouched.stdout == "C C\n", untouched.stderr
+
+
+def test_a_large_login_environment_is_taken_and_too_large_a_one_is_one_sentence(pool):
+    # a login environment with many modules loaded passes 64 KiB (a variable may hold 128 KiB at most)
+    login = {"MODULE_%d" % n: "x" * (50 * 1024) for n in range(4)}
+    submitted = pool.sshjob("submit", "--getenv", "--", "sleep", "600", env=login)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split()[0]
+    pool.wait_state(job, "running")
+    assert pool.sshjob("client", job, "echo ${#MODULE_3}").stdout == "%d\n" % (50 * 1024)
+    huge = pool.sshjob("submit", "--getenv", "--", "true", env={"MODULE_%d" % n: "x" * (60 * 1024) for n in range(10)})
+    assert huge.returncode == 2 and huge.stderr.count("\n") == 1, huge.stderr
+    assert huge.stderr.startswith("sshjob: the job's command and environment take 600 KiB, and a job may bring "
+                                  "512 KiB: give it the variables it needs with --env NAME=VALUE rather than --getenv")
+
+
+def test_a_client_whose_shell_refuses_logins_still_gets_a_shell(pool):
+    job = pool.running_job()
+    result = pool.sshjob("client", "-debug", job, 'echo "in $SHELL"', env={"SHELL": "/usr/sbin/nologin"})
+    assert result.stdout == "in /bin/sh\n", result.stderr
+    assert "$SHELL is /usr/sbin/nologin, which refuses logins: not offered to the job" in result.stderr
+
+
+def test_a_home_that_cannot_hold_sshjobs_files_is_one_sentence(pool):
+    job = pool.running_job()
+    for args in (["ssh-config", "--install"], ["proxy", job + ".sshjob", "root"]):
+        result = pool.sshjob(*args, env={"HOME": "/proc"})
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "(No such file or directory): set HOME" in result.stderr
+
+
+def test_small_things_a_new_user_sees(pool, tmp_path):
+    job = pool.running_job()
+    helped = pool.sshjob("cp", "-help")
+    assert helped.returncode == 0 and "--auto-retry" in helped.stdout
+    warned = pool.sshjob("client", "-X", job, "echo x", env={"DISPLAY": None})
+    assert warned.stdout == "x\n"
+    assert warned.stderr == "sshjob: warning: -X, but DISPLAY is not set: there is no X display to forward\n"
+    demo = pool.sshjob("demo", "true", config=False)
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.startswith("sshjob demo: a personal pool runs in") and "\n1.0\n" not in demo.stderr

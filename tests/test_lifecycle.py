@@ -137,13 +137,30 @@ def test_auto_retry_stops_cleanly_on_ctrl_c(make_pool, tmp_path):
     pool.running_job()
     idle = pool.submit("sleep", "600")
     proc = subprocess.Popen(pool.argv("client", "-auto-retry", idle, "true", env={"TMPDIR": str(tmp_path)}),
-                            stderr=subprocess.PIPE, universal_newlines=True)
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+                            stderr=subprocess.PIPE, universal_newlines=True, start_new_session=True)
+    first = proc.stderr.readline()
+    assert "waiting (" in first, first
+    wait_for(lambda: pids_in_group(proc.pid, "ssh"), what="ssh and its ProxyCommand to wait with the client")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it: to ssh and its bridge as well
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130
-    assert "waiting (" in err and err.splitlines()[-1] == "sshjob: interrupted"
+    assert err.splitlines()[-1] == "sshjob: interrupted"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert os.listdir(str(tmp_path)) == []
+
+
+def pids_in_group(group, name):
+    """Pids of the processes named `name` in process group `group`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if fields[0].endswith("(" + name) and int(fields[1].split()[2]) == group:
+            found.append(int(entry))
+    return found
 
 
 def raw_submit(pool, n):

@@ -292,19 +292,41 @@ def test_shells_keygen_options_and_the_temporary_directory(cluster, tmp_path):
 
 
 def test_auto_retry_waits_for_a_pending_job(cluster):
-    job = cluster.sbatch("--hold")
+    blocker = cluster.running()
+    job = cluster.sbatch("--dependency=afterany:" + blocker)
     pending = cluster.sshjob("client", job, "true")
     assert pending.returncode != 0
-    assert pending.stderr.startswith("sshjob: job %s is pending in Slurm" % job)
+    assert pending.stderr.startswith("sshjob: job %s is pending in Slurm (Dependency)" % job)
     assert pending.stderr.rstrip().endswith("use -auto-retry to wait for it")
     waiting = subprocess.Popen(cluster.argv("client", "-auto-retry", job, "echo at-last"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, cwd="/")
-    time.sleep(3)
-    assert waiting.poll() is None
-    run(["scontrol", "release", job])
+    assert "is pending in Slurm (Dependency); waiting" in waiting.stderr.readline()
+    run(["scancel", blocker])
     out, err = waiting.communicate(timeout=60)
     assert out == "at-last\n", err
-    assert "waiting" in err
+
+
+def test_a_held_job_and_one_that_can_never_run_are_said_at_once(cluster):
+    held = cluster.sbatch("--hold")
+    result = cluster.sshjob("client", "-auto-retry", held, "true", timeout=20)
+    assert (result.returncode, result.stderr) == (1, "sshjob: job %s is held in Slurm (JobHeldUser): it will not run "
+                                                     "until it is released (scontrol release %s)\n" % (held, held))
+    failed = cluster.sbatch(script="false")
+    never = cluster.sbatch("--dependency=afterok:" + failed)
+    wait_for(lambda: "DependencyNeverSatisfied" in run(["squeue", "-h", "-j", never, "-o", "%r"]).stdout, 30,
+             "the dependency to fail")
+    result = cluster.sshjob("client", "-auto-retry", never, "true", timeout=20)
+    assert result.returncode == 1
+    assert result.stderr == ("sshjob: job %s will never run in Slurm (DependencyNeverSatisfied): a job it depends "
+                             "on can never satisfy its dependency; cancel it and submit it again\n" % never)
+    run(["scancel", held, never])
+
+
+def test_the_queue_shows_a_wrapped_job_by_its_name(cluster):
+    job = cluster.running()
+    queue = cluster.sshjob("q", scheduler=None, env={"SSHJOB_SCHEDULER": "slurm"})
+    row = next(line.split() for line in queue.stdout.splitlines() if line.split()[0] == job)
+    assert row[4:] == ["(wrap)"]
 
 
 # -- containment: Slurm's scancel and suspend reach what a session forked --------------
@@ -348,7 +370,8 @@ def test_the_node_gets_the_program_shipped_or_says_why_not(cluster, tmp_path):
     shutil.chown(pyz, ALICE, ALICE)
     shutil.rmtree(os.path.join(home, ".cache", "sshjob"), ignore_errors=True)
     for ship, expected in (("false", None), ("true", "shipped by the client")):
-        job = cluster.sbatch("--hold")
+        blocker = cluster.running()
+        job = cluster.sbatch("--dependency=afterany:" + blocker)
         argv = cluster.argv("client", "-debug", "-auto-retry", job, "echo shipped-ok", env={
             "SSHJOB_SHIP_PROGRAM": ship})
         argv[argv.index(cluster.pyz)] = pyz
@@ -356,7 +379,7 @@ def test_the_node_gets_the_program_shipped_or_says_why_not(cluster, tmp_path):
                                 cwd="/")
         time.sleep(2)  # the client has started, from its pyz, and waits for the job
         os.unlink(pyz)  # which is then gone: the node cannot read it at the client's path
-        run(["scontrol", "release", job])
+        run(["scancel", blocker])
         out, err = proc.communicate(timeout=60)
         shutil.copy(cluster.pyz, pyz)
         shutil.chown(pyz, ALICE, ALICE)

@@ -107,7 +107,16 @@ def test_a_personal_pool_of_an_ordinary_user(base, users, pool):
     assert started.returncode == 0, started.stderr
     try:
         mine = pool.sshjob("submit", "--workdir", pool_dir, "--", "sleep", "600", user=ALICE, env=config)
-        theirs = pool.sshjob("submit", "--workdir", "/tmp", "--", "sleep", "600", user=BOB, env=config)
+        # bob's own configuration names alice's schedd: hers names programs, which bob does not take from her
+        bobs = tempfile.mkdtemp(prefix="bob-config-", dir=base)
+        os.chmod(bobs, 0o755)
+        with open(os.path.join(bobs, "sshjob.conf"), "w") as f:
+            f.write("[sshjob]\nschedd_address = %s/schedd.sock\n" % pool_dir)
+        shutil.chown(bobs, BOB, BOB)
+        theirs = pool.sshjob("submit", "--workdir", "/tmp", "--", "sleep", "600", user=BOB,
+                             env={"SSHJOB_CONFIG": os.path.join(bobs, "sshjob.conf")})
+        assert pool.sshjob("q", user=BOB, env=config).stderr.startswith(
+            "sshjob: %s/sshjob.conf is not a file that only %s or root may change" % (pool_dir, BOB))
         job, other = mine.stdout.strip(), theirs.stdout.strip()
         deadline = time.time() + 30
         while "running" not in pool.sshjob("q", user=ALICE, env=config).stdout:
@@ -121,7 +130,7 @@ def test_a_personal_pool_of_an_ordinary_user(base, users, pool):
         assert queue == {job: "running", other: "idle"}  # alice's starter does not run bob's job
         with open(os.path.join(pool_dir, "starter.log")) as f:
             assert "process tracking: environment tag" in f.read()
-        refused = pool.sshjob("client", job, "true", user=BOB, env=config)
+        refused = pool.sshjob("client", job, "true", user=BOB, env={"SSHJOB_CONFIG": os.path.join(bobs, "sshjob.conf")})
         assert "may not enter job %s" % job in refused.stderr
     finally:
         pool.sshjob("pool", "stop", "--dir", pool_dir, user=ALICE, config=False)
