@@ -150,8 +150,9 @@ def pyz_launcher(build_id):
     directory, site-packages, sshjob.py) belongs to the effective user and
     is writable by no one else, and sshjob.py holds the bytes of this build
     (the build id is their hash).  Root takes its home from the password
-    database, and SHIV_ROOT only if root owns it: `sudo -E` and sudo setups
-    that keep HOME must not make root run a module that a user planted.
+    database where HOME is not root's own, and SHIV_ROOT only if root owns
+    it: `sudo -E` and sudo setups that keep HOME must not make root run a
+    module that a user planted.
     Jobs often run with HOME unset, missing or read-only: the copy then
     lives in a private directory under the temporary directory."""
     import os
@@ -225,12 +226,11 @@ def pyz_launcher(build_id):
     for variable in ("SHIV_INTERPRETER", "SHIV_ENTRY_POINT", "SHIV_CONSOLE_SCRIPT", "SHIV_MODULE",
                      "SHIV_PREPEND_PYTHONPATH", "SHIV_EXTEND_PYTHONPATH"):
         os.environ.pop(variable, None)  # what to run is this build's to say, not the environment's
-    if euid == 0:
+    home = os.path.expanduser("~")
+    if euid == 0 and not ours(home, stat.S_IFDIR):  # a user's HOME, kept by sudo: root's own, then
         import pwd
 
         home = pwd.getpwuid(0).pw_dir
-    else:
-        home = os.path.expanduser("~")
     chosen = os.environ.get("SHIV_ROOT")
     roots = [chosen] if chosen else ([os.path.join(home, ".shiv")] if home != "~" else [])
     roots = [root for root in roots if trusted_copy(root) or writable(root)] or [private_temporary_root()]
