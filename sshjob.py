@@ -696,7 +696,6 @@ JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
 
 SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
 
-ANY_JOB_ID = re.compile(r"(?:slurm:)?" + SLURM_JOB_ID.pattern)  # a pool's ids are Slurm-shaped too
 
 
 def parse_job_id(text):
@@ -3864,36 +3863,131 @@ def run_slurm_step(config_path):
 # ---------------------------------------------------------------------------
 
 
-class PoolSite:
-    """Where a job of an sshjob pool lives: its schedd hands out tickets,
-    its starter takes them.  A site is the client's one seam to a batch
-    system (SlurmSite is the other): a ticket for a job, a connection to
-    the job's sshd, a channel for a built-in session, the job's state."""
+class SessionRequest:
+    """What the client asks a site for: a session in `job` (as the user
+    typed it) for the public `key` (OpenSSH) or for whoever knows the
+    secret whose hash is `holder` (the built-in transport), over
+    `transport` (auto, openssh or builtin), with or without a terminal, in
+    the first of `shells` that the node has, running `command` (None: an
+    interactive shell)."""
 
-    def __init__(self, schedd):
-        self.schedd = schedd
+    def __init__(self, job, key=None, holder=None, transport="auto", interactive=False, shells=(), command=None):
+        self.job = job
+        self.key = key
+        self.holder = holder
+        self.transport = transport
+        self.interactive = interactive
+        self.shells = list(shells)
+        self.command = command
+
+    def replace(self, **changes):
+        fields = dict(vars(self), **changes)
+        return SessionRequest(**fields)
+
+
+class Ticket:
+    """A site's yes to a SessionRequest: the job as the site names it, the
+    user it runs as, the node, the transport and why, and the `grant` that
+    the site connects with (the schedd's signed ticket and the starter's
+    address; a Slurm step)."""
+
+    def __init__(self, job, user, node, transport, why, grant):
+        self.job = job
+        self.user = user
+        self.node = node
+        self.transport = transport
+        self.why = why
+        self.grant = grant
+
+
+class Site:
+    """Where jobs live, as the client sees them: the client's one seam to a
+    batch system.  The client, its sessions and every guarantee of them are
+    the same for all sites: a site only answers what is below.  An adapter
+    for another engine (HTCondor, PBS, LSF, a container runtime) is one
+    subclass and one line in SITES.
+
+    A site is made for one configuration and one job; what it starts for
+    the job (a Slurm step) it holds until close()."""
+
+    name = None  # in SITES, -scheduler, `scheduler =`, "NAME:JOB" and host names (JOB.NAME.sshjob)
+    job_pattern = None  # its job ids, a regular expression
+
+    def job(self, text):
+        """The job that `text` names, as the site names it; UsageError if
+        `text` is not one of its job ids."""
+        raise NotImplementedError
 
     def ticket(self, request):
-        """What the job is and how to reach it; NotRunning while it is not."""
-        return self.schedd.call(request)
+        """A Ticket for `request`; NotRunning while the job may yet run
+        (-auto-retry waits), Held, JobGone, NotFound or Refused otherwise."""
+        raise NotImplementedError
 
     def connect_ssh(self, request, ticket=None):
-        """(socket the job's sshd answers, the job's host key), on a ticket
-        (fresh unless given) that the starter has accepted."""
-        ticket = ticket or self.schedd.call(request)
-        sock = self.present(self.reach_starter(ticket), {
-            "op": "ssh", "job": ticket["run"], "key": request["key"], "ticket": ticket["ticket"]}, ticket["job"])
-        sock.settimeout(None)
-        log.debug("the starter accepted the ticket for job %s", ticket["job"])
-        return sock, ticket["hostkey"]
+        """(a socket that the job's sshd answers, the host key it shows), on
+        `ticket`, or on a fresh one: scp, sftp and rsync connect more than
+        once in one session."""
+        raise NotImplementedError
 
-    def open_builtin(self, ticket, request):
-        """A channel to a built-in session that the starter has accepted: TLS,
-        its certificate pinned by the fingerprint that the schedd vouches for."""
-        tls = pinned_tls_connection(self.reach_starter(ticket), ticket["tls_fingerprint"],
-                                    "the starter of job %s" % ticket["job"])
-        return self.present(tls, dict(request, op="builtin", job=ticket["run"], ticket=ticket["ticket"]),
-                            ticket["job"])
+    def open_builtin(self, ticket, session):
+        """A channel to a built-in session inside the job, once the node has
+        taken `session` (the command, the terminal, the client's variables)."""
+        raise NotImplementedError
+
+    def state(self, job):
+        """The job's state in the pool's words (running, idle, held,
+        completed, removed...); None where the site does not know it."""
+        raise NotImplementedError
+
+    def remove(self, job):
+        raise NotImplementedError
+
+    def queue(self, everyone=False):
+        """The rows of `sshjob q`, a header first: (ID, OWNER, STATE, NODE,
+        COMMAND); this user's jobs, or everyone's."""
+        raise NotImplementedError
+
+    def close(self):
+        """End what the site started for the job and no session holds."""
+
+
+class PoolSite(Site):
+    """Where a job of an sshjob pool lives: its schedd hands out tickets,
+    its starter takes them."""
+
+    name = "pool"
+    job_pattern = JOB_ID.pattern
+
+    def __init__(self, config, opts):
+        self.config = config
+        self.schedd = config.schedd(opts.name)
+
+    def job(self, text):
+        cluster, proc, _ = parse_job_id(text)
+        return job_name(cluster, proc)
+
+    def ticket(self, request):
+        reply = self.schedd.call({"op": "ssh_ticket", "job": request.job, "key": request.key,
+                                  "holder": request.holder, "transport": request.transport,
+                                  "interactive": request.interactive, "shells": request.shells,
+                                  "command": request.command})
+        return Ticket(reply["job"], reply["user"], reply["starter"], reply["transport"], reply["why"], reply)
+
+    def connect_ssh(self, request, ticket=None):
+        grant = (ticket or self.ticket(request)).grant
+        sock = self.present(self.reach_starter(grant), {
+            "op": "ssh", "job": grant["run"], "key": request.key, "ticket": grant["ticket"]}, grant["job"])
+        sock.settimeout(None)
+        log.debug("the starter accepted the ticket for job %s", grant["job"])
+        return sock, grant["hostkey"]
+
+    def open_builtin(self, ticket, session):
+        """TLS to the starter, its certificate pinned by the fingerprint that the schedd vouches for."""
+        grant = ticket.grant
+        tls = pinned_tls_connection(self.reach_starter(grant), grant["tls_fingerprint"],
+                                    "the starter of job %s" % grant["job"])
+        return self.present(tls, dict(session, op="builtin", job=grant["run"], ticket=grant["ticket"]),
+                            grant["job"])
 
     @staticmethod
     def present(sock, message, job):
@@ -3910,48 +4004,51 @@ class PoolSite:
             raise
         return sock
 
-    def reach_starter(self, ticket):
+    def reach_starter(self, grant):
         """A connection to the job's starter: direct, the fast path; or relayed
         by the schedd where the starter takes no inbound connections, as it
         says, or as a failed direct connection shows."""
-        what = "the starter of job %s" % ticket["job"]
-        if ticket.get("reachable", True):
+        what = "the starter of job %s" % grant["job"]
+        if grant.get("reachable", True):
             try:
-                sock = connect(ticket["address"], what, timeout=5)
+                sock = connect(grant["address"], what, timeout=5)
                 sock.settimeout(IO_TIMEOUT)
                 return sock
             except Unreachable as e:
                 log.debug("%s; asking the schedd to relay", e)
-        sock, _ = self.schedd.stream({"op": "relay", "job": ticket["job"]})
+        sock, _ = self.schedd.stream({"op": "relay", "job": grant["job"]})
         log.debug("the schedd relays the connection to %s", what)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(IO_TIMEOUT)
         return sock
 
+    def rows(self, everything=False, job=None):
+        """The queue's rows as the schedd sends them, page after page."""
+        request = {"op": "q", "all": everything, "job": job}
+        while True:
+            reply = self.schedd.call(request)
+            yield from reply["jobs"]
+            if not reply["jobs"] or not reply.get("more"):
+                return
+            request["after"] = reply["jobs"][-1]["key"]
+
     def state(self, job):
-        return job_state(self.schedd, job)
+        return next((row["state"] for row in self.rows(True, job) if row["id"] == job), None)
 
     def remove(self, job):
         self.schedd.call({"op": "act", "job": job, "action": "rm"})
 
-    def close(self):
-        pass
-
-
-def queue(schedd, everything=False, job=None):
-    """The queue's rows, page after page as the schedd sends them."""
-    request = {"op": "q", "all": everything, "job": job}
-    while True:
-        reply = schedd.call(request)
-        yield from reply["jobs"]
-        if not reply["jobs"] or not reply.get("more"):
-            return
-        request["after"] = reply["jobs"][-1]["key"]
-
-
-def job_state(schedd, job):
-    return next((j["state"] for j in queue(schedd, True, job) if j["id"] == job), None)
+    def queue(self, everyone=False):
+        table = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
+        for row in self.rows(everyone):
+            state = row["state"]
+            if state == "completed":
+                state = "completed (%s)" % row["exit_status"]
+            command = " ".join(shlex.quote(a) for a in row["cmd"])
+            table.append((row["id"], row["owner"], state, row["starter"] or "-",
+                          command + ("  [%s]" % row["note"] if row["note"] else "")))
+        return table
 
 
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
@@ -3978,29 +4075,6 @@ SLURM_ERRORS = (  # what srun and scontrol say, and the sentence a user reads
     ("Job has already finished", JobGone, "job {job} has finished"),
     ("Requested node configuration is not available", UsageError, "job {job} has no node {node}"),
 )
-
-
-def choose_scheduler(config_path, opts):
-    """(scheduler, job id, Config): "slurm" when -scheduler, a slurm: job
-    id, SSHJOB_SCHEDULER or `scheduler` in sshjob.conf say so, or when no
-    pool is configured and Slurm's squeue is on PATH; else "pool"."""
-    job = opts["job"]
-    scheduler = opts.get("scheduler")
-    if job.startswith("slurm:"):
-        scheduler, job = "slurm", job[len("slurm:"):]
-    try:
-        path, missing = find_config_path(config_path), None
-    except ConfigError as e:
-        if config_path or os.environ.get("SSHJOB_CONFIG"):
-            raise  # a configuration named but missing is a mistake to report, not a reason to guess
-        path, missing = None, e
-    config = Config(path)
-    scheduler = scheduler or config["scheduler"] or ("slurm" if missing and shutil.which("squeue") else "pool")
-    if scheduler not in ("pool", "slurm"):
-        raise UsageError("unknown scheduler %r: pool or slurm" % scheduler)
-    if scheduler == "pool" and missing:
-        raise missing
-    return scheduler, job, config
 
 
 def slurm_command(name):
@@ -4049,12 +4123,15 @@ def slurm_jobs(spec):
             if line.startswith("JobId=")]
 
 
-class SlurmSite:
-    """Where a job of the cluster's Slurm lives (see PoolSite): a session is
-    a step of its own, started with srun, that hands the client the
-    connection to an sshd it starts for the session."""
+class SlurmSite(Site):
+    """Where a job of the cluster's Slurm lives: a session is a step of its
+    own, started with srun, that hands the client the connection to an sshd
+    it starts for the session, or runs a built-in session over srun's pipe."""
 
-    def __init__(self, config):
+    name = "slurm"
+    job_pattern = SLURM_JOB_ID.pattern
+
+    def __init__(self, config, opts):
         import hashlib
         self.config = config
         for name in SLURM_PROGRAMS:
@@ -4070,7 +4147,7 @@ class SlurmSite:
             self.source = f.read()
         self.digest = hashlib.sha256(self.source).hexdigest()
 
-    def job_name(self, text):
+    def job(self, text):
         match = SLURM_JOB_ID.fullmatch(text)
         if not match or match.group(2) not in (None, "0"):
             raise UsageError("malformed Slurm job id %r: expected JOB, JOB_TASK (a task of an array) or JOB.0.NODE "
@@ -4098,8 +4175,7 @@ class SlurmSite:
             raise
         job_id, node, workdir = self.target
         self.target = (job_id, step.reply.get("node") or node, workdir)  # where srun put an early step
-        return {"job": self.spec, "user": step.reply["user"], "starter": self.target[1],
-                "transport": step.reply["transport"], "why": step.reply["why"], "step": step}
+        return Ticket(self.spec, step.reply["user"], self.target[1], step.reply["transport"], step.reply["why"], step)
 
     def running_job(self):
         """The job's scontrol record, if it runs; else why not, as one sentence."""
@@ -4141,10 +4217,11 @@ class SlurmSite:
         return self.node
 
     def step_for(self, ticket, transport):
-        step = (ticket or {}).pop("step", None)
+        """The step of `ticket`, the first time; a new one for each later connection."""
+        step, ticket.grant = (ticket.grant, None) if ticket else (None, None)
         if step is None:
             step = SlurmStep(self, self.target[1])
-            step.begin(dict(self.request, transport=transport))
+            step.begin(self.request.replace(transport=transport))
         if step.reply["transport"] != transport:
             raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
         return step
@@ -4153,10 +4230,10 @@ class SlurmSite:
         step = self.step_for(ticket, "openssh")
         return step.connect(), step.reply["hostkey"]
 
-    def open_builtin(self, ticket, request):
+    def open_builtin(self, ticket, session):
         step = self.step_for(ticket, "builtin")
         try:
-            send_msg(step.channel, request)
+            send_msg(step.channel, session)
             raise_for_reply(recv_msg(step.channel))
         except (OSError, ProtocolError):
             raise step.failure() from None
@@ -4169,6 +4246,19 @@ class SlurmSite:
 
     def remove(self, job):
         run_slurm(job, "scancel", job)
+
+    def queue(self, everyone=False):
+        """The user's Slurm jobs (everyone's)."""
+        options = [] if everyone else ["--user", pwd.getpwuid(os.getuid()).pw_name]
+        output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%j|%o", *options)
+        rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
+        for line in output.splitlines():
+            job, user, state, nodes, reason, name, command = (line.split("|", 6) + [""] * 7)[:7]
+            if command in ("", "(null)"):  # sbatch --wrap: Slurm keeps no command, only the job's name
+                command = "(%s)" % name
+            note = "  [%s]" % reason if state == "PENDING" and reason not in ("", "None") else ""
+            rows.append((job, user, state.lower(), nodes or "-", command + note))
+        return rows
 
     def close(self):
         for step in list(self.steps):
@@ -4205,9 +4295,9 @@ class SlurmStep:
         self.channel.settimeout(60)
         try:
             self.boot()
-            send_msg(self.channel, {"key": request.get("key"), "transport": request.get("transport", "auto"),
-                                    "interactive": request.get("interactive") is True, "workdir": self.site.target[2],
-                                    "shells": request.get("shells") or [], "job": self.site.spec,
+            send_msg(self.channel, {"key": request.key, "transport": request.transport,
+                                    "interactive": request.interactive, "workdir": self.site.target[2],
+                                    "shells": request.shells, "job": self.site.spec,
                                     "direct": self.site.config.flag("slurm_direct"),
                                     "batch_host": self.site.batch_host, "started": self.site.started})
             self.reply = raise_for_reply(recv_msg(self.channel))
@@ -4313,19 +4403,38 @@ class SlurmStep:
         self.errors.close()
 
 
-def slurm_queue(everyone):
-    """The user's Slurm jobs (everyone's) as the rows of `sshjob q`."""
-    options = [] if everyone else ["--user", pwd.getpwuid(os.getuid()).pw_name]
-    output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%j|%o", *options)
-    rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
-    for line in output.splitlines():
-        job, user, state, nodes, reason, name, command = (line.split("|", 6) + [""] * 7)[:7]
-        if command in ("", "(null)"):  # sbatch --wrap: Slurm keeps no command, only the job's name
-            command = "(%s)" % name
-        note = "  [%s]" % reason if state == "PENDING" and reason not in ("", "None") else ""
-        rows.append((job, user, state.lower(), nodes or "-", command + note))
-    return rows
 
+
+SITES = {site.name: site for site in (PoolSite, SlurmSite)}
+ANY_JOB_ID = re.compile("(?:(?:%s):)?(?:%s)" % ("|".join(SITES), "|".join(
+    "(?:%s)" % site.job_pattern for site in SITES.values())))
+
+
+def find_site(config_path, opts):
+    """(configuration, site, job) for the job that `opts` name (None where
+    they name none, as for `sshjob q`).  The site is
+    the one named by a prefix of the job id (slurm:1234), -scheduler,
+    SSHJOB_SCHEDULER or `scheduler` in sshjob.conf; with none of these,
+    Slurm where no pool is configured and its squeue is on PATH, else the
+    pool."""
+    name, _, text = opts.job.rpartition(":")
+    name = name or opts.scheduler
+    if opts.pool:
+        config_path = find_config_path(opts.pool)
+    try:
+        path, missing = find_config_path(config_path), None
+    except ConfigError as e:
+        if config_path or os.environ.get("SSHJOB_CONFIG"):
+            raise  # a configuration named but missing is a mistake to report, not a reason to guess
+        path, missing = None, e
+    config = Config(path)
+    name = name or config["scheduler"] or ("slurm" if missing and shutil.which("squeue") else "pool")
+    if name not in SITES:
+        raise UsageError("unknown scheduler %r: %s" % (name, " or ".join(SITES)))
+    if name == "pool" and missing:
+        raise missing
+    site = SITES[name](config, opts)
+    return config, site, site.job(text) if text else None
 
 # ---------------------------------------------------------------------------
 # The client: condor_ssh_to_job's command line.  It makes the session's key,
@@ -4484,17 +4593,40 @@ Options take one dash or two.  The exit status is the remote command's, or
 non-zero with a sentence on stderr when no session could be set up.
 """
 
-CLIENT_OPTIONS = {"ssh": True, "name": True, "pool": True, "keygen-options": True, "shells": True, "transport": True,
-                  "scheduler": True,
-                  "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
+CLIENT_DEFAULTS = {"ssh": None, "name": None, "pool": None, "keygen_options": "", "shells": None, "transport": "auto",
+                   "scheduler": None, "debug": False, "auto_retry": False, "remove_on_interrupt": False, "x11": False,
+                   "help": False, "job": None, "command": ()}
+
+
+class ClientOptions:
+    """What the client is asked to do: condor_ssh_to_job's options, the job
+    and the remote command (a list of words, joined with spaces as ssh
+    joins them).  cp, proxy, submit -i and demo make one as they need it."""
+
+    def __init__(self, **values):
+        unknown = set(values) - set(CLIENT_DEFAULTS)
+        if unknown:
+            raise TypeError("no client options %s" % ", ".join(sorted(unknown)))
+        vars(self).update(CLIENT_DEFAULTS, **values)
+        self.command = list(self.command)
+
+    def replace(self, **values):
+        return ClientOptions(**dict(vars(self), **values))
+
+
+# condor_ssh_to_job's options: the name on the command line, the attribute, whether a value follows
+CLIENT_OPTIONS = {"ssh": ("ssh", True), "name": ("name", True), "pool": ("pool", True),
+                  "keygen-options": ("keygen_options", True), "shells": ("shells", True),
+                  "transport": ("transport", True), "scheduler": ("scheduler", True), "debug": ("debug", False),
+                  "auto-retry": ("auto_retry", False), "remove-on-interrupt": ("remove_on_interrupt", False),
+                  "X": ("x11", False), "help": ("help", False)}
 
 
 def parse_client_args(argv):
-    """HTCondor style: options (one dash or two) before the job id, and
-    everything after the job id is the remote command, untouched."""
-    opts = {"ssh": None, "name": None, "pool": None, "keygen-options": "", "shells": None, "transport": "auto",
-            "scheduler": None,
-            "debug": False, "auto-retry": False, "remove-on-interrupt": False, "X": False, "help": False}
+    """ClientOptions from the command line, HTCondor style: options (one dash
+    or two) before the job id, and everything after the job id is the
+    remote command, untouched."""
+    values = {}
     args = list(argv)
     while args and args[0].startswith("-") and args[0] != "-":
         arg = args.pop(0)
@@ -4503,24 +4635,20 @@ def parse_client_args(argv):
         name, has_value, value = arg.lstrip("-").partition("=")
         if name not in CLIENT_OPTIONS:
             raise UsageError("unknown option %s (sshjob client -help lists them)" % arg)
-        if CLIENT_OPTIONS[name]:
-            if not has_value:
-                if not args:
-                    raise UsageError("option %s needs a value" % arg)
-                value = args.pop(0)
-            opts[name] = value
-        else:
-            opts[name] = True
-    if opts["help"]:
-        return opts
+        attribute, takes_value = CLIENT_OPTIONS[name]
+        if takes_value and not has_value:
+            if not args:
+                raise UsageError("option %s needs a value" % arg)
+            value = args.pop(0)
+        values[attribute] = value if takes_value else True
+    if values.get("help"):
+        return ClientOptions(**values)
     if not args:
         raise UsageError("no job given: sshjob client [options] cluster[.proc[.node]] [remote-command]")
-    opts["job"] = args[0]
-    opts["command"] = args[1:]
-    if not ANY_JOB_ID.fullmatch(opts["job"]):
+    if not ANY_JOB_ID.fullmatch(args[0]):
         raise UsageError("malformed job id %r: expected cluster, cluster.proc or cluster.proc.node (or a Slurm job: "
-                         "JOB, JOB_TASK, JOB.0.NODE)" % opts["job"])
-    return opts
+                         "JOB, JOB_TASK, JOB.0.NODE)" % args[0])
+    return ClientOptions(job=args[0], command=args[1:], **values)
 
 
 @contextlib.contextmanager
@@ -4638,7 +4766,7 @@ def make_session_key(config, path, keygen_options):
 
 def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
-    program = split_words(opts["ssh"], "-ssh") if opts["ssh"] else split_words(config["ssh"], "the setting ssh")
+    program = split_words(opts.ssh, "-ssh") if opts.ssh else split_words(config["ssh"], "the setting ssh")
     if not program:
         raise UsageError("the -ssh command is empty")
     base = os.path.basename(program[0])
@@ -4657,18 +4785,18 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     for name, value in options.items():
         argv += ["-o", "%s=%s" % (name, value)]
     argv += split_words(config["ssh_options"], "the setting ssh_options")
-    if base == "ssh" and opts["X"]:
+    if base == "ssh" and opts.x11:
         argv.append("-X")
     if base == "scp":
-        return argv + opts["command"]  # the user names the host ("remote:file"); any name does
+        return argv + opts.command  # the user names the host ("remote:file"); any name does
     if base == "sftp":
-        return argv + opts["command"] + [alias]
-    return argv + [alias] + opts["command"]
+        return argv + opts.command + [alias]
+    return argv + [alias] + opts.command
 
 
 def run_client(config_path, argv):
     opts = parse_client_args(argv)
-    if opts["help"]:
+    if opts.help:
         sys.stdout.write(CLIENT_USAGE)
         return 0
     return enter_job(config_path, opts)
@@ -4680,18 +4808,17 @@ def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
     remote command's stdin, stdout and stderr on `streams`; `on_ticket` is
     called with the ticket before the session starts.  Returns the exit
     status."""
-    if opts["debug"]:
+    if opts.debug:
         log.set_level(Log.DEBUG)
-    if opts["transport"] not in ("auto", "openssh", "builtin"):
-        raise UsageError("unknown transport %r: openssh, builtin or auto" % opts["transport"])
+    if opts.transport not in ("auto", "openssh", "builtin"):
+        raise UsageError("unknown transport %r: openssh, builtin or auto" % opts.transport)
     config, site, job = find_site(config_path, opts)
-    if opts["X"] and not os.environ.get("DISPLAY"):
+    if opts.x11 and not os.environ.get("DISPLAY"):
         sys.stderr.write("sshjob: warning: -X, but DISPLAY is not set: there is no X display to forward\n")
-    command = " ".join(opts["command"]) if opts["command"] else None
     try:
-        return enter_job_at(site, config, opts, job, command, streams, on_ticket)
+        return enter_job_at(site, config, opts, job, streams, on_ticket)
     except (Interrupted, KeyboardInterrupt):
-        if opts["remove-on-interrupt"]:
+        if opts.remove_on_interrupt:
             with contextlib.suppress(SshjobError, OSError):
                 site.remove(job)
                 sys.stderr.write("sshjob: job %s removed, as -remove-on-interrupt asks\n" % job)
@@ -4700,50 +4827,37 @@ def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
         site.close()
 
 
-def find_site(config_path, opts):
-    """(configuration, site, job) for the job that `opts` name: a job of
-    this sshjob pool, or of the cluster's Slurm (see choose_scheduler)."""
-    if opts["pool"]:
-        config_path = find_config_path(opts["pool"])
-    scheduler, job_id, config = choose_scheduler(config_path, opts)
-    if scheduler == "slurm":
-        site = SlurmSite(config)
-        return config, site, site.job_name(job_id)
-    cluster, proc, _node = parse_job_id(job_id)
-    return config, PoolSite(config.schedd(opts["name"])), job_name(cluster, proc)
-
-
-def enter_job_at(site, config, opts, job, command, streams, on_ticket):
+def enter_job_at(site, config, opts, job, streams, on_ticket):
+    command = " ".join(opts.command) if opts.command else None
     with contextlib.ExitStack() as stack:
         ssh = None
         if wants_openssh(config, opts):  # the built-in transport needs no key, so no directory for one
             ssh = stack.enter_context(OpenSsh(config, opts, site, stack.enter_context(private_tempdir()), job,
                                               streams))
-        key = make_session_key(config, ssh.key, opts["keygen-options"]) if ssh else None
+        key = make_session_key(config, ssh.key, opts.keygen_options) if ssh else None
         holder = token_hex(32)
-        interactive = command is None and not opts["ssh"] and os.isatty(0) and os.isatty(1)
-        request = {"op": "ssh_ticket", "job": opts["job"], "key": key and read_public_key(key),
-                   "interactive": interactive,
-                   "holder": holder_hash(holder), "transport": opts["transport"],
-                   "shells": offered_shells(opts["shells"]), "command": command}
-        ticket = wait_for_ticket(site, request, opts["auto-retry"])
-        log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket["user"], ticket["starter"],
-                  ticket["transport"], ticket["why"])
+        request = SessionRequest(opts.job.rpartition(":")[2], key=key and read_public_key(key),
+                                 holder=holder_hash(holder), transport=opts.transport,
+                                 interactive=command is None and not opts.ssh and os.isatty(0) and os.isatty(1),
+                                 shells=offered_shells(opts.shells), command=command)
+        ticket = wait_for_ticket(site, request, opts.auto_retry)
+        log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket.user, ticket.node, ticket.transport,
+                  ticket.why)
         if on_ticket:
             on_ticket(ticket)
-        if ticket["transport"] == "openssh":
-            status = ssh.run(dict(request, transport="openssh"), ticket)
+        if ticket.transport == "openssh":
+            status = ssh.run(request.replace(transport="openssh"), ticket)
         else:
             if ssh:
                 ssh.close()  # before the session: it is on the terminal
-            if opts["ssh"]:
+            if opts.ssh:
                 raise MissingProgram("%s needs OpenSSH on both ends, and job %s has the built-in transport only "
                                      "(%s): sshjob cp, and rsync -e 'sshjob client', copy files without it"
-                                     % (opts["ssh"], ticket["job"], ticket["why"]))
-            if opts["X"]:
+                                     % (opts.ssh, ticket.job, ticket.why))
+            if opts.x11:
                 raise MissingProgram("-X needs OpenSSH on both ends, and job %s has the built-in transport only "
                                      "(%s): X11 forwarding needs sshd on the node and ssh here"
-                                     % (ticket["job"], ticket["why"]))
+                                     % (ticket.job, ticket.why))
             try:
                 status = run_builtin(site, ticket, holder, command, streams)
             except Unreachable:
@@ -4771,12 +4885,12 @@ def offered_shells(option):
 def wants_openssh(config, opts):
     """Whether the session may use OpenSSH: not where the built-in transport
     is asked for, or where this machine has no ssh client (it needs none)."""
-    if opts["transport"] == "builtin":
+    if opts.transport == "builtin":
         return False
     try:
         find_program(config, "ssh", "this machine")
     except MissingProgram:
-        if opts["transport"] == "openssh" or opts["ssh"]:
+        if opts.transport == "openssh" or opts.ssh:
             raise
         log.debug("this machine has no ssh client: the built-in transport it is")
         return False
@@ -4846,7 +4960,7 @@ class OpenSsh:
         self.desk = TicketDesk(site, None, self.known_hosts, "job-" + job)
         self.user = user_name(os.getuid())
         self.proc = None
-        if not opts["ssh"]:
+        if not opts.ssh:
             self.start()
 
     def __enter__(self):
@@ -4869,10 +4983,10 @@ class OpenSsh:
 
     def run(self, request, ticket):
         """Hand ssh its connection on `ticket`; ssh's exit status."""
-        alias = "job-" + ticket["job"]
-        if (ticket["user"], alias) != (self.user, self.desk.alias):
+        alias = "job-" + ticket.job
+        if (ticket.user, alias) != (self.user, self.desk.alias):
             self.close()
-            self.user, self.desk = ticket["user"], TicketDesk(self.site, None, self.known_hosts, alias)
+            self.user, self.desk = ticket.user, TicketDesk(self.site, None, self.known_hosts, alias)
         self.desk.request = request
         try:
             self.desk.prepare(ticket)
@@ -4895,12 +5009,12 @@ def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
     """A session over the built-in transport, on the given stdin, stdout and
     stderr; returns the remote exit status."""
     interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
-    request = {"holder": holder, "command": command, "env": {
+    session = {"holder": holder, "command": command, "env": {
         k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k)}}
     if interactive:
         rows, columns = window_size(0)
-        request["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
-    channel = site.open_builtin(ticket, request)
+        session["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
+    channel = site.open_builtin(ticket, session)
     with channel, contextlib.ExitStack() as stack:
         channel.settimeout(None)
         if interactive:
@@ -4908,7 +5022,7 @@ def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
         try:
             return relay_to_job(channel, interactive, streams)
         except OSError as e:
-            raise Unreachable("the connection to job %s broke (%s)" % (ticket["job"], e)) from None
+            raise Unreachable("the connection to job %s broke (%s)" % (ticket.job, e)) from None
 
 
 def start_foreground(argv, streams=(0, 1, 2)):
@@ -5041,7 +5155,7 @@ def run_cp(config_path, argv):
     local = args.target if download else args.source
     if not download and not os.path.exists(local):
         raise UsageError("%s does not exist" % local)
-    opts = dict(parse_client_args([job]), transport=args.transport, debug=args.debug, **{"auto-retry": args.auto_retry})
+    opts = parse_client_args([job]).replace(transport=args.transport, debug=args.debug, auto_retry=args.auto_retry)
     return (download_tree if download else upload_tree)(config_path, opts, path, local)
 
 
@@ -5055,8 +5169,8 @@ def download_tree(config_path, opts, path, local):
     import tempfile
 
     parent, name = os.path.split(path.rstrip("/") or "/")
-    opts = dict(opts, ssh=None, command=["cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."),
-                                                                                 shlex.quote(name))])
+    opts = opts.replace(ssh=None, command=["cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."),
+                                                                                   shlex.quote(name))])
     target = os.path.join(local, name) if is_directory(local) else local
     staging = tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(os.path.abspath(target)))
     read_end, write_end = os.pipe()
@@ -5082,7 +5196,7 @@ def download_tree(config_path, opts, path, local):
         with open(os.devnull, "rb") as nothing:
             try:
                 status = enter_job(config_path, opts, (nothing.fileno(), write_end, 2),
-                                   on_ticket=lambda ticket: owners.append(ticket["user"]))
+                                   on_ticket=lambda ticket: owners.append(ticket.user))
             finally:
                 os.close(write_end)
         extractor.join()
@@ -5127,7 +5241,7 @@ def upload_tree(config_path, opts, path, local):
     import tarfile  # sshjob cp's alone
 
     name = os.path.basename(os.path.abspath(local))
-    opts = dict(opts, ssh=None, command=[UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}])
+    opts = opts.replace(ssh=None, command=[UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}])
     read_end, write_end = os.pipe()
 
     def pack():
@@ -5246,7 +5360,6 @@ class Progress:
 
 HOST_SUFFIX = ".sshjob"
 
-SLURM_HOST_SUFFIX = ".slurm.sshjob"
 
 BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts (sshjob ssh-config --install) >>>"
 
@@ -5311,12 +5424,12 @@ def remember_host_key(path, host, key):
 
 
 def job_of_host(host):
-    """(scheduler or None, job id) that a name under .sshjob stands for."""
-    if host.endswith(SLURM_HOST_SUFFIX):
-        return "slurm", host[:-len(SLURM_HOST_SUFFIX)]
-    if host.endswith(HOST_SUFFIX):
-        return None, host[:-len(HOST_SUFFIX)]
-    raise UsageError("%s is not a job's host name: JOB.sshjob, e.g. 1.0.sshjob (or 1234.slurm.sshjob)" % host)
+    """(site or None, job id) that a name under .sshjob stands for: JOB.sshjob,
+    or JOB.SITE.sshjob for a site named in SITES (1234.slurm.sshjob)."""
+    if not host.endswith(HOST_SUFFIX):
+        raise UsageError("%s is not a job's host name: JOB.sshjob, e.g. 1.0.sshjob (or 1234.slurm.sshjob)" % host)
+    job, _, site = host[:-len(HOST_SUFFIX)].rpartition(".")
+    return (site, job) if site in SITES else (None, host[:-len(HOST_SUFFIX)])
 
 
 def run_proxy(config_path, argv):
@@ -5325,17 +5438,16 @@ def run_proxy(config_path, argv):
         raise UsageError("usage: sshjob proxy HOST USER (the Host block of sshjob ssh-config runs it)")
     host, user = argv
     scheduler, job_id = job_of_host(host)
-    opts = dict(parse_client_args([job_id]), scheduler=scheduler)
+    opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
     key = persistent_key(config)
-    request = {"op": "ssh_ticket", "job": opts["job"], "key": read_public_key(key), "interactive": False,
-               "holder": token_hex(32), "transport": "openssh",  # no holder is ever shown: random stands for its hash
-               "shells": offered_shells(None), "command": None}
+    request = SessionRequest(job_id, key=read_public_key(key), transport="openssh", shells=offered_shells(None),
+                             holder=token_hex(32))  # no holder is ever shown: a random one stands for its hash
     try:
         ticket = site.ticket(request)
-        if user != ticket["user"]:
+        if user != ticket.user:
             raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
-                job, ticket["user"], ticket["user"], ticket["user"], host))
+                job, ticket.user, ticket.user, ticket.user, host))
         sock, hostkey = site.connect_ssh(request, ticket)
         remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
         with sock, socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as ssh:
@@ -5452,7 +5564,7 @@ def run_submit(config_path, argv):
         return 0
     sys.stderr.write("sshjob: submitted interactive job %s; waiting for it to run...\n" % jobs[0])
     try:
-        return run_client(config_path, ["-auto-retry", "-remove-on-interrupt", jobs[0]])
+        return enter_job(config_path, ClientOptions(job=jobs[0], auto_retry=True, remove_on_interrupt=True))
     finally:
         with contextlib.suppress(SshjobError):
             schedd.call({"op": "act", "job": jobs[0], "action": "rm"})
@@ -5463,22 +5575,11 @@ def run_q(config_path, argv):
     parser = argparse.ArgumentParser(prog="sshjob q", description="List the jobs in the queue.")
     parser.add_argument("--all", action="store_true", help="include finished and removed jobs (Slurm: every "
                         "user's jobs)")
-    parser.add_argument("--scheduler", "-scheduler", choices=("pool", "slurm"),
+    parser.add_argument("--scheduler", "-scheduler", choices=sorted(SITES),
                         help="whose queue: the pool's or Slurm's (default: as for client)")
     args = parser.parse_args(argv)
-    scheduler, _, config = choose_scheduler(config_path, {"job": "", "scheduler": args.scheduler})
-    if scheduler == "slurm":
-        print_table(slurm_queue(args.all))
-        return 0
-    rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
-    for job in queue(config.schedd(), args.all):
-        state = job["state"]
-        if state == "completed":
-            state = "completed (%s)" % job["exit_status"]
-        command = " ".join(shlex.quote(a) for a in job["cmd"])
-        rows.append((job["id"], job["owner"], state, job["starter"] or "-",
-                     command + ("  [%s]" % job["note"] if job["note"] else "")))
-    print_table(rows)
+    _, site, _ = find_site(config_path, ClientOptions(job="", scheduler=args.scheduler))
+    print_table(site.queue(args.all))
     return 0
 
 
@@ -5662,14 +5763,15 @@ def run_demo(config_path, argv):
         config_path = pool_start(pool_dir, quiet=True)
         os.environ["SSHJOB_CONFIG"] = config_path
         print("sshjob demo: a personal pool runs in %s" % pool_dir)
-        schedd = Config(config_path).schedd()
-        schedd.call({"op": "submit", "cmd": ["sleep", "3600"], "workdir": workdir, "output": "/dev/null",
-                     "error": "/dev/null", "env": {"PATH": os.environ.get("PATH", os.defpath),
-                                                  "DEMO": "hello from the job"}})
-        wait_until(lambda: job_state(schedd, "1.0") == "running", {}, "the demo job", pool_dir)
-        command = argv or ([] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR])
-        print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(command))
-        status = run_client(config_path, ["1.0"] + command)
+        opts = ClientOptions(job="1.0", command=argv or (
+            [] if sys.stdin.isatty() else ['echo "$DEMO: $(id -un) in $(pwd), pids $%s"' % PIDS_VAR]))
+        _, site, _ = find_site(config_path, opts)
+        site.schedd.call({"op": "submit", "cmd": ["sleep", "3600"], "workdir": workdir, "output": "/dev/null",
+                          "error": "/dev/null", "env": {"PATH": os.environ.get("PATH", os.defpath),
+                                                       "DEMO": "hello from the job"}})
+        wait_until(lambda: site.state("1.0") == "running", {}, "the demo job", pool_dir)
+        print("sshjob demo: job 1.0 runs; entering it with: sshjob client 1.0 %s" % " ".join(opts.command))
+        status = enter_job(config_path, opts)
         print("sshjob demo: the session ended with status %d; stopping the pool" % status)
         return status
     finally:
