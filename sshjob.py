@@ -70,7 +70,7 @@ import time
 # Constants and logging that every role shares.
 # ---------------------------------------------------------------------------
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class Log:
@@ -325,11 +325,71 @@ def raise_for_reply(reply):
 # that daemons run, with the gate that admits their connections.
 # ---------------------------------------------------------------------------
 
+PROTOCOL = 2  # the version of the messages below; every message carries it ("v"), and sshjob's own ("sshjob")
+ROLE = "program"  # what this process is (client, schedd, starter, Slurm step...): a sentence may name it
+
+# Every message of the protocol: its op, who sends it, who answers, and what it is.  `job` is a job as
+# users name it (1.0, 1.0.2, 1234_7); `run` is one run of one node of a pool's job, as the schedd and its
+# starter name it (cluster.proc.node, with `gen` to tell the runs of one node apart).
+MESSAGES = (
+    # op              from        to                what
+    ("ping",          "anyone",   "schedd",         "its name, version and live starters"),
+    ("status",        "user",     "schedd",         "the pool's starters, their slots and problems"),
+    ("submit",        "user",     "schedd",         "queue a job: command, environment, directory, outputs"),
+    ("q",             "user",     "schedd",         "a page of the queue, after the row `after` names"),
+    ("rm",            "user",     "schedd starter", "remove a job; to a starter (in a poll's reply): end a run"),
+    ("suspend",       "user",     "schedd starter", "stop a job and its sessions (SIGSTOP)"),
+    ("continue",      "user",     "schedd starter", "let a suspended job go on"),
+    ("vacate",        "user",     "schedd starter", "pre-empt a job: it ends here and runs again"),
+    ("hold",          "user",     "schedd",         "keep a job from running until released"),
+    ("release",       "user",     "schedd",         "let a held job run again"),
+    ("ticket",        "client",   "schedd",         "a ticket for a session in a job, and how to reach it"),
+    ("relay",         "client",   "schedd",         "a connection to a job's starter through the schedd"),
+    ("poll",          "starter",  "schedd",         "the starter's state and news; the reply: commands, lease"),
+    ("relay_accept",  "starter",  "schedd",         "the starter's connection back, for a relay"),
+    ("started",       "starter",  "schedd",         "news: a run started (its host key, pids, ssh problem)"),
+    ("sessions_open", "starter",  "schedd",         "news: a run's command ended while sessions are open"),
+    ("exited",        "starter",  "schedd",         "news: a run ended by itself (its status, and why)"),
+    ("removed",       "starter",  "schedd",         "news: a run ended as rm asked"),
+    ("vacated",       "starter",  "schedd",         "news: a run ended as vacate or hold asked"),
+    ("lost",          "starter",  "schedd",         "news: a run ended with the starter's lease"),
+    ("failed",        "starter",  "schedd",         "news: a run could not start (and whether to try again)"),
+    ("start",         "schedd",   "starter",        "a command in a poll's reply: run a node of a job"),
+    ("connect_back",  "schedd",   "starter",        "a command: connect to the schedd for a relay"),
+    ("ssh",           "client",   "starter",        "a ticket for an sshd session; then the ssh protocol"),
+    ("builtin",       "client",   "starter step",   "a built-in session: its command, terminal, variables; "
+                                                    "then channel frames"),
+    ("session",       "client",   "step",           "the session a Slurm step is to serve; the reply: its "
+                                                    "transport, host key, direct address"),
+    ("pipe",          "client",   "step",           "the session goes through srun's pipe, not direct"),
+)
+# Before its first message a Slurm step's boot says "need" (the client answers with the module's size and
+# its zlib-compressed bytes, or 0) and then "have HOW", each a line.  A built-in session's stream, after its
+# request, is channel frames (CHANNEL, below).
+
+
+def receives(who):
+    """The ops that `who` answers."""
+    return frozenset(op for op, _, to, _ in MESSAGES if who in to.split())
+
+
+# How a run of a job ends: the starter's news of it, the queue's state after it, and the sentence that a
+# session it cut short ends with ("the session ended because job 1.0 ...").
+ENDINGS = {
+    "exit": ("exited", "completed", "finished"),
+    "rm": ("removed", "removed", "was removed"),
+    "vacate": ("vacated", "idle", "was pre-empted (vacated)"),
+    "hold": ("vacated", "held", "was held"),
+    "lease": ("lost", "idle", "lost its lease: its starter could not reach the schedd; it will run again"),
+}
+ENDED = {state: sentence for _, state, sentence in reversed(list(ENDINGS.values()))}  # a job's state: how it ended
+ENDED["starting"] = ENDINGS["vacate"][2]
+
 _HEADER = struct.Struct("!I")
 
 
 def send_msg(sock, message):
-    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    data = json.dumps(dict(message, v=PROTOCOL, sshjob=__version__), separators=(",", ":")).encode("utf-8")
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
@@ -345,7 +405,8 @@ def _recv_exactly(sock, size):
     return bytes(data)
 
 
-def recv_msg(sock):
+def recv_msg(sock, peer="the peer"):
+    """A message from `peer` (named in the sentence if it speaks another version)."""
     (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
     if size > MAX_FRAME:
         raise ProtocolError("a message of %d bytes exceeds the limit of %d" % (size, MAX_FRAME))
@@ -355,6 +416,11 @@ def recv_msg(sock):
         raise ProtocolError("a message is not valid JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message is not a JSON object")
+    if message.get("v") != PROTOCOL:
+        theirs = message.get("sshjob") if isinstance(message.get("sshjob"), str) else "0.1.0 or older"
+        raise ProtocolError("%s runs sshjob %s (protocol %s), and this %s runs sshjob %s (protocol %d): use one "
+                            "version of sshjob on both" % (peer, theirs, message.get("v", 1), ROLE, __version__,
+                                                          PROTOCOL))
     return message
 
 
@@ -414,7 +480,7 @@ def call(address, request, what, timeout=IO_TIMEOUT):
     with connect(address, what, timeout) as sock:
         try:
             send_msg(sock, request)
-            reply = recv_msg(sock)
+            reply = recv_msg(sock, "%s at %s" % (what, address))
         except OSError as e:
             raise Unreachable("%s at %s did not answer (%s)" % (what, address, e)) from None
     return raise_for_reply(reply)
@@ -602,7 +668,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.settimeout(IO_TIMEOUT)
         try:
-            message = recv_msg(self.request)
+            message = recv_msg(self.request, "its sender")
             self.server.gate.leave(self.admission)
             reply = self.server.app.answer(message, self.request)
         except SshjobError as e:
@@ -1353,7 +1419,7 @@ class TicketBook:
             raise TicketInvalid("the ticket is malformed")
         if not hmac.compare_digest(mac, _ticket_mac(secret, claims)):
             raise TicketInvalid("the ticket's signature is not valid")
-        if claims.get("job") != run:
+        if claims.get("run") != run:
             raise TicketInvalid("the ticket is for another job or node")
         if key is not None and claims.get("key") != key_fingerprint(key):
             raise TicketInvalid("the ticket was issued for another key")
@@ -1505,7 +1571,7 @@ class Link:
             sock = pinned_tls_connection(connect(self.address, self.what, timeout), self.fingerprint, self.what)
         try:
             send_msg(sock, request)
-            reply = raise_for_reply(recv_msg(sock))
+            reply = raise_for_reply(recv_msg(sock, "%s at %s" % (self.what, self.address)))
             if self.tcp and keep:
                 sock = sock.unwrap()
         except OSError as e:
@@ -1968,9 +2034,13 @@ MAX_SUBMIT = 10000  # node rows one submit may queue
 
 INTERACTIVE_PLACEHOLDER = 86400 * 7  # seconds of `sleep` in an interactive job without a command
 
-ACTION_DONE = {"rm": "marked for removal", "suspend": "suspended", "continue": "continued",
-               "vacate": "vacated: it goes back to idle", "hold": "held: it stays in the queue until released",
-               "release": "released: it goes back to idle"}
+# What a user may do to a job: the states it acts on (None: any unfinished one), and what it has done.
+JOB_ACTIONS = {"rm": (None, "marked for removal"),
+               "suspend": (("running",), "suspended"),
+               "continue": (("suspended",), "continued"),
+               "vacate": (ACTIVE_STATES, "vacated: it goes back to idle"),
+               "hold": (ACTIVE_STATES + ("idle",), "held: it stays in the queue until released"),
+               "release": (("held",), "released: it goes back to idle")}
 
 
 def check_job_spec(cmd, env, *paths):
@@ -2133,21 +2203,27 @@ class Schedd:
 
     # -- requests ----------------------------------------------------------
 
-    STARTER_OPS = ("ping", "poll", "update", "relay_accept")
+    OPS = receives("schedd")
+    NEWS = frozenset(op for op, sender, _, what in MESSAGES if sender == "starter" and what.startswith("news:"))
+    STARTER_OPS = NEWS | {"ping", "poll", "relay_accept"}
     TAKEOVER_OPS = ("relay", "relay_accept")  # these keep the connection, and send their own reply
 
     def answer(self, message, sock):
         op = field(message, "op", str)
-        handler = getattr(self, "op_" + op, None)
-        if handler is None:
+        if op not in self.OPS:
             raise ProtocolError("unknown request %r" % op)
         who = self.identify(message, sock)
         if op not in self.STARTER_OPS and not who.user:
             raise Refused("a starter's token is not a user's: %s may not %s" % (who.name, op))
+        if op in JOB_ACTIONS:
+            return self.act(op, message, who)
+        if op in self.NEWS:
+            self.take_news(message, self.starter_name(message, who))
+            return {"ok": True}
         if op in self.TAKEOVER_OPS:
             sock.settimeout(None)
-            return handler(message, who, sock)
-        return handler(message, who)
+            return getattr(self, "op_" + op)(message, who, sock)
+        return getattr(self, "op_" + op)(message, who)
 
     def identify(self, message, sock):
         """Local users by the kernel's peer credentials; remote ones by their
@@ -2271,22 +2347,18 @@ class Schedd:
                 "super user may" % (requester, what, job_name(row["cluster"], row["proc"]), row["owner"])
             )
 
-    def op_act(self, message, who):
+    def act(self, action, message, who):
         """rm, suspend, continue, vacate, hold or release every node of a job."""
         text = field(message, "job", str)
-        action = field(message, "action", str)
-        if action not in ACTION_DONE:
-            raise ProtocolError("unknown job action %r" % action)
         rows = self.find_rows(text)
         name = job_name(rows[0]["cluster"], rows[0]["proc"])
         self.authorize(rows[0], who, {"rm": "remove"}.get(action, action))
         states = {row["state"] for row in rows}
         if states <= {"completed", "removed"}:
             raise JobGone("job %s has already %s" % (name, "been removed" if "removed" in states else "finished"))
-        wanted = {"rm": None, "suspend": {"running"}, "continue": {"suspended"}, "vacate": set(ACTIVE_STATES),
-                  "hold": set(ACTIVE_STATES) | {"idle"}, "release": {"held"}}[action]
-        if wanted and not states & wanted:
-            raise NotRunning("job %s is %s: it cannot be %s" % (name, "/".join(sorted(states)), ACTION_DONE[action]))
+        wanted, done = JOB_ACTIONS[action]
+        if wanted and not states & set(wanted):
+            raise NotRunning("job %s is %s: it cannot be %s" % (name, "/".join(sorted(states)), done))
         for row in rows:
             if (wanted and row["state"] not in wanted) or row["state"] in ("completed", "removed"):
                 continue
@@ -2300,7 +2372,7 @@ class Schedd:
             else:
                 self.update_row(row, state="suspended" if action == "suspend" else "running")
             if row["starter"] and row["state"] in ACTIVE_STATES:
-                self.send_command(row["starter"], {"do": "vacate" if action == "hold" else action, "job": run_id(row),
+                self.send_command(row["starter"], {"op": "vacate" if action == "hold" else action, "run": run_id(row),
                                                    "gen": run_generation(row["secret"])})
         log.info("user %s: %s %s", who.name, action, name)
         return {"ok": True, "job": name}
@@ -2355,7 +2427,7 @@ class Schedd:
             raise StorageError("the schedd cannot write its audit log %s (%s)" % (self.config["audit_log"],
                                                                                 e.strerror)) from None
 
-    def op_ssh_ticket(self, message, who):
+    def op_ticket(self, message, who):
         try:
             row, starter = self.ssh_target(message, who)
             key = message.get("key") and parse_public_key(field(message, "key", str))
@@ -2368,7 +2440,7 @@ class Schedd:
             self.audit(who, message, False, str(e))
             raise
         shells = [s for s in field(message, "shells", list, []) if isinstance(s, str)]
-        claims = {"job": run_id(row), "key": key and key_fingerprint(key), "holder": message.get("holder"),
+        claims = {"run": run_id(row), "key": key and key_fingerprint(key), "holder": message.get("holder"),
                   "user": who.name, "shells": shells}
         self.audit(who, message, True, "transport " + transport)
         return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
@@ -2398,7 +2470,7 @@ class Schedd:
                  "starter": starter.name}
         self.relays[relay["id"]] = relay
         try:
-            self.send_command(starter.name, {"do": "connect_back", "id": relay["id"]})
+            self.send_command(starter.name, {"op": "connect_back", "id": relay["id"]})
             if not relay["ready"].wait(POLL_WAIT + IO_TIMEOUT):
                 raise Unreachable("the starter of job %s did not connect back to the schedd" % row_id(row))
         finally:
@@ -2468,11 +2540,13 @@ class Schedd:
         name = self.starter_name(message, who)
         with self.changed:
             record = self.claim_record(name, who)
-        for update in field(message, "updates", list, []):
+        for news in field(message, "news", list, []):
             try:
-                self.apply_update(update if isinstance(update, dict) else {}, name)
+                if not isinstance(news, dict) or news.get("op") not in self.NEWS:
+                    raise ProtocolError("news of an unknown kind")
+                self.take_news(news, name)
             except SshjobError as e:
-                log.warning("ignored an update from %s: %s", name, e)
+                log.warning("ignored news from %s: %s", name, e)
         with self.changed:
             record.address = field(message, "address", str)
             # whose jobs it runs: what its credential allows, narrowed by what it says
@@ -2526,7 +2600,7 @@ class Schedd:
         strays = {(run, gen) for run, gen in running.items() if assigned.get(run) != gen}
         for run, gen in strays - record.stopping:
             log.warning("starter %s runs job %s, which the queue gave up: it must stop", record.name, run)
-            record.commands.append({"do": "rm", "job": run, "gen": gen})
+            record.commands.append({"op": "rm", "run": run, "gen": gen})
         record.stopping = strays
 
     def reap_lost_starters(self):
@@ -2567,52 +2641,43 @@ class Schedd:
             secret = token_hex(32)
             self.update_row(row, state="starting", starter=record.name, secret=secret, note=None)
             commands.append({
-                "do": "run", "job": run_id(row), "gen": run_generation(secret), "name": row_id(row),
+                "op": "start", "run": run_id(row), "gen": run_generation(secret), "job": row_id(row),
                 "node": row["node"], "nodes": row["nodes"],
                 "owner": row["owner"], "cmd": json.loads(row["cmd"]), "env": json.loads(row["env"]),
                 "workdir": row["workdir"], "output": row["output"], "error": row["error"], "secret": secret,
             })
         return commands
 
-    def op_update(self, message, who):
-        self.apply_update(message, self.starter_name(message, who))
-        return {"ok": True}
-
-    def apply_update(self, update, starter):
-        """A starter's news about one of its own node rows."""
-        event = field(update, "event", str)
-        text = field(update, "job", str)
-        if parse_job_id(text)[2] is None:
-            raise ProtocolError("an update must name a node")
-        row = self.find_rows(text)[0]
+    def take_news(self, news, starter):
+        """A starter's news of one of its own runs (see MESSAGES)."""
+        op = field(news, "op", str)
+        run = field(news, "run", str)
+        if not JOB_ID.fullmatch(run) or parse_job_id(run)[2] is None:
+            raise ProtocolError("news must name a run (cluster.proc.node)")
+        row = self.find_rows(run)[0]
         if row["starter"] != starter:
-            raise Refused("job %s does not run on %s" % (text, starter))
-        if update.get("gen") != run_generation(row["secret"]):
-            raise Refused("news of an earlier run of job %s" % text)
-        if event == "started":
-            hostkey = update.get("hostkey")
+            raise Refused("job %s does not run on %s" % (run, starter))
+        if news.get("gen") != run_generation(row["secret"]):
+            raise Refused("news of an earlier run of job %s" % run)
+        why = news.get("why") if isinstance(news.get("why"), str) else None
+        if op == "started":
+            hostkey = news.get("hostkey")
             if row["state"] == "starting":
-                problem = update.get("ssh_problem")
+                problem = news.get("ssh_problem")
                 self.update_row(row, state="running", hostkey=hostkey if isinstance(hostkey, str) else None,
-                                pids=" ".join(str(p) for p in field(update, "pids", list)),
+                                pids=" ".join(str(p) for p in field(news, "pids", list)),
                                 ssh_problem=problem if isinstance(problem, str) else None)
-        elif event == "sessions_open":
+        elif op == "sessions_open":
             self.update_row(row, note="its command exited; waiting for its ssh sessions to close")
-        elif event == "exited":
-            if row["state"] in ACTIVE_STATES:
-                self.update_row(row, state="completed", exit_status=update.get("status"), hostkey=None, note=None)
-        elif event == "failed":  # held, unless trying again elsewhere or later may help
-            state = "idle" if update.get("transient") else "held"
-            self.update_row(row, state=state, starter=None, hostkey=None,
-                            note="could not start: %s" % update.get("reason"))
-        elif event == "lost":  # the starter lost its lease and stopped the job: it runs again
-            if row["state"] in ACTIVE_STATES:
-                self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
-                                pids=None, note="its starter %s lost its lease" % starter)
-        elif event not in ("removed", "vacated"):  # those the queue knew first
-            raise ProtocolError("unknown job event %r" % event)
-        log.info("job %s: %s", text, event)
-
+        elif op == "exited" and row["state"] in ACTIVE_STATES:
+            self.update_row(row, state="completed", exit_status=news.get("status"), hostkey=None, note=why)
+        elif op == "failed":  # held, unless trying again elsewhere or later may help
+            state = "idle" if news.get("transient") else "held"
+            self.update_row(row, state=state, starter=None, hostkey=None, note="could not start: %s" % why)
+        elif op == "lost" and row["state"] in ACTIVE_STATES:  # the starter stopped the job: it runs again
+            self.update_row(row, state="idle" if self.requeue_lost else "held", starter=None, hostkey=None,
+                            pids=None, note="its starter %s lost its lease" % starter)
+        log.info("job %s: %s", run, op)
 
 class TLSRequestHandler(RequestHandler):
     """The schedd's TCP endpoint: TLS first, then a request with its token."""
@@ -2678,11 +2743,11 @@ class Job:
 
     def __init__(self, starter, spec):
         self.starter = starter
-        self.run = field(spec, "job", str)  # cluster.proc.node, between schedd and starter
+        self.run = field(spec, "run", str)  # cluster.proc.node, between schedd and starter
         self.gen = field(spec, "gen", str, "")  # which run of that node row
         if not JOB_ID.fullmatch(self.run) or parse_job_id(self.run)[2] is None or not GENERATION.fullmatch(self.gen):
             raise ProtocolError("the job's id is malformed")
-        self.name = field(spec, "name", str)  # the id users see
+        self.name = field(spec, "job", str)  # the id users see
         self.node = field(spec, "node", int, 0)
         self.nodes = field(spec, "nodes", int, 1)
         self.owner = pwd.getpwnam(field(spec, "owner", str))
@@ -2782,15 +2847,15 @@ class Job:
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
         if self.sessions and not self.ending:
-            self.starter.report({"event": "sessions_open", "job": self.run, "gen": self.gen})
+            self.starter.report({"op": "sessions_open", "run": self.run, "gen": self.gen})
         with self.starter.lock:
             while self.sessions:
                 self.starter.sessions_changed.wait()
         self.family.remove()  # what the job left behind goes with it
         shutil.rmtree(self.dir, ignore_errors=True)
-        event = {"rm": "removed", "vacate": "vacated", "lease": "lost"}.get(self.ending, "exited")
-        log.info("job %s %s with status %d", self.name, event, status)
-        self.starter.finish(self, {"event": event, "job": self.run, "gen": self.gen, "status": status})
+        news = ENDINGS[self.ending or "exit"][0]
+        log.info("job %s %s with status %d", self.name, news, status)
+        self.starter.finish(self, {"op": news, "run": self.run, "gen": self.gen, "status": status})
 
     # -- ssh sessions ------------------------------------------------------
 
@@ -2986,16 +3051,16 @@ class Starter:
 
     # -- talking to the schedd ---------------------------------------------
 
-    def report(self, update):
+    def report(self, news):
         """Tell the schedd; if it is away, the next poll carries the news."""
         try:
-            self.schedd.call(dict(update, op="update", name=self.name))
+            self.schedd.call(dict(news, name=self.name))
         except (Unreachable, ProtocolError) as e:
-            log.warning("schedd unreachable (%s); the update waits for the next poll", e)
+            log.warning("schedd unreachable (%s); the news waits for the next poll", e)
             with self.lock:
-                self.pending.append(update)
+                self.pending.append(news)
         except SshjobError as e:  # the queue moved on (the job was vacated or removed meanwhile)
-            log.info("the schedd declined news of job %s: %s", update.get("job"), e)
+            log.info("the schedd declined news of job %s: %s", news.get("run"), e)
 
     @staticmethod
     def devpts_problem():
@@ -3027,21 +3092,21 @@ class Starter:
         backoff = 1.0
         while not self.stopping.is_set():
             with self.lock:
-                updates, self.pending = self.pending, []
+                news, self.pending = self.pending, []
                 running = {run: job.gen for run, job in self.jobs.items()}
             request = {"op": "poll", "name": self.name, "user": user_name(self.uid), "address": self.address,
                        "enable_ssh": self.enable_ssh, "pty_problem": self.pty_problem,
                        "reachable": self.reachable, "ssh_problem": sshd_problem(self.config, self.name),
                        "tls_fingerprint": self.tls_fingerprint,
                        "builtin_problem": self.builtin_problem, "slots": self.slots, "jobs": running,
-                       "updates": updates, "wait": min(POLL_WAIT, self.lease / 4)}
+                       "news": news, "wait": min(POLL_WAIT, self.lease / 4)}
             asked = time.time()
             try:
                 reply = self.schedd.call(request, timeout=max(2.0, min(request["wait"] + IO_TIMEOUT,
                                                                        self.lease_expiry - asked)))
             except Exception as e:
                 with self.lock:
-                    self.pending[:0] = updates
+                    self.pending[:0] = news
                 pause = min(backoff, max(1.0, self.lease_expiry - time.time()))  # and check the lease on time
                 log.warning("%s; retrying in %.0f s", describe(e), pause)
                 self.check_lease()
@@ -3067,14 +3132,15 @@ class Starter:
             return self.schedd
 
     def execute(self, command):
-        action = command.get("do")
-        if action == "run":
+        """One command of the schedd's (see MESSAGES)."""
+        action = command.get("op")
+        if action == "start":
             self.run_job(command)
             return
         if action == "connect_back":
             threading.Thread(target=self.connect_back, args=(command.get("id"),), daemon=True).start()
             return
-        job = self.jobs.get(command.get("job"))
+        job = self.jobs.get(command.get("run"))
         if job is None or command.get("gen", "") != job.gen:  # none, or a command for an earlier run
             return
         if action == "suspend":
@@ -3085,9 +3151,9 @@ class Starter:
             threading.Thread(target=job.terminate, args=(action,), daemon=True).start()
 
     def run_job(self, spec):
-        news = {"event": "failed", "job": spec.get("job"), "gen": spec.get("gen", "")}
-        if spec.get("job") in self.jobs:
-            self.report(dict(news, transient=True, reason="its previous run is still ending"))
+        news = {"op": "failed", "run": spec.get("run"), "gen": spec.get("gen", "")}
+        if spec.get("run") in self.jobs:
+            self.report(dict(news, transient=True, why="its previous run is still ending"))
             return
         try:
             job = Job(self, spec)
@@ -3096,15 +3162,15 @@ class Starter:
                     user_name(self.uid), job.owner.pw_name))
             job.start()
         except KeyError:
-            self.report(dict(news, reason="user %s does not exist on %s" % (spec.get("owner"), self.name)))
+            self.report(dict(news, why="user %s does not exist on %s" % (spec.get("owner"), self.name)))
             return
         except Exception as e:
             log.error("cannot start job %s: %s", spec.get("job"), describe(e))
-            self.report(dict(news, reason=describe(e)))
+            self.report(dict(news, why=describe(e)))
             return
         with self.lock:
             self.jobs[job.run] = job
-        self.report({"event": "started", "job": job.run, "gen": job.gen, "hostkey": job.hostkey, "pids": job.pids(),
+        self.report({"op": "started", "run": job.run, "gen": job.gen, "hostkey": job.hostkey, "pids": job.pids(),
                      "ssh_problem": login_shell_problem(job.owner)})
         threading.Thread(target=job.supervise, daemon=True).start()
 
@@ -3118,7 +3184,7 @@ class Starter:
             raise ProtocolError("unknown request %r" % op)
         if not self.enable_ssh:
             raise Refused("ssh to jobs is disabled on %s (enable_ssh_to_job = false)" % self.name)
-        run = field(message, "job", str)
+        run = field(message, "run", str)
         if op == "builtin":
             if not is_tls(sock):
                 raise Refused("the built-in transport runs inside TLS only")
@@ -3168,7 +3234,7 @@ class Starter:
         try:
             if sock.recv(1, socket.MSG_PEEK) == b"\x16" and self.tls:  # a TLS handshake
                 sock = self.tls.wrap_socket(sock, server_side=True)
-            message = recv_msg(sock)
+            message = recv_msg(sock, "its sender")
             admitted()
             self.answer(message, sock)
         except SshjobError as e:
@@ -3712,7 +3778,7 @@ class NodeStep:
                 ready = wait_for(waits + list(pending), timeout=max(0.0, wait))[0]
                 if channel in ready:
                     try:
-                        message = recv_msg(channel)
+                        message = recv_msg(channel, "the client")
                     except ProtocolError:  # the pipe's end: a proxy hands its socket to ssh and exits
                         waits.remove(channel)
                         message = None
@@ -3804,7 +3870,7 @@ class NodeStep:
         import pty
         send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name,
                            "node": self.node})
-        command, terminal, client_env = Job.builtin_request(recv_msg(channel))
+        command, terminal, client_env = Job.builtin_request(recv_msg(channel, "the client"))
         marks = session_marks(self.tag, self.pids, "1", self.name, self.node)
         argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), self.shells,
                                     self.workdir, command)
@@ -3841,7 +3907,10 @@ def run_slurm_step(config_path):
     step = None
     try:
         config = Config(config_path if config_path and os.path.exists(config_path) else None)
-        step = NodeStep(config, recv_msg(channel))
+        request = recv_msg(channel, "the client")
+        if request.get("op") != "session":
+            raise ProtocolError("a step's first message must ask for a session")
+        step = NodeStep(config, request)
         return step.serve(channel)
     except Exception as e:  # whatever it is, the client hears it as one sentence
         error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
@@ -3967,7 +4036,7 @@ class PoolSite(Site):
         return job_name(cluster, proc)
 
     def ticket(self, request):
-        reply = self.schedd.call({"op": "ssh_ticket", "job": request.job, "key": request.key,
+        reply = self.schedd.call({"op": "ticket", "job": request.job, "key": request.key,
                                   "holder": request.holder, "transport": request.transport,
                                   "interactive": request.interactive, "shells": request.shells,
                                   "command": request.command})
@@ -3976,7 +4045,7 @@ class PoolSite(Site):
     def connect_ssh(self, request, ticket=None):
         grant = (ticket or self.ticket(request)).grant
         sock = self.present(self.reach_starter(grant), {
-            "op": "ssh", "job": grant["run"], "key": request.key, "ticket": grant["ticket"]}, grant["job"])
+            "op": "ssh", "run": grant["run"], "key": request.key, "ticket": grant["ticket"]}, grant["job"])
         sock.settimeout(None)
         log.debug("the starter accepted the ticket for job %s", grant["job"])
         return sock, grant["hostkey"]
@@ -3986,7 +4055,7 @@ class PoolSite(Site):
         grant = ticket.grant
         tls = pinned_tls_connection(self.reach_starter(grant), grant["tls_fingerprint"],
                                     "the starter of job %s" % grant["job"])
-        return self.present(tls, dict(session, op="builtin", job=grant["run"], ticket=grant["ticket"]),
+        return self.present(tls, dict(session, op="builtin", run=grant["run"], ticket=grant["ticket"]),
                             grant["job"])
 
     @staticmethod
@@ -3995,7 +4064,7 @@ class PoolSite(Site):
         returned once the starter says yes, and closed on any failure."""
         try:
             send_msg(sock, message)
-            raise_for_reply(recv_msg(sock))
+            raise_for_reply(recv_msg(sock, "the starter of job %s" % job))
         except OSError as e:
             sock.close()
             raise Unreachable("the starter of job %s did not answer (%s)" % (job, e)) from None
@@ -4037,7 +4106,7 @@ class PoolSite(Site):
         return next((row["state"] for row in self.rows(True, job) if row["id"] == job), None)
 
     def remove(self, job):
-        self.schedd.call({"op": "act", "job": job, "action": "rm"})
+        self.schedd.call({"op": "rm", "job": job})
 
     def queue(self, everyone=False):
         table = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
@@ -4233,8 +4302,8 @@ class SlurmSite(Site):
     def open_builtin(self, ticket, session):
         step = self.step_for(ticket, "builtin")
         try:
-            send_msg(step.channel, session)
-            raise_for_reply(recv_msg(step.channel))
+            send_msg(step.channel, dict(session, op="builtin"))
+            raise_for_reply(recv_msg(step.channel, "the step on node %s" % self.target[1]))
         except (OSError, ProtocolError):
             raise step.failure() from None
         return step.channel
@@ -4295,12 +4364,12 @@ class SlurmStep:
         self.channel.settimeout(60)
         try:
             self.boot()
-            send_msg(self.channel, {"key": request.key, "transport": request.transport,
+            send_msg(self.channel, {"op": "session", "key": request.key, "transport": request.transport,
                                     "interactive": request.interactive, "workdir": self.site.target[2],
                                     "shells": request.shells, "job": self.site.spec,
                                     "direct": self.site.config.flag("slurm_direct"),
                                     "batch_host": self.site.batch_host, "started": self.site.started})
-            self.reply = raise_for_reply(recv_msg(self.channel))
+            self.reply = raise_for_reply(recv_msg(self.channel, "the step on node %s" % self.site.target[1]))
         except (OSError, ProtocolError):
             raise self.failure() from None
 
@@ -5041,10 +5110,6 @@ def wait_foreground(child):
         raise
 
 
-LOST_SESSION = {"removed": "was removed", "completed": "finished", "idle": "was pre-empted (vacated)",
-                "starting": "was pre-empted (vacated)"}
-
-
 def explain_lost_session(site, job):
     """ssh failed: if the job's end is why, say so in a sentence."""
     try:
@@ -5053,8 +5118,8 @@ def explain_lost_session(site, job):
         raise JobGone("the session ended, and %s: its pool may have been stopped" % e) from None
     except SshjobError:
         return
-    if state in LOST_SESSION:
-        raise JobGone("the session ended because job %s %s" % (job, LOST_SESSION[state]))
+    if state in ENDED:
+        raise JobGone("the session ended because job %s %s" % (job, ENDED[state]))
 
 
 @contextlib.contextmanager
@@ -5072,10 +5137,8 @@ def raw_terminal(fd):
 def session_end(news):
     """The remote exit status; a sentence instead if the job's end ended the session."""
     ending = news.get("ending")
-    if ending in ("rm", "vacate", "lease"):
-        raise JobGone("the session ended because job %s %s" % (news.get("job"), {
-            "rm": "was removed", "vacate": "was pre-empted (vacated)",
-            "lease": "lost its lease: its starter could not reach the schedd; it will run again"}[ending]))
+    if ending in ENDINGS and ending != "exit":
+        raise JobGone("the session ended because job %s %s" % (news.get("job"), ENDINGS[ending][2]))
     return field(news, "status", int)
 
 
@@ -5567,7 +5630,7 @@ def run_submit(config_path, argv):
         return enter_job(config_path, ClientOptions(job=jobs[0], auto_retry=True, remove_on_interrupt=True))
     finally:
         with contextlib.suppress(SshjobError):
-            schedd.call({"op": "act", "job": jobs[0], "action": "rm"})
+            schedd.call({"op": "rm", "job": jobs[0]})
 
 
 def run_q(config_path, argv):
@@ -5621,8 +5684,8 @@ def run_action(action, config_path, argv):
     for text in args.jobs:
         parse_job_id(text)
     for text in args.jobs:
-        reply = schedd.call({"op": "act", "job": text, "action": action})
-        print("Job %s %s." % (reply["job"], ACTION_DONE[action]))
+        reply = schedd.call({"op": action, "job": text})
+        print("Job %s %s." % (reply["job"], JOB_ACTIONS[action][1]))
     return 0
 
 
@@ -5894,6 +5957,8 @@ def raise_fd_limit():
 
 
 def dispatch(config_path, debug, role, rest):
+    global ROLE
+    ROLE = {"slurm-step": "Slurm step"}.get(role, role)
     if role in ("help", "version"):
         sys.stdout.write(USAGE + ROLES if role == "help" else "sshjob %s\n" % __version__)
         return 0
@@ -5904,7 +5969,7 @@ def dispatch(config_path, debug, role, rest):
               "proxy": run_proxy}
     if role in simple:
         return simple[role](config_path, rest)
-    if role in ACTION_DONE:
+    if role in JOB_ACTIONS:
         return run_action(role, config_path, rest)
     if role == "bridge":
         return run_bridge(rest)

@@ -36,7 +36,7 @@ def test_the_unpacked_module_is_compiled_once_even_where_bytecode_is_not_written
     for python in INTERPRETERS:
         for _ in range(2):  # the first run unpacks, the second imports from the unpacked copy
             result = run([python, os.path.join(base, "sshjob.pyz"), "--version"], env=env)
-            assert (result.returncode, result.stdout) == (0, "sshjob 0.1.0\n"), result.stderr
+            assert (result.returncode, result.stdout) == (0, "sshjob 0.2.0\n"), result.stderr
         tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
                              stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
         compiled = [name for _, _, names in os.walk(str(tmp_path / ".shiv")) for name in names]

@@ -232,7 +232,7 @@ def test_a_malformed_frame_ends_that_session_only(pool_without_sshd, tmp_path):
     holder = "ab" * 32
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(os.path.join(pool.dir, "schedd.sock"))
-    request = json.dumps({"op": "ssh_ticket", "job": job, "holder": hashlib.sha256(holder.encode()).hexdigest(),
+    request = json.dumps({"op": "ticket", "v": 2, "job": job, "holder": hashlib.sha256(holder.encode()).hexdigest(),
                           "transport": "builtin"}).encode()
     sock.sendall(struct.pack("!I", len(request)) + request)
     ticket = json.loads(sock.recv(65536)[4:].decode())
@@ -243,7 +243,7 @@ def test_a_malformed_frame_ends_that_session_only(pool_without_sshd, tmp_path):
     context.verify_mode = ssl.CERT_NONE
     tls = context.wrap_socket(socket.create_connection((host, int(port))))
     assert hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest() == ticket["tls_fingerprint"]
-    hello = json.dumps({"op": "builtin", "job": ticket["run"], "holder": holder, "ticket": ticket["ticket"],
+    hello = json.dumps({"op": "builtin", "v": 2, "run": ticket["run"], "holder": holder, "ticket": ticket["ticket"],
                         "command": "sleep 60"}).encode()
     tls.sendall(struct.pack("!I", len(hello)) + hello)
     assert b'"ok":true' in tls.recv(65536)

@@ -195,7 +195,7 @@ def test_build_without_shiv_says_what_to_install():
 def test_the_pyz_runs_with_a_home_that_cannot_be_written(base, python):
     result = run([python, os.path.join(base, "sshjob.pyz"), "--version"], env={"HOME": "/proc", "PATH": "/usr/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "sshjob 0.1.0\n"
+    assert result.stdout == "sshjob 0.2.0\n"
 
 
 def test_messages_name_the_cause(pool):

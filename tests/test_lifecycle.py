@@ -167,7 +167,7 @@ def raw_submit(pool, n):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(os.path.join(pool.dir, "schedd.sock"))
-    data = json.dumps({"op": "submit", "cmd": ["echo", str(n)], "env": {}, "workdir": pool.dir}).encode()
+    data = json.dumps({"op": "submit", "v": 2, "cmd": ["echo", str(n)], "env": {}, "workdir": pool.dir}).encode()
     sock.sendall(struct.pack("!I", len(data)) + data)
     reply = b""
     while True:

@@ -16,7 +16,8 @@ import pytest
 
 
 def frame(obj):
-    data = json.dumps(obj).encode()
+    """A message of sshjob's protocol 2, by hand: its version goes with every object."""
+    data = json.dumps(dict({"v": 2}, **obj) if isinstance(obj, dict) and "v" not in obj else obj).encode()
     return struct.pack("!I", len(data)) + data
 
 
@@ -84,9 +85,10 @@ GARBAGE = [
     frame({"op": 17}),
     frame({"op": "submit", "cmd": "not a list", "env": {}, "workdir": "/"}),
     frame({"op": "submit", "cmd": [1, 2], "env": {}, "workdir": "/"}),
-    frame({"op": "act", "job": "1.0", "action": "explode"}),
-    frame({"op": "ssh_ticket", "job": "1", "key": "ssh-ed25519 AAAA\ncommand=\"evil\""}),
-    frame({"op": "ssh", "job": "1.0", "node": "zero", "key": 5}),
+    frame({"op": "explode", "job": "1.0"}),
+    frame({"op": "ticket", "job": "1", "key": "ssh-ed25519 AAAA\ncommand=\"evil\""}),
+    frame({"op": "ssh", "run": "1.0", "node": "zero", "key": 5}),
+    frame({"op": "ping", "v": 1}),
     struct.pack("!I", 50000) + b"[" * 50000,
 ]
 
@@ -114,7 +116,7 @@ def test_malformed_frames_get_an_error_or_a_close_and_the_daemon_serves_on(pool,
     fds_before, threads_before = open_fds(pid), threads(pid)
     rng = random.Random(7)
     payloads = GARBAGE + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(1000)]
-    payloads += [frame({"op": rng.choice(["ssh", "poll", "update", "act", "submit", "ssh_ticket"]),
+    payloads += [frame({"op": rng.choice(["ssh", "poll", "exited", "release", "submit", "ticket"]),
                         "job": rng.choice([None, 5, "1.0", "x" * 1000]), "ticket": rng.choice([None, {}, [], "t"])})
                  for _ in range(1000)]
     for payload in payloads:
@@ -145,7 +147,7 @@ def session_key(tmp_path, name):
 
 
 def ticket_for(pool, job, key):
-    reply = exchange(schedd_connector(pool), frame({"op": "ssh_ticket", "job": job, "key": key, "shells": []}))
+    reply = exchange(schedd_connector(pool), frame({"op": "ticket", "job": job, "key": key, "shells": []}))
     assert reply["ok"], reply
     assert reply["run"] == job + ".0"  # the id between schedd and starter names the node
     return reply["ticket"]
@@ -156,7 +158,7 @@ def present_and_read_banner(pool, job, key, ticket):
     sock = starter_connector(pool)()
     sock.settimeout(20)
     try:
-        sock.sendall(frame({"op": "ssh", "job": job + ".0", "key": key, "ticket": ticket}))
+        sock.sendall(frame({"op": "ssh", "run": job + ".0", "key": key, "ticket": ticket}))
         (size,) = struct.unpack("!I", recv_exactly(sock, 4))
         reply = json.loads(recv_exactly(sock, size).decode())
         if reply["ok"]:
@@ -185,7 +187,7 @@ def test_tickets_are_single_use_bound_to_key_and_job_and_expire(pool, tmp_path):
     granted = present_and_read_banner(pool, job, key, ticket)
     assert granted["ok"] and granted["banner"].startswith(b"SSH-2.0-")
     replay = present_and_read_banner(pool, job, key, ticket)
-    assert replay == {"ok": False, "kind": "ticket", "error": "the ticket was already used"}
+    assert (replay["ok"], replay["kind"], replay["error"]) == (False, "ticket", "the ticket was already used")
 
     wrong_key = present_and_read_banner(pool, job, other_key, ticket_for(pool, job, key))
     assert wrong_key["error"] == "the ticket was issued for another key"
@@ -213,9 +215,21 @@ def test_tickets_need_an_authorised_requester(pool, users):
     argv = ["runuser", "-u", users[1], "--", "/usr/bin/python3", "-c", """
 import json, socket, struct, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-d = json.dumps({"op": "ssh_ticket", "job": sys.argv[2], "key": sys.argv[3]}).encode()
+d = json.dumps({"op": "ticket", "v": 2, "job": sys.argv[2], "key": sys.argv[3]}).encode()
 s.sendall(struct.pack("!I", len(d)) + d)
 print(s.recv(65536)[4:].decode())
 """, os.path.join(pool.dir, "schedd.sock"), job, key]
     reply = json.loads(subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout.decode())
     assert reply["ok"] is False and reply["kind"] == "refused"
+
+
+@pytest.mark.parametrize("target", ["schedd", "starter"])
+def test_a_peer_of_another_version_gets_a_sentence_naming_both(pool, target):
+    connect = (schedd_connector if target == "schedd" else starter_connector)(pool)
+    old = b'{"op": "ping"}'  # as sshjob 0.1.0 wrote it: no version
+    reply = exchange(connect, struct.pack("!I", len(old)) + old)
+    assert reply["ok"] is False and reply["kind"] == "protocol"
+    assert reply["error"] == ("its sender runs sshjob 0.1.0 or older (protocol 1), and this %s runs sshjob %s "
+                              "(protocol 2): use one version of sshjob on both" % (target, reply["sshjob"]))
+    newer = exchange(connect, frame({"op": "ping", "v": 3, "sshjob": "9.0"}))
+    assert "its sender runs sshjob 9.0 (protocol 3)" in newer["error"]

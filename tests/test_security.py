@@ -81,7 +81,8 @@ print(swaps)
 
 
 def frame(obj):
-    data = json.dumps(obj).encode()
+    """A message of sshjob's protocol 2, by hand."""
+    data = json.dumps(dict(obj, v=2)).encode()
     return struct.pack("!I", len(data)) + data
 
 
@@ -131,7 +132,7 @@ def session_key(tmp_path):
 
 
 def ticket(pool, job, key=None, holder=None):
-    message = {"op": "ssh_ticket", "job": job, "shells": [], "command": None,
+    message = {"op": "ticket", "job": job, "shells": [], "command": None,
                "transport": "openssh" if key else "builtin", "key": key,
                "holder": holder and hashlib.sha256(holder.encode()).hexdigest()}
     reply = request(unix(os.path.join(pool.dir, "schedd.sock")), message)
@@ -149,8 +150,8 @@ def bare_session(pool, job, key):
     a session directory and starts sshd, as for a real session."""
     granted = ticket(pool, job, key=key)
     reply = request(socket.create_connection(address(granted["address"]), timeout=30),
-                    {"op": "ssh", "job": granted["run"], "key": key, "ticket": granted["ticket"]})
-    assert reply == {"ok": True}, reply
+                    {"op": "ssh", "run": granted["run"], "key": key, "ticket": granted["ticket"]})
+    assert reply["ok"] is True, reply
 
 
 def daemon_pid(pool, role):
@@ -346,7 +347,7 @@ def starter_token(pool, name, *options):
 
 def as_starter(pool, token, name, **fields):
     message = dict({"op": "poll", "name": name, "user": "root", "address": "127.0.0.9:1", "jobs": {},
-                    "updates": [], "wait": 0, "token": token}, **fields)
+                    "news": [], "wait": 0, "token": token}, **fields)
     return request(tls(("127.0.0.1", pool.tls_port)), message)
 
 
@@ -359,15 +360,15 @@ def test_a_starter_token_speaks_for_its_own_starter_only(tls_pool, users):
     hijack = as_starter(pool, evil, own_starter, ssh_problem="no sshd", tls_fingerprint="ab" * 32)
     assert hijack["ok"] is False and "this token speaks for starter starter@evil, not for %s" % own_starter \
         in hijack["error"]
-    update = request(tls(("127.0.0.1", pool.tls_port)), {"op": "update", "name": own_starter, "event": "exited",
-                                                          "job": job + ".0", "status": 0, "token": evil})
+    update = request(tls(("127.0.0.1", pool.tls_port)), {"op": "exited", "name": own_starter, "run": job + ".0",
+                                                          "status": 0, "token": evil})
     assert update["ok"] is False and "speaks for starter starter@evil" in update["error"]
     relay = request(tls(("127.0.0.1", pool.tls_port)), {"op": "relay_accept", "name": own_starter, "id": "x",
                                                          "token": evil})
     assert relay["ok"] is False
 
     # The evil starter's own news about the victim's job is not believed.
-    news = as_starter(pool, evil, "starter@evil", updates=[{"event": "exited", "job": job + ".0", "status": 0}])
+    news = as_starter(pool, evil, "starter@evil", news=[{"op": "exited", "run": job + ".0", "status": 0}])
     assert news["ok"] is True
     assert pool.state(job) == "running"
     debug = pool.sshjob("client", "-debug", job, "echo mine", user=BOB)
@@ -507,7 +508,7 @@ def test_malformed_builtin_requests_leak_no_pty_and_no_fd(pool, users):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         sock = context.wrap_socket(socket.create_connection(address(granted["address"]), timeout=30))
-        message = {"op": "builtin", "job": granted["run"], "holder": holder, "ticket": granted["ticket"],
+        message = {"op": "builtin", "run": granted["run"], "holder": holder, "ticket": granted["ticket"],
                    "command": None if n % 2 else "true\u0000", "pty": bad_terminals[n % 4]}
         with sock:
             sock.sendall(frame(message))

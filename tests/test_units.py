@@ -185,3 +185,46 @@ def test_known_hosts_keep_one_key_per_name(tmp_path):
     sshjob.remember_host_key(path, "1.0.sshjob", keys[2])
     with open(path) as f:
         assert f.read().splitlines() == ["2.0.sshjob " + keys[1], "1.0.sshjob " + keys[2]]
+
+
+# -- the wire protocol ----------------------------------------------------------------
+
+
+def test_messages_carry_their_version_and_a_peer_of_another_is_named():
+    ours, theirs = socket.socketpair()
+    sshjob.send_msg(ours, {"op": "ping"})
+    assert sshjob.recv_msg(theirs) == {"op": "ping", "v": sshjob.PROTOCOL, "sshjob": sshjob.__version__}
+    old = b'{"ok": true, "name": "vm"}'
+    ours.sendall(len(old).to_bytes(4, "big") + old)
+    with pytest.raises(sshjob.ProtocolError) as caught:
+        sshjob.recv_msg(theirs, "the schedd at /p/schedd.sock")
+    assert str(caught.value) == ("the schedd at /p/schedd.sock runs sshjob 0.1.0 or older (protocol 1), and this "
+                                 "program runs sshjob %s (protocol %d): use one version of sshjob on both"
+                                 % (sshjob.__version__, sshjob.PROTOCOL))
+
+
+def test_every_op_is_in_the_table_once_and_each_receiver_knows_its_own():
+    ops = [op for op, _, _, _ in sshjob.MESSAGES]
+    assert len(ops) == len(set(ops))
+    assert sshjob.Schedd.OPS == sshjob.receives("schedd") >= set(sshjob.JOB_ACTIONS) | sshjob.Schedd.NEWS
+    assert sshjob.Schedd.NEWS == {news for news, _, _ in sshjob.ENDINGS.values()} | {"started", "sessions_open",
+                                                                                        "failed"}
+    assert sshjob.receives("step") == {"builtin", "session", "pipe"}
+
+
+@pytest.mark.parametrize("kind, payload", [(sshjob.STDOUT, b"x" * 10), (sshjob.EXIT, b'{"status": 3}'),
+                                           (sshjob.RESIZE, sshjob.WINSIZE.pack(50, 132))])
+def test_channel_frames_go_through_whole(kind, payload):
+    ours, theirs = socket.socketpair()
+    sshjob.send_frame(ours, kind, payload)
+    assert sshjob.recv_frame(theirs) == (kind, payload)
+    ours.close()
+    assert sshjob.recv_frame(theirs) == (None, b"")
+
+
+@pytest.mark.parametrize("raw", [b"\x09\x00\x00\x00\x00", b"\x01\x00\x10\x00\x01"], ids=["kind", "size"])
+def test_a_malformed_channel_frame_is_refused(raw):
+    ours, theirs = socket.socketpair()
+    ours.sendall(raw)
+    with pytest.raises(sshjob.ProtocolError, match="malformed channel frame"):
+        sshjob.recv_frame(theirs)
