@@ -1826,17 +1826,6 @@ def sshd_version(sshd):
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def welcome(job, node, pids):
-    return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
-        job, node, " ".join(str(pid) for pid in pids))
-
-
-def session_marks(tag, pids, part, job, node):
-    """The variables that make a session's processes the job's."""
-    return {TAG_VAR: tag, PIDS_VAR: " ".join(str(pid) for pid in pids), SESSION_VAR: part,
-            "SSHJOB_JOB_ID": job, "SSHJOB_NODE": str(node)}
-
-
 def job_variables(job_env):
     """What of the job's environment its sessions get: all but bash's state
     and the variables of the ssh connection that submitted the job (a stale
@@ -1853,15 +1842,15 @@ def session_variables(job_env, client_env, marks):
     return env
 
 
-def session_script(job, env, tag, pids, node, workdir, shells, greeting):
+def session_script(context, shells, part):
     """A session's forced command: sshd gives every session a fresh
     environment in $HOME, so this script puts back the job's environment
     and working directory, then runs the requested command or a shell.
     The client's terminal, display and locale, if it brings them, win."""
     q = shlex.quote
-    lines = ["# sshjob session in job %s" % job]
-    marks = session_marks(tag, pids, "1", job, node)
-    variables = job_variables(env)
+    lines = ["# sshjob %s in job %s" % (part, context.name)]
+    marks = context.marks(part)
+    variables = job_variables(context.env)
     for name, value in sorted(variables.items()):
         if not SHELL_NAME.fullmatch(name) or name in marks:
             continue
@@ -1870,34 +1859,41 @@ def session_script(job, env, tag, pids, node, workdir, shells, greeting):
         else:
             lines.append("export %s=%s" % (name, q(value)))
     lines.append("export " + " ".join("%s=%s" % (name, q(value)) for name, value in marks.items()))
-    lines += shell_and_workdir(shells, workdir)
+    lines += shell_and_workdir(shells, context.workdir)
     functions = with_exported_functions(variables)
     lines += [
         "unset SHLVL",  # the session's shell is a top-level one: it reads ~/.bashrc (see sshd_config)
         'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec %s"$SHELL" -c "$SSH_ORIGINAL_COMMAND"; fi' % functions,
-        "printf %%s %s" % q(greeting),
+        "printf %%s %s" % q(context.welcome()),
         'exec %s"$SHELL" -l' % functions,
     ]
     return "\n".join(lines) + "\n"
 
 
-def builtin_session(owner, env, shells, workdir, command):
-    """(argv, environment) of a built-in session of user `owner`: its
-    shell, or `command` run by that shell, in the job's working directory."""
+def builtin_session(context, client_env, part, shells, command):
+    """(argv, environment) of built-in session `part`: the job's shell, or
+    `command` run by that shell, in the job's working directory, with the
+    job's environment, the client's terminal, display and locale, and the
+    marks that make it the job's."""
+    owner = context.owner
+    env = session_variables(context.env, client_env, context.marks(part))
     base = {"HOME": owner.pw_dir, "USER": owner.pw_name, "LOGNAME": owner.pw_name, "PATH": os.defpath}
     base.update(env)
     functions = with_exported_functions(env)
-    script = "\n".join(shell_and_workdir(shells, workdir) + [
+    script = "\n".join(shell_and_workdir(shells, context.workdir) + [
         'if [ "$#" -gt 0 ]; then exec %s"$SHELL" -c "$1"; fi' % functions, 'exec %s"$SHELL" -l' % functions])
     return ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else []), base
 
 
 class BuiltinSession:
-    """The starter's half: the job's shell or command, on a PTY or on pipes,
-    relayed to and from the client's TLS stream."""
+    """The node's half: the job's shell or command, on a PTY or on pipes,
+    relayed to and from the client's channel (TLS, or srun's pipe).  Its
+    last frame says the exit status of job `name`'s session, and how the
+    job ended, if its end is what ended the session (`ending()`)."""
 
-    def __init__(self, job, sock, proc, master=None):
-        self.job = job
+    def __init__(self, sock, proc, master, name, ending):
+        self.name = name
+        self.ending = ending
         self.sock = sock
         self.proc = proc
         self.master = master
@@ -1936,8 +1932,8 @@ class BuiltinSession:
                     self.pass_output(fd)
         status = exit_status(self.proc.wait())
         with contextlib.suppress(OSError):
-            send_frame(self.sock, EXIT, json.dumps({"status": status, "ending": self.job.ending,
-                                                         "job": self.job.name}).encode())
+            send_frame(self.sock, EXIT, json.dumps({"status": status, "ending": self.ending(),
+                                                         "job": self.name}).encode())
         return status
 
     def take_from_client(self):
@@ -1993,6 +1989,239 @@ class BuiltinSession:
 def controlling_terminal():
     """A preexec step: make the PTY on stdin the new session's terminal."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def devpts_problem():
+    """Why an sshd that runs as a job's owner gets no terminal here, or
+    None: it must give its PTY to the tty group, which a devpts mounted
+    without gid=5 (as in many containers) refuses."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+        options = next((m[3].split(",") for m in mounts if m[1:3] == ["/dev/pts", "devpts"]), None)
+        tty = grp.getgrnam("tty").gr_gid
+    except (OSError, KeyError):
+        return None
+    if options is None or "gid=%d" % tty in options:
+        return None
+    return "this node's /dev/pts is mounted without gid=%d (the tty group), so sshd gets no terminal for " \
+           "an ordinary user" % tty
+
+
+def builtin_request(session):
+    """(command, terminal, client environment) of a built-in session,
+    checked before anything is allocated for it.  terminal is None, or
+    (rows, columns, TERM) for a PTY."""
+    command = session.get("command")
+    if command is not None and (not isinstance(command, str) or "\0" in command):
+        raise ProtocolError("the command is malformed")
+    terminal = session.get("pty")
+    if terminal is not None:
+        if not isinstance(terminal, dict):
+            raise ProtocolError("the terminal is malformed")
+        rows, columns = field(terminal, "rows", int, 24), field(terminal, "columns", int, 80)
+        term = field(terminal, "term", str, "xterm")
+        if not (0 < rows < 65536 and 0 < columns < 65536) or "\0" in term:
+            raise ProtocolError("the terminal is malformed")
+        terminal = (rows, columns, term)
+    env = session.get("env") if isinstance(session.get("env"), dict) else {}
+    env = {k: v for k, v in env.items() if CLIENT_VARIABLES.fullmatch(k) and isinstance(v, str) and "\0" not in v}
+    return command, terminal, env
+
+
+class JobContext:
+    """What a session needs of the job it enters, wherever the job lives:
+    its name as users type it, its owner (a passwd entry), its environment
+    and working directory, its processes (the first one first), the tag
+    that every process of the job carries, and where it runs: the node's
+    host name and its index among the job's nodes."""
+
+    def __init__(self, name, owner, env, workdir, pids, tag, node, index=0):
+        self.name = name
+        self.owner = owner
+        self.env = env
+        self.workdir = workdir
+        self.pids = pids
+        self.tag = tag
+        self.node = node
+        self.index = index
+
+    def marks(self, part):
+        """The variables that make the processes of session `part` the job's."""
+        return {TAG_VAR: self.tag, PIDS_VAR: " ".join(str(pid) for pid in self.pids), SESSION_VAR: part,
+                "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": self.node, "SSHJOB_NODE_INDEX": str(self.index)}
+
+    def welcome(self):
+        return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
+            self.name, self.node, " ".join(str(pid) for pid in self.pids))
+
+
+class SessionHost:
+    """The node's side of every session, wherever the job lives: the pool's
+    starter and a Slurm step each have one, as OpenSSH's session.c serves
+    every kind of session with one do_child.  It says why this node cannot
+    run sshd or give it a terminal, writes the files of a one-off `sshd -i`
+    and starts it on the client's connection, or runs a built-in session
+    itself and relays it; and it keeps count of the sessions that live.
+
+    What differs between the places jobs live comes in as arguments: where
+    the sessions' files go (`files`) and to whom they belong (`file_owner`:
+    (uid, gid), for a root starter), the job's host key, where sshd writes
+    its complaints (`sshd_log`, else the inherited stderr), the job's
+    ProcessFamily (where the starter keeps one: a session's processes join
+    it), and the steps a new process takes before it runs (`become()`: the
+    owner's privileges; `terminals`: private terminals for sshd)."""
+
+    def __init__(self, config, files, host_key, family=None, become=lambda: None, file_owner=None,
+                 terminals=None, sshd_log=None):
+        self.config = config
+        self.files = files
+        self.host_key = host_key
+        self.family = family
+        self.become = become
+        self.file_owner = file_owner
+        self.terminals = terminals
+        self.sshd_log = sshd_log
+        self.sessions = set()  # the processes of the sessions that live: sshd, or a built-in session's shell
+        self.changed = threading.Condition()
+        self.count = 0
+
+    def part(self):
+        """A name for a new session: its cgroup's, its files' directory's."""
+        with self.changed:
+            self.count += 1
+            return "session-%d" % self.count
+
+    # -- OpenSSH -----------------------------------------------------------------
+
+    def prepare_sshd(self, context, key, shells):
+        """The files of an sshd session for `key` only; returns its directory.
+        Made before the client hears yes, so that a full disk is a sentence.
+        The directory stays the host's (root's, for a root starter): the
+        owner's sshd reads the files, and the owner can swap none."""
+        sdir = os.path.join(self.files, self.part())
+        try:
+            os.mkdir(sdir, 0o711)
+            files = {"authorized_keys": key + "\n",
+                     "session.sh": session_script(context, shells, os.path.basename(sdir)),
+                     "sshd_config": sshd_config(self.config, self.host_key, sdir, context.owner)}
+            for name, text in files.items():
+                write_private(os.path.join(sdir, name), text, self.file_owner)
+        except OSError as e:
+            shutil.rmtree(sdir, ignore_errors=True)
+            raise StorageError("node %s cannot prepare the session (%s)" % (context.node, e)) from None
+        return sdir
+
+    def start_sshd(self, context, sdir, connection):
+        """`sshd -i` on `connection` (a socket, or the pair of descriptors
+        srun's pipe gives), as the job's owner, with the files in `sdir`;
+        the directory goes when the session ends."""
+        sshd = find_program(self.config, "sshd", "node " + context.node)
+        part = os.path.basename(sdir)
+        ends = (connection.fileno(), connection.fileno()) if hasattr(connection, "fileno") else connection
+        if os.geteuid() == 0 and context.owner.pw_uid == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        errors = self.sshd_log and os.open(self.sshd_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                                           0o600)
+        terminals = self.terminals if context.owner.pw_uid else None
+        try:
+            proc = subprocess.Popen(
+                [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
+                stdin=ends[0], stdout=ends[1], stderr=errors or None, close_fds=True, cwd="/",
+                env={"PATH": os.defpath, TAG_VAR: context.tag, SESSION_VAR: part},
+                preexec_fn=child_setup(self.joined(), terminals, self.become()), start_new_session=True)
+        finally:
+            if errors:
+                os.close(errors)
+        self.track(proc)
+        threading.Thread(target=self.end, args=(proc, sdir), daemon=True).start()
+        log.info("job %s: %s started, sshd pid %d", context.name, part, proc.pid)
+        return proc
+
+    # -- the built-in transport --------------------------------------------------
+
+    def run_builtin(self, context, channel, session, shells, ending=lambda: None, accepted=lambda: None):
+        """Run the session's shell or command as the job's owner, in its
+        working directory and environment, on a PTY if the client has a
+        terminal, and relay it over `channel` until it ends; returns its
+        exit status.  `accepted()` tells the client yes once the session
+        runs; `ending()` says, as the session ends, whether the job's end
+        ended it (see ENDINGS)."""
+        import pty
+        command, terminal, client_env = builtin_request(session)
+        part = self.part()
+        argv, env = builtin_session(context, client_env, part, shells, command)
+        steps = [self.joined(), self.become()]
+        master = slave = None
+        try:
+            if terminal:
+                master, slave = pty.openpty()
+                set_window_size(master, terminal[0], terminal[1])
+                if self.file_owner:
+                    os.fchown(slave, *self.file_owner)
+                env["TERM"] = terminal[2]
+                streams = {"stdin": slave, "stdout": slave, "stderr": slave}
+                steps.insert(0, controlling_terminal)
+            else:
+                streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True,
+                                    preexec_fn=child_setup(*steps), **streams)
+        except BaseException as e:
+            for fd in (master, slave):
+                if fd is not None:
+                    os.close(fd)
+            if isinstance(e, (OSError, subprocess.SubprocessError)):
+                raise StorageError("node %s cannot start the session (%s)" % (context.node, describe(e))) from None
+            raise
+        self.track(proc)
+        log.info("job %s: built-in %s started, pid %d%s", context.name, part, proc.pid, " on a PTY" * bool(master))
+        try:
+            accepted()
+            if master is not None:
+                os.close(slave)
+                if command is None:
+                    send_frame(channel, STDOUT, context.welcome().replace("\n", "\r\n").encode())
+            return BuiltinSession(channel, proc, master, context.name, ending).run()
+        except (OSError, SshjobError) as e:
+            log.info("job %s: built-in %s lost its client: %s", context.name, part, e)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGHUP)
+            return None
+        finally:
+            if master is not None:
+                os.close(master)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+            self.end(proc)
+
+    # -- the sessions that live --------------------------------------------------
+
+    def joined(self):
+        """A preexec step that puts a new process in the job's family, if it has one."""
+        return self.family.enter("sessions") if self.family else None
+
+    def track(self, proc):
+        if self.family:
+            self.family.leaders.append(proc)
+        with self.changed:
+            self.sessions.add(proc)
+
+    def end(self, proc, sdir=None):
+        """Wait for a session's process; then it is gone, and its files."""
+        proc.wait()
+        if sdir:
+            shutil.rmtree(sdir, ignore_errors=True)
+        with self.changed:
+            self.sessions.discard(proc)
+            self.changed.notify_all()
+        log.debug("a session ended (pid %d)", proc.pid)
+
+    def wait_for_sessions(self):
+        """Until no session lives."""
+        with self.changed:
+            while self.sessions:
+                self.changed.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -2765,9 +2994,8 @@ class Job:
         self.family = None
         self.process = None
         self.hostkey = None
-        self.sessions = set()
-        self.ending = None  # "rm" or "vacate" once the schedd ends it
-        self.session_count = 0
+        self.ending = None  # "rm" or "vacate" once the schedd ends it (see ENDINGS)
+        self.host = None  # its SessionHost, once it runs
 
     # -- the job's own processes -------------------------------------------
 
@@ -2786,7 +3014,8 @@ class Job:
             env.setdefault("USER", self.owner.pw_name)
             env.setdefault("LOGNAME", self.owner.pw_name)
             env.setdefault("PATH", os.defpath)
-            env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": str(self.node)})
+            env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": socket.gethostname(),
+                        "SSHJOB_NODE_INDEX": str(self.node)})
             wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
                        'exec %s"$@" <"/dev/null" >>"$o" 2>>"$e"' % (PIDS_VAR, with_exported_functions(env)))
             self.process = subprocess.Popen(
@@ -2799,6 +3028,8 @@ class Job:
             self.discard()
             raise
         self.family.leaders.append(self.process)
+        self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
+                                self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"))
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def discard(self):
@@ -2846,11 +3077,9 @@ class Job:
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
-        if self.sessions and not self.ending:
+        if self.host.sessions and not self.ending:
             self.starter.report({"op": "sessions_open", "run": self.run, "gen": self.gen})
-        with self.starter.lock:
-            while self.sessions:
-                self.starter.sessions_changed.wait()
+        self.host.wait_for_sessions()
         self.family.remove()  # what the job left behind goes with it
         shutil.rmtree(self.dir, ignore_errors=True)
         news = ENDINGS[self.ending or "exit"][0]
@@ -2859,141 +3088,19 @@ class Job:
 
     # -- ssh sessions ------------------------------------------------------
 
-    def new_session_part(self):
-        with self.starter.lock:
-            self.session_count += 1
-            return "session-%d" % self.session_count
-
-    def prepare_session(self, key, shells):
-        """The files of an sshd session for `key` only; returns its directory.
-        Made before the client hears yes, so that a full disk is a sentence."""
-        sdir = os.path.join(self.dir, self.new_session_part())
+    def become(self):
+        """The preexec step that turns a child of a root starter into the
+        job's owner, who must still exist."""
         try:
-            os.mkdir(sdir, 0o711)  # stays root's: the owner's sshd reads the files, and the owner can swap none
-            files = {"authorized_keys": key + "\n", "session.sh": self.session_script(shells),
-                     "sshd_config": self.sshd_config(sdir)}
-            for name, text in files.items():
-                write_private(os.path.join(sdir, name), text, self.file_owner())
-        except OSError as e:
-            shutil.rmtree(sdir, ignore_errors=True)
-            raise StorageError("the starter %s cannot prepare the session (%s)" % (self.starter.name, e)) from None
-        return sdir
+            return privileges_of(self.owner.pw_name)
+        except KeyError:
+            raise Refused("the owner of job %s, %s, no longer exists on %s" % (
+                self.name, self.owner.pw_name, self.starter.name)) from None
 
-    def open_session(self, sock, sdir):
-        """Start `sshd -i` on `sock`, as the job's owner, with the files in `sdir`."""
-        sshd = find_program(self.starter.config, "sshd")
-        part = os.path.basename(sdir)
-        if os.geteuid() == 0 and self.owner.pw_uid == 0:
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        errors = os.open(os.path.join(self.dir, "sshd.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                         0o600)
-        terminals = self.starter.terminals if self.owner.pw_uid else None
-        try:
-            proc = subprocess.Popen(
-                [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
-                stdin=sock.fileno(), stdout=sock.fileno(), stderr=errors, close_fds=True, cwd="/",
-                env={"PATH": os.defpath, TAG_VAR: self.family.tag, SESSION_VAR: part},
-                preexec_fn=child_setup(self.family.enter("sessions"), terminals, privileges_of(self.owner.pw_name)),
-                start_new_session=True,
-            )
-        finally:
-            os.close(errors)
-        self.family.leaders.append(proc)
-        with self.starter.lock:
-            self.sessions.add(proc)
-        threading.Thread(target=self.end_session, args=(proc, sdir), daemon=True).start()
-        log.info("job %s: session %s started, sshd pid %d", self.name, sdir, proc.pid)
-
-    @staticmethod
-    def builtin_request(request):
-        """(command, terminal, client environment) of a built-in session,
-        checked before anything is allocated for it.  terminal is None, or
-        (rows, columns, TERM) for a PTY."""
-        command = request.get("command")
-        if command is not None and (not isinstance(command, str) or "\0" in command):
-            raise ProtocolError("the command is malformed")
-        terminal = request.get("pty")
-        if terminal is not None:
-            if not isinstance(terminal, dict):
-                raise ProtocolError("the terminal is malformed")
-            rows, columns = field(terminal, "rows", int, 24), field(terminal, "columns", int, 80)
-            term = field(terminal, "term", str, "xterm")
-            if not (0 < rows < 65536 and 0 < columns < 65536) or "\0" in term:
-                raise ProtocolError("the terminal is malformed")
-            terminal = (rows, columns, term)
-        env = request.get("env") if isinstance(request.get("env"), dict) else {}
-        env = {k: v for k, v in env.items() if CLIENT_VARIABLES.fullmatch(k) and isinstance(v, str) and "\0" not in v}
-        return command, terminal, env
-
-    def open_builtin_session(self, sock, request, shells):
-        """Run the session's shell or command as the job's owner, in its
-        working directory and environment, on a PTY if the client has a
-        terminal; relay it over `sock` until it ends."""
-        import pty
-        command, terminal, client_env = self.builtin_request(request)
-        part = self.new_session_part()
-        marks = session_marks(self.family.tag, self.pids(), part, self.name, self.node)
-        argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), shells,
-                                    self.workdir, command)
-        steps = [self.family.enter("sessions"), privileges_of(self.owner.pw_name)]
-        master = slave = None
-        try:
-            if terminal:
-                master, slave = pty.openpty()
-                set_window_size(master, terminal[0], terminal[1])
-                if self.file_owner():
-                    os.fchown(slave, *self.file_owner())
-                env["TERM"] = terminal[2]
-                streams = {"stdin": slave, "stdout": slave, "stderr": slave}
-                steps.insert(0, controlling_terminal)
-            else:
-                streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True,
-                                    preexec_fn=child_setup(*steps), **streams)
-        except BaseException:
-            for fd in (master, slave):
-                if fd is not None:
-                    os.close(fd)
-            raise
-        self.family.leaders.append(proc)
-        with self.starter.lock:
-            self.sessions.add(proc)
-        log.info("job %s: built-in %s started, pid %d%s", self.name, part, proc.pid, " on a PTY" * bool(master))
-        try:
-            if master is not None:
-                os.close(slave)
-                if command is None:
-                    send_frame(sock, STDOUT, self.welcome(self.pids()).replace("\n", "\r\n").encode())
-            BuiltinSession(self, sock, proc, master).run()
-        except (OSError, SshjobError) as e:
-            log.info("job %s: built-in %s lost its client: %s", self.name, part, e)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGHUP)
-        finally:
-            if master is not None:
-                os.close(master)
-            self.end_session(proc, None)
-
-    def end_session(self, proc, sdir):
-        proc.wait()
-        if sdir:
-            shutil.rmtree(sdir, ignore_errors=True)
-        with self.starter.lock:
-            self.sessions.discard(proc)
-            self.starter.sessions_changed.notify_all()
-        log.info("job %s: session %s ended", self.name, sdir or proc.pid)
-
-    def sshd_config(self, sdir):
-        return sshd_config(self.starter.config, self.host_key_path(), sdir, self.owner)
-
-    def welcome(self, pids):
-        return welcome(self.name, self.starter.name, pids)
-
-    def session_script(self, shells):
-        pids = self.pids()
-        return session_script(self.name, self.env, self.family.tag, pids, self.node, self.workdir, shells,
-                              self.welcome(pids))
-
+    def context(self):
+        """The job as a session sees it, now."""
+        return JobContext(self.name, self.owner, self.env, self.workdir, self.pids(), self.family.tag,
+                          socket.gethostname(), self.node)
 
 class Starter:
     def __init__(self, config):
@@ -3009,7 +3116,6 @@ class Starter:
         self.jobs = {}
         self.pending = []  # updates the schedd has not acknowledged yet
         self.lock = threading.RLock()
-        self.sessions_changed = threading.Condition(self.lock)
         self.tickets = TicketBook()
         self.stopping = threading.Event()
         self.address = None
@@ -3026,7 +3132,7 @@ class Starter:
         """(why sshd as an ordinary user gets no terminal here, or None; the
         preexec step that gives it one, or None).  A root starter mends a
         devpts without the tty group with private terminals, if it can."""
-        problem = self.devpts_problem()
+        problem = devpts_problem()
         if problem is None or self.uid != 0:
             return problem, None
         try:
@@ -3061,23 +3167,6 @@ class Starter:
                 self.pending.append(news)
         except SshjobError as e:  # the queue moved on (the job was vacated or removed meanwhile)
             log.info("the schedd declined news of job %s: %s", news.get("run"), e)
-
-    @staticmethod
-    def devpts_problem():
-        """Why an sshd that runs as a job's owner gets no terminal here, or
-        None: it must give its PTY to the tty group, which a devpts mounted
-        without gid=5 (as in many containers) refuses."""
-        try:
-            with open("/proc/self/mounts") as f:
-                mounts = [line.split() for line in f]
-            options = next((m[3].split(",") for m in mounts if m[1:3] == ["/dev/pts", "devpts"]), None)
-            tty = grp.getgrnam("tty").gr_gid
-        except (OSError, KeyError):
-            return None
-        if options is None or "gid=%d" % tty in options:
-            return None
-        return "this node's /dev/pts is mounted without gid=%d (the tty group), so sshd gets no terminal for " \
-               "an ordinary user" % tty
 
     def finish(self, job, update):
         with self.lock:
@@ -3201,13 +3290,16 @@ class Starter:
         if job.process.poll() is not None:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
         shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
-        sdir = job.prepare_session(key, shells) if op == "ssh" else None
+        context = job.context()
+        if op == "builtin":
+            sock.settimeout(None)
+            job.host.run_builtin(context, sock, message, shells, ending=lambda: job.ending,
+                                 accepted=lambda: send_msg(sock, {"ok": True}))
+            return
+        sdir = job.host.prepare_sshd(context, key, shells)
         send_msg(sock, {"ok": True})
         sock.settimeout(None)
-        if op == "builtin":
-            job.open_builtin_session(sock, message, shells)
-        else:
-            job.open_session(sock, sdir)
+        job.host.start_sshd(context, sdir, sock)
 
     def connect_back(self, relay_id):
         """A client reaches us through the schedd: connect out to it, and
@@ -3655,8 +3747,9 @@ def job_key_directory(job, started):
 
 
 class NodeStep:
-    """The session's step on the node: the job's context, the transport,
-    the files of sshd, the guardian."""
+    """A session's step on the node: the job's context, read from Slurm and
+    /proc, the guardian, the job's host key on this node, the direct
+    connection; the session itself is its SessionHost's."""
 
     def __init__(self, config, request):
         import tempfile
@@ -3666,7 +3759,6 @@ class NodeStep:
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.name = field(request, "job", str, self.job_id)
         self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self.ending = None  # what BuiltinSession reports: Slurm ends jobs its own way
         self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
         self.tag = token_hex(8)
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
@@ -3680,9 +3772,10 @@ class NodeStep:
         while env is None and request.get("batch_host") == self.node and time.monotonic() < deadline:
             time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts
             pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
-        self.pids = pids
-        self.env = env if env is not None else dict(os.environ)
-        self.workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
+        workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
+        self.context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ), workdir, pids,
+                                  self.tag, self.node, field(request, "index", int, 0))
+        self.host = SessionHost(config, self.tmp, self.host_key)
 
     def start_host_key(self):
         """The job's host key on this node, as its earlier sessions had it:
@@ -3719,25 +3812,21 @@ class NodeStep:
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
         carries the built-in transport."""
         problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
-        terminal_problem = Starter.devpts_problem() if self.request.get("interactive") is True else None
+        terminal_problem = devpts_problem() if self.request.get("interactive") is True else None
         return choose_transport(self.request, self.owner.pw_uid, problem, terminal_problem)
 
     def prepare_sshd(self):
-        """The session's host key and sshd files; returns the public host key."""
+        """(the session's files, the public host key)."""
         key = parse_public_key(field(self.request, "key", str))
         making = self.making if self.host_key else self.start_host_key()
         try:
-            script = session_script(self.name, self.env, self.tag, self.pids, self.node, self.workdir, self.shells,
-                                    welcome(self.name, self.node, self.pids))  # made while the key is
-            sshd_version(find_program(self.config, "sshd", "node " + self.node))
+            sshd_version(find_program(self.config, "sshd", "node " + self.node))  # found while the key is made
         finally:
             self.finish_host_key(making)
-        files = {"authorized_keys": key + "\n", "session.sh": script,
-                 "sshd_config": sshd_config(self.config, self.host_key, self.tmp, self.owner)}
-        for name, text in files.items():
-            write_private(os.path.join(self.tmp, name), text)
+        self.host.host_key = self.host_key
+        sdir = self.host.prepare_sshd(self.context, key, self.shells)
         with open(self.host_key + ".pub") as f:
-            return parse_public_key(f.read())
+            return sdir, parse_public_key(f.read())
 
     def listen(self):
         """A listener for the client's direct connection, on the address
@@ -3850,7 +3939,7 @@ class NodeStep:
         return False
 
     def run_sshd(self, channel):
-        hostkey = self.prepare_sshd()
+        sdir, hostkey = self.prepare_sshd()
         listener = self.listen()
         secret = os.urandom(32)
         send_msg(channel, {"ok": True, "transport": "openssh", "why": self.why, "user": self.owner.pw_name,
@@ -3859,36 +3948,19 @@ class NodeStep:
         sock = self.await_client(channel, listener, secret)
         if listener:
             listener.close()
-        ends = (sock.fileno(), sock.fileno()) if sock else (0, 1)
         log.debug("sshd -i on %s", "a direct connection" if sock else "srun's pipe")
-        sshd = find_program(self.config, "sshd", "node " + self.node)
-        return subprocess.call([sshd, "-i", "-e", "-f", os.path.join(self.tmp, "sshd_config")],
-                               stdin=ends[0], stdout=ends[1], cwd="/",
-                               env={"PATH": os.defpath, TAG_VAR: self.tag, SESSION_VAR: "1"})
+        proc = self.host.start_sshd(self.context, sdir, sock or (0, 1))
+        self.host.wait_for_sessions()
+        return proc.returncode
 
     def run_builtin(self, channel):
-        import pty
         send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name,
                            "node": self.node})
-        command, terminal, client_env = Job.builtin_request(recv_msg(channel, "the client"))
-        marks = session_marks(self.tag, self.pids, "1", self.name, self.node)
-        argv, env = builtin_session(self.owner, session_variables(self.env, client_env, marks), self.shells,
-                                    self.workdir, command)
-        master = None
-        if terminal:
-            master, slave = pty.openpty()
-            set_window_size(master, terminal[0], terminal[1])
-            env["TERM"] = terminal[2]
-            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, stdin=slave, stdout=slave,
-                                    stderr=slave, preexec_fn=controlling_terminal)
-            os.close(slave)
-        else:
-            proc = subprocess.Popen(argv, env=env, cwd="/", start_new_session=True, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        send_msg(channel, {"ok": True})
-        if master is not None and command is None:
-            send_frame(channel, STDOUT, welcome(self.name, self.node, self.pids).replace("\n", "\r\n").encode())
-        return BuiltinSession(self, channel, proc, master).run()
+        session = recv_msg(channel, "the client")
+        if session.get("op") != "builtin":
+            raise ProtocolError("expected the built-in session's request")
+        return self.host.run_builtin(self.context, channel, session, self.shells,
+                                     accepted=lambda: send_msg(channel, {"ok": True}))
 
     def serve(self, channel):
         self.transport_name, self.why = self.transport()
@@ -4210,6 +4282,7 @@ class SlurmSite(Site):
         self.pending = False  # whether the job was found not running yet
         self.target = None  # (job id, node, working directory) once the job runs
         self.started = ""  # when it started: a job's host key on a node is kept for its id and this
+        self.index = 0  # the node's index among the job's nodes
         self.steps = []
         self.program = os.path.abspath(sys.argv[0])
         with open(os.path.abspath(__file__), "rb") as f:
@@ -4275,15 +4348,18 @@ class SlurmSite(Site):
         names = run_slurm(self.spec, "scontrol", "show", "hostnames", nodes).split() if "[" in nodes else \
             nodes.split(",")
         if self.node is None:
-            return job.get("BatchHost") or names[0]
-        if self.node.isdigit():
+            chosen = job.get("BatchHost") or names[0]
+        elif self.node.isdigit():
             if int(self.node) >= len(names):
                 raise UsageError("job %s runs on %d node(s): node index %s is out of range (0 to %d)" % (
                     self.spec, len(names), self.node, len(names) - 1))
-            return names[int(self.node)]
-        if self.node not in names:
+            chosen = names[int(self.node)]
+        elif self.node not in names:
             raise UsageError("job %s does not run on node %s (its nodes: %s)" % (self.spec, self.node, nodes))
-        return self.node
+        else:
+            chosen = self.node
+        self.index = names.index(chosen) if chosen in names else 0
+        return chosen
 
     def step_for(self, ticket, transport):
         """The step of `ticket`, the first time; a new one for each later connection."""
@@ -4368,7 +4444,8 @@ class SlurmStep:
                                     "interactive": request.interactive, "workdir": self.site.target[2],
                                     "shells": request.shells, "job": self.site.spec,
                                     "direct": self.site.config.flag("slurm_direct"),
-                                    "batch_host": self.site.batch_host, "started": self.site.started})
+                                    "batch_host": self.site.batch_host, "started": self.site.started,
+                                    "index": self.site.index})
             self.reply = raise_for_reply(recv_msg(self.channel, "the step on node %s" % self.site.target[1]))
         except (OSError, ProtocolError):
             raise self.failure() from None

@@ -119,12 +119,12 @@ def test_jobs_of_several_nodes(pool):
         pool.wait_state("%s.%d" % (job, node), "running")
     seen = set()
     for node in range(3):
-        result = pool.sshjob("client", "%s.%d" % (job, node), 'echo $SSHJOB_NODE; pwd; echo $_SSHJOB_JOB_PIDS')
+        result = pool.sshjob("client", "%s.%d" % (job, node), 'echo $SSHJOB_NODE_INDEX; pwd; echo $_SSHJOB_JOB_PIDS')
         number, cwd, pids = result.stdout.splitlines()
         assert (number, cwd) == (str(node), os.path.join(workdir, "node%d" % node))
         seen.add(pids.split()[0])
     assert len(seen) == 3
-    assert pool.sshjob("client", job, "echo $SSHJOB_NODE").stdout == "0\n"  # node 0 by default
+    assert pool.sshjob("client", job, "echo $SSHJOB_NODE_INDEX $SSHJOB_NODE").stdout == "0 %s\n" % socket.gethostname()
     missing = pool.sshjob("client", job + ".3", "true")
     assert "has no node 3: its nodes are 0 to 2" in missing.stderr
     pool.sshjob("rm", job)
