@@ -817,7 +817,7 @@ def child_setup(*steps):
     return setup if steps else None
 
 
-CLONE_NEWNS, MS_BIND, MS_REC, MS_SLAVE = 0x20000, 0x1000, 0x4000, 0x80000
+CLONE_NEWNS, CLONE_NEWUSER, MS_BIND, MS_REC, MS_SLAVE = 0x20000, 0x10000000, 0x1000, 0x4000, 0x80000
 
 
 def private_terminals():
@@ -840,6 +840,33 @@ def private_terminals():
         for call, *args in calls:
             if call(*args) != 0:
                 raise OSError(ctypes.get_errno(), "cannot make private terminals")
+
+    return enter
+
+
+def tty_group_namespace(uid, gid, tty):
+    """A preexec step for the sshd of ordinary user `uid` where /dev/pts
+    lacks the tty group and a root starter's private terminals are not to
+    be had: a user namespace in which the user's own group `gid` is the tty
+    group (`tty`), so that sshd's chown of a new PTY to the tty group is a
+    chown to the group the PTY has already.  Its processes see their group
+    as tty; on disk it stays theirs.  Prepared here: a child of a threaded
+    parent must not import."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    maps = (("/proc/self/setgroups", b"deny"), ("/proc/self/uid_map", b"%d %d 1" % (uid, uid)),
+            ("/proc/self/gid_map", b"%d %d 1" % (tty, gid)))
+
+    def enter():
+        if libc.unshare(CLONE_NEWUSER) != 0:
+            raise OSError(ctypes.get_errno(), "cannot make a user namespace")
+        for path, text in maps:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
 
     return enter
 
@@ -1660,7 +1687,7 @@ PermitRootLogin prohibit-password
 X11Forwarding yes
 AllowAgentForwarding ${agent_forwarding}
 ${shell_level}
-PermitTTY yes
+PermitTTY ${permit_tty}
 PrintMotd no
 PrintLastLog no
 ExposeAuthInfo yes
@@ -1770,9 +1797,12 @@ BASH_STATE = {"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"}
 GENERATION = re.compile(r"[0-9a-f]{0,64}")
 
 
-def sshd_config(config, host_key, sdir, owner):
+def sshd_config(config, host_key, sdir, owner, terminals=True):
     """The sshd configuration of one session of user `owner` (a passwd
-    entry) whose files are in `sdir`.
+    entry) whose files are in `sdir`; without `terminals` where sshd cannot
+    give this user one (see devpts_problem), so that it refuses a client's
+    request for one, which then runs its session without, instead of
+    ending the connection when it fails to make one.
 
     sshd runs the forced command through the user's login shell, and bash
     reads ~/.bashrc there as in any ssh session; then session.sh starts the
@@ -1797,6 +1827,7 @@ def sshd_config(config, host_key, sdir, owner):
             sftp_server=find_sftp_server(config),
             agent_forwarding="yes" if config.flag("allow_agent_forwarding") else "no",
             shell_level=shell_level,
+            permit_tty="yes" if terminals else "no",
         )
     except (KeyError, ValueError) as e:
         raise ConfigError("the sshd configuration template %s is malformed: %s" % (path, e)) from None
@@ -1917,7 +1948,7 @@ class BuiltinSession:
             listen = list(self.outputs)
             waiting = [self.stdin] if self.backlog else []
             take_client = client_open and len(self.backlog) < MAX_STDIN_BACKLOG
-            if take_client and self.sock.pending():
+            if take_client and getattr(self.sock, "pending", lambda: 0)():  # TLS holds bytes the socket hides
                 ready, writable = [self.sock], []
             else:
                 ready, writable = wait_for(listen + [self.sock] * take_client, waiting, 0.5)
@@ -2008,6 +2039,31 @@ def devpts_problem():
            "an ordinary user" % tty
 
 
+def sshd_terminals():
+    """(why sshd gets no terminal for an ordinary user here, or None; the
+    preexec step that gives it one, or None).  Where /dev/pts lacks the tty
+    group, a root starter gives each sshd private terminals of its own, and
+    an ordinary user's sshd gets a user namespace whose tty group is the
+    user's own group; where neither is possible, sshd refuses terminals
+    (see sshd_config) and an interactive `sshjob client` takes the built-in
+    transport's PTY."""
+    problem = devpts_problem()
+    if problem is None:
+        return None, None
+    try:
+        uid = os.geteuid()
+        terminals = private_terminals() if uid == 0 else tty_group_namespace(uid, os.getegid(),
+                                                                             grp.getgrnam("tty").gr_gid)
+        subprocess.run(["true"], preexec_fn=terminals, check=True)
+    except (OSError, KeyError, subprocess.SubprocessError) as e:
+        log.warning("%s, and no way around it here (%s): sshd refuses terminals, and interactive sessions of "
+                    "sshjob client take the built-in transport", problem, describe(e))
+        return problem, None
+    log.info("%s: sshd sessions get %s", problem, "a devpts instance of their own" if uid == 0 else
+             "a user namespace whose tty group is the user's own group")
+    return None, terminals
+
+
 def builtin_request(session):
     """(command, terminal, client environment) of a built-in session,
     checked before anything is allocated for it.  terminal is None, or
@@ -2070,14 +2126,16 @@ class SessionHost:
     its complaints (`sshd_log`, else the inherited stderr), the job's
     ProcessFamily (where the starter keeps one: a session's processes join
     it), and the steps a new process takes before it runs (`become()`: the
-    owner's privileges; `terminals`: private terminals for sshd)."""
+    owner's privileges; `terminals`: private terminals for sshd), and why
+    sshd gets no terminal for an ordinary user (`terminal_problem`)."""
 
     def __init__(self, config, files, host_key, family=None, become=lambda: None, file_owner=None,
-                 terminals=None, sshd_log=None):
+                 terminals=None, sshd_log=None, terminal_problem=None):
         self.config = config
         self.files = files
         self.host_key = host_key
         self.family = family
+        self.terminal_problem = terminal_problem  # why sshd gets no terminal for an ordinary user here
         self.become = become
         self.file_owner = file_owner
         self.terminals = terminals
@@ -2104,7 +2162,8 @@ class SessionHost:
             os.mkdir(sdir, 0o711)
             files = {"authorized_keys": key + "\n",
                      "session.sh": session_script(context, shells, os.path.basename(sdir)),
-                     "sshd_config": sshd_config(self.config, self.host_key, sdir, context.owner)}
+                     "sshd_config": sshd_config(self.config, self.host_key, sdir, context.owner,
+                                                terminals=not (self.terminal_problem and context.owner.pw_uid))}
             for name, text in files.items():
                 write_private(os.path.join(sdir, name), text, self.file_owner)
         except OSError as e:
@@ -2212,6 +2271,8 @@ class SessionHost:
         proc.wait()
         if sdir:
             shutil.rmtree(sdir, ignore_errors=True)
+        if self.family and proc in self.family.leaders:
+            self.family.leaders.remove(proc)  # reaped: its pid may be anyone's soon
         with self.changed:
             self.sessions.discard(proc)
             self.changed.notify_all()
@@ -2625,8 +2686,9 @@ class Schedd:
             raise Refused("ssh to jobs is disabled on schedd %s (schedd_enable_ssh_to_job = false)" % self.name)
         state = row["state"]
         if state in ("completed", "removed"):
-            raise JobGone("job %s has %s: there is nothing to enter" % (
-                name, "finished" if state == "completed" else "been removed"))
+            raise JobGone("job %s has %s%s: there is nothing to enter" % (
+                name, "finished" if state == "completed" else "been removed",
+                " (%s)" % row["note"] if state == "completed" and row["note"] else ""))
         if state == "held":
             raise Held("job %s is held (%s): it will not run until it is released (sshjob release %s)" % (
                 name, row["note"] or "no reason given", name))
@@ -2996,6 +3058,7 @@ class Job:
         self.hostkey = None
         self.ending = None  # "rm" or "vacate" once the schedd ends it (see ENDINGS)
         self.host = None  # its SessionHost, once it runs
+        self.why = None  # the pipe on which the job's shell says why it could not start (see start)
 
     # -- the job's own processes -------------------------------------------
 
@@ -3016,27 +3079,48 @@ class Job:
             env.setdefault("PATH", os.defpath)
             env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": socket.gethostname(),
                         "SSHJOB_NODE_INDEX": str(self.node)})
-            wrapper = ('mkdir -p -- "$1" && cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
+            # The job's shell says on a pipe (its stderr, until the job's command has its own) why it could not
+            # start, if it could not: its working directory, its output files.
+            self.why, says = os.pipe()
+            wrapper = ('mkdir -p -- "$1" || exit 126; [ -x "$1" ] || { echo "Permission denied" >&2; exit 126; }; '
+                       'cd -- "$1" || exit 126; o=$2; e=$3; shift 3; export %s=$$; '
                        'exec %s"$@" <"/dev/null" >>"$o" 2>>"$e"' % (PIDS_VAR, with_exported_functions(env)))
-            self.process = subprocess.Popen(
-                ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
-                env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=child_setup(self.family.enter("main"), privileges_of(self.owner.pw_name)),
-            )
+            try:
+                self.process = subprocess.Popen(
+                    ["/bin/sh", "-c", wrapper, "sshjob-job", self.workdir, self.output, self.error] + self.cmd,
+                    env=env, cwd="/", start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=says, preexec_fn=child_setup(self.family.enter("main"), privileges_of(self.owner.pw_name)))
+            finally:
+                os.close(says)
         except BaseException:
             self.discard()
             raise
         self.family.leaders.append(self.process)
         self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
-                                self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"))
+                                self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"),
+                                self.starter.pty_problem)
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def discard(self):
         """Remove what a start that failed made."""
         if self.family is not None:
             self.family.remove()
+        if self.why is not None:
+            os.close(self.why)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def why_it_ended(self, status):
+        """Why the job ended before its command ran, if it did, as its shell
+        said so: its working directory could not be made or entered, or an
+        output file could not be opened."""
+        with os.fdopen(self.why, errors="replace") as f:
+            said = f.read(4096).strip().splitlines()
+        self.why = None
+        if not said:
+            return None
+        if status == 126:
+            return "its working directory %s cannot be made: %s" % (self.workdir, said[-1].rpartition(": ")[2])
+        return "it could not start: %s" % said[-1]
 
     def make_host_key(self):
         """The job's sshd host key; None on a node without ssh-keygen, where
@@ -3077,14 +3161,15 @@ class Job:
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
+        why = self.why_it_ended(status)
         if self.host.sessions and not self.ending:
             self.starter.report({"op": "sessions_open", "run": self.run, "gen": self.gen})
         self.host.wait_for_sessions()
         self.family.remove()  # what the job left behind goes with it
         shutil.rmtree(self.dir, ignore_errors=True)
         news = ENDINGS[self.ending or "exit"][0]
-        log.info("job %s %s with status %d", self.name, news, status)
-        self.starter.finish(self, {"op": news, "run": self.run, "gen": self.gen, "status": status})
+        log.info("job %s %s with status %d%s", self.name, news, status, ": " + why if why else "")
+        self.starter.finish(self, {"op": news, "run": self.run, "gen": self.gen, "status": status, "why": why})
 
     # -- ssh sessions ------------------------------------------------------
 
@@ -3126,24 +3211,7 @@ class Starter:
         self.lease_path = os.path.join(self.dir, ".lease")
         self.keeper = None
         self.gate = None  # the server's, once it listens: relayed connections pass it too
-        self.pty_problem, self.terminals = self.terminals_for_sessions()
-
-    def terminals_for_sessions(self):
-        """(why sshd as an ordinary user gets no terminal here, or None; the
-        preexec step that gives it one, or None).  A root starter mends a
-        devpts without the tty group with private terminals, if it can."""
-        problem = devpts_problem()
-        if problem is None or self.uid != 0:
-            return problem, None
-        try:
-            terminals = private_terminals()
-            subprocess.run(["true"], preexec_fn=terminals, check=True)
-        except (OSError, KeyError, subprocess.SubprocessError) as e:
-            log.warning("%s, and private terminals are not possible (%s): interactive sessions of ordinary users "
-                        "use the built-in transport", problem, describe(e))
-            return problem, None
-        log.info("%s: sshd sessions get a devpts instance of their own", problem)
-        return None, terminals
+        self.pty_problem, self.terminals = sshd_terminals()
 
     def offer_builtin_transport(self):
         """The built-in transport needs a TLS certificate, made with openssl."""
@@ -3290,6 +3358,7 @@ class Starter:
         if job.process.poll() is not None:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
         shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
+        job.become()  # its owner still exists, or one sentence before the client hears yes
         context = job.context()
         if op == "builtin":
             sock.settimeout(None)
@@ -3775,7 +3844,9 @@ class NodeStep:
         workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
         self.context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ), workdir, pids,
                                   self.tag, self.node, field(request, "index", int, 0))
-        self.host = SessionHost(config, self.tmp, self.host_key)
+        self.terminal_problem, terminals = sshd_terminals()
+        self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals,
+                                terminal_problem=self.terminal_problem)
 
     def start_host_key(self):
         """The job's host key on this node, as its earlier sessions had it:
@@ -3812,7 +3883,7 @@ class NodeStep:
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
         carries the built-in transport."""
         problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
-        terminal_problem = devpts_problem() if self.request.get("interactive") is True else None
+        terminal_problem = self.terminal_problem if self.request.get("interactive") is True else None
         return choose_transport(self.request, self.owner.pw_uid, problem, terminal_problem)
 
     def prepare_sshd(self):
@@ -5204,7 +5275,7 @@ def raw_terminal(fd):
     """The local terminal in raw mode, restored on every way out."""
     import tty
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSADRAIN)  # as ssh does: what was typed ahead stays
     try:
         yield
     finally:

@@ -3,6 +3,7 @@ temporary directories, a fresh machine, and messages that say what to do."""
 
 import os
 import pwd
+import socket
 import subprocess
 import sys
 
@@ -332,3 +333,33 @@ def test_small_things_a_new_user_sees(pool, tmp_path):
     demo = pool.sshjob("demo", "true", config=False)
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout.startswith("sshjob demo: a personal pool runs in") and "\n1.0\n" not in demo.stderr
+
+
+def test_a_job_whose_directory_cannot_be_made_says_why(pool, users):
+    result = pool.sshjob("submit", "--workdir", "/root/nope", "--", "sleep", "600", user=ALICE)
+    job = result.stdout.strip()
+    pool.wait_state(job, "completed")
+    row = next(line for line in pool.sshjob("q", "--all").stdout.splitlines() if line.startswith(job + " "))
+    assert row.endswith("sleep 600  [its working directory /root/nope cannot be made: Permission denied]"), row
+    entered = pool.sshjob("client", job, "true", user=ALICE)
+    assert entered.stderr == ("sshjob: job %s has finished (its working directory /root/nope cannot be made: "
+                              "Permission denied): there is nothing to enter\n" % job)
+
+
+def test_a_job_whose_owner_was_deleted_is_one_sentence(pool, users):
+    gone = "sshjob-gone"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", gone], check=True)
+    try:
+        workdir = pool.workdir(gone)
+        job = pool.running_job("sleep", "600", user=gone, workdir=workdir)
+        subprocess.run(["userdel", "-f", gone], check=True, stderr=subprocess.DEVNULL)
+        for transport in ("openssh", "builtin"):
+            result = pool.sshjob("client", "-transport", transport, job, "true")
+            assert result.returncode == 1, result.stderr
+            assert result.stderr == "sshjob: the owner of job %s, %s, no longer exists on %s\n" % (
+                job, gone, "starter@" + socket.gethostname())
+        with open(os.path.join(pool.dir, "starter.log")) as f:
+            assert "Traceback" not in f.read()
+        pool.sshjob("rm", job)
+    finally:
+        subprocess.run(["userdel", "-rf", gone], stderr=subprocess.DEVNULL)

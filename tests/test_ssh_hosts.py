@@ -283,3 +283,35 @@ def test_x11_and_a_finished_job(hosts, job):
     ended = as_user(ALICE, ["ssh", done + ".sshjob", "true"])
     assert ended.returncode == 255
     assert ended.stderr.startswith("sshjob: job %s " % done) and "Traceback" not in ended.stderr, ended.stderr
+
+
+def test_terminals_for_an_ordinary_users_own_pool_where_devpts_lacks_the_tty_group(base, users):
+    """A starter that runs as the user (no root to mend /dev/pts): ssh -tt,
+    which Ansible uses, still gets a terminal through the Host block."""
+    pool_dir = tempfile.mkdtemp(prefix="alice-pool-", dir=base)
+    os.chmod(pool_dir, 0o755)
+    shutil.chown(pool_dir, ALICE, ALICE)
+    pyz = os.path.join(base, "sshjob.pyz")
+    config = os.path.join(pool_dir, "ssh_config")
+    env = {"SSHJOB_CONFIG": os.path.join(pool_dir, "sshjob.conf")}
+    assert as_user(ALICE, [USER_PYTHON, pyz, "pool", "start", "--dir", pool_dir]).returncode == 0
+    try:
+        job = as_user(ALICE, [USER_PYTHON, pyz, "submit", "--workdir", pool_dir, "--", "sleep", "600"],
+                      env=env).stdout.strip()
+        deadline = time.time() + 30
+        while "running" not in as_user(ALICE, [USER_PYTHON, pyz, "q"], env=env).stdout:
+            assert time.time() < deadline, "the job did not start"
+            time.sleep(0.1)
+        with open(config, "w") as f:
+            f.write(as_user(ALICE, [USER_PYTHON, pyz, "ssh-config"], env=env).stdout)
+        forced = as_user(ALICE, ["ssh", "-F", config, "-tt", job + ".sshjob", "tty; echo in"])
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert forced.stdout.replace("\r", "").splitlines() == ["/dev/pts/0", "in"]
+        if not shutil.which("ansible"):
+            pytest.fail("ansible is not installed (apt-get install ansible-core)")
+        ping = as_user(ALICE, ["ansible", "all", "-i", job + ".sshjob,", "-m", "ping", "-e",
+                               "ansible_python_interpreter=/usr/bin/python3", "-e",
+                               "ansible_ssh_common_args='-F %s'" % config], timeout=120)
+        assert ping.returncode == 0 and '"ping": "pong"' in ping.stdout, ping.stdout + ping.stderr
+    finally:
+        as_user(ALICE, [USER_PYTHON, pyz, "pool", "stop", "--dir", pool_dir])

@@ -2,6 +2,8 @@
 daemons, in a few seconds, as any user may run it.  Where a unit needs the
 operating system (sockets, files), it gets the real one."""
 
+import contextlib
+import gc
 import os
 import socket
 import sys
@@ -41,65 +43,64 @@ def listener(monkeypatch):
     sock.close()
 
 
-def flood(port, held, stop):
-    while not stop.is_set():
-        try:
-            held.append(socket.create_connection(("127.0.0.1", port), timeout=0.2))
-        except OSError:
-            time.sleep(0.001)
+@contextlib.contextmanager
+def flooded(listener):
+    """Connections that send nothing, as fast as they come, until the block ends; the count of those made."""
+    held, stop = [], threading.Event()
+
+    def flood():
+        while not stop.is_set():
+            try:
+                held.append(socket.create_connection(listener.getsockname(), timeout=0.2))
+            except OSError:
+                time.sleep(0.001)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        yield held
+    finally:
+        stop.set()
+        flooder.join()
+        for sock in held:
+            sock.close()
 
 
 def test_a_flooded_listener_admits_the_client_at_once(listener):
-    port = listener.getsockname()[1]
     channel, _ = socket.socketpair()
-    secret, held, stop = os.urandom(32), [], threading.Event()
-    flooder = threading.Thread(target=flood, args=(port, held, stop), daemon=True)
-    flooder.start()
-    time.sleep(0.3)  # the backlog fills up before the client comes
-    answer = []
+    secret, answer = os.urandom(32), []
 
     def client():
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with socket.create_connection(listener.getsockname(), timeout=5) as sock:
             sock.sendall(secret)
             answer.append(sock.recv(1))
 
-    comer = threading.Thread(target=client)
-    started = time.monotonic()
-    comer.start()
-    try:
+    with flooded(listener) as held:
+        time.sleep(0.3)  # the backlog fills up before the client comes
+        comer = threading.Thread(target=client)
+        started = time.monotonic()
+        comer.start()
         sock = sshjob.NodeStep.await_client(channel, listener, secret, timeout=10)
         comer.join()
-    finally:
-        stop.set()
-    assert sock is not None and answer == [sshjob.DIRECT_TAKEN]
-    assert time.monotonic() - started < 2
-    assert len(held) >= sshjob.DIRECT_BACKLOG
-    for other in held:
-        other.close()
+        assert sock is not None and answer == [sshjob.DIRECT_TAKEN]
+        assert time.monotonic() - started < 2
+        assert len(held) >= sshjob.DIRECT_BACKLOG
+    sock.close()
 
 
 def test_a_listener_that_gets_only_a_flood_gives_up_at_its_deadline(listener):
     channel, _ = socket.socketpair()
-    held, stop = [], threading.Event()
-    threading.Thread(target=flood, args=(listener.getsockname()[1], held, stop), daemon=True).start()
     started = time.monotonic()
-    try:
-        with pytest.raises(sshjob.Unreachable, match="did not connect within 1 s"):
-            sshjob.NodeStep.await_client(channel, listener, os.urandom(32), timeout=1)
-    finally:
-        stop.set()
+    with flooded(listener), pytest.raises(sshjob.Unreachable, match="did not connect within 1 s"):
+        sshjob.NodeStep.await_client(channel, listener, os.urandom(32), timeout=1)
     assert time.monotonic() - started < 1.5
 
 
 def test_the_clients_choice_of_the_pipe_is_read_while_the_listener_is_busy(listener):
     channel, theirs = socket.socketpair()
-    held, stop = [], threading.Event()
-    threading.Thread(target=flood, args=(listener.getsockname()[1], held, stop), daemon=True).start()
     sshjob.send_msg(theirs, {"op": "pipe"})
-    try:
+    with flooded(listener):
         assert sshjob.NodeStep.await_client(channel, listener, os.urandom(32), timeout=5) is None
-    finally:
-        stop.set()
 
 
 def test_a_wrong_secret_is_closed_and_a_part_of_one_says_nothing(listener):
@@ -228,3 +229,41 @@ def test_a_malformed_channel_frame_is_refused(raw):
     ours.sendall(raw)
     with pytest.raises(sshjob.ProtocolError, match="malformed channel frame"):
         sshjob.recv_frame(theirs)
+
+
+# -- the session host ------------------------------------------------------------------
+
+
+def test_a_session_that_cannot_start_leaks_no_pty_and_no_descriptor(tmp_path):
+    """Popen fails on the node (here: in its preexec step, as a failing drop
+    of privileges would): one sentence, and every PTY and pipe closed."""
+    import pwd
+
+    def refuse():
+        raise OSError(1, "no")
+
+    host = sshjob.SessionHost(sshjob.Config(None), str(tmp_path), None, become=lambda: refuse)
+    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {}, "/", [], "tag", "node")
+    channel, _ = socket.socketpair()
+    gc.collect()
+    before, terminals = sorted(os.listdir("/proc/self/fd")), sorted(os.listdir("/dev/pts"))
+    for session in ({"pty": {"rows": 24, "columns": 80, "term": "xterm"}}, {"command": "true"}):
+        with pytest.raises(sshjob.StorageError, match="node node cannot start the session"):
+            host.run_builtin(context, channel, session, [])
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert sorted(os.listdir("/dev/pts")) == terminals
+    assert host.sessions == set()
+
+
+def test_a_command_sessions_pipes_close_when_it_ends(tmp_path):
+    import pwd
+    host = sshjob.SessionHost(sshjob.Config(None), str(tmp_path), None)
+    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {"PATH": os.defpath}, "/", [], "tag", "node")
+    ours, theirs = socket.socketpair()
+    gc.collect()
+    before = sorted(os.listdir("/proc/self/fd"))
+    sshjob.send_frame(theirs, sshjob.STDIN_EOF)
+    assert host.run_builtin(context, ours, {"command": "echo out; exit 3"}, []) == 3
+    assert sshjob.recv_frame(theirs) == (sshjob.STDOUT, b"out\n")
+    assert sshjob.recv_frame(theirs)[0] == sshjob.EXIT
+    assert sorted(os.listdir("/proc/self/fd")) == before
