@@ -94,7 +94,7 @@ def test_the_daemons_leak_nothing_over_hundreds_of_sessions(soak_pool):
     before = {role: (fds(pid), threads(pid), rss_kib(pid)) for role, pid in daemons.items()}
     run_all(SESSIONS)
     for role, pid in daemons.items():
-        wait_for(lambda: (fds(pid), threads(pid)) <= before[role][:2], 20,
+        wait_for(lambda pid=pid, role=role: (fds(pid), threads(pid)) <= before[role][:2], 20,
                  "the %s's descriptors and threads to come back (%s, was %s)"
                  % (role, (fds(pid), threads(pid)), before[role][:2]))
         grown = rss_kib(pid) - before[role][2]
