@@ -1,37 +1,65 @@
 #!/usr/bin/env python3
-"""sshjob: open an ssh session inside a running batch job.
+r"""sshjob: open an ssh session inside a running batch job.
 
-One file, standard library only.  The same program plays every role of a
-small batch pool; its first argument picks the role:
+One file, standard library only, to copy onto a cluster's nodes.  Its first
+argument picks the role (ROLES, below, gives each one's arguments):
 
-    schedd      the job queue, and the authority on who may enter which job
-    starter     runs jobs on an execute node and starts `sshd -i` inside them
-    client      sshjob client JOB [command]: the condor_ssh_to_job command line
-    cp          copies files to or from a job
-    bridge      ssh's ProxyCommand, which the client starts
-    submit, q, rm, suspend, continue, vacate    the user's handles on the queue
-    pool, demo  a personal pool on this one machine
-    init, token a pool for several hosts: credentials, configuration, tokens
+    client, cp          the user's way into a job: condor_ssh_to_job's command
+                        line (run_client) and files both ways (run_cp)
+    ssh-config, proxy   jobs as ssh hosts for every ssh tool: the Host block
+                        (run_ssh_config) and its ProxyCommand (run_proxy)
+    bridge              what ssh runs as the client's ProxyCommand, without
+                        this module: it passes ssh the connection that the
+                        client's ticket desk made (bridge)
+    schedd, starter     an sshjob pool's daemons (serve_schedd, serve_starter)
+    submit, q, status, rm, suspend, continue, vacate, hold, release
+                        the user's handles on a pool's queue (run_submit, run_q,
+                        run_status, run_action)
+    pool, demo, init, token
+                        personal and multi-host pools (run_pool, run_demo,
+                        run_init, run_token)
+    slurm-step          a session's step on a Slurm node (run_slurm_step,
+                        which slurm_boot starts there)
 
-How a session comes about (each step is a function below):
+The sections, in order: each uses only those above it, but the command line
+at the end (tests/test_units.py holds the module to that):
 
-1. The client makes a key pair in a private temporary directory; the private
-   key never leaves it.
-2. The client asks the schedd for a ticket.  The schedd checks that the
-   requester owns the job (or is a queue super user) and that the job runs,
-   and answers with the job's user, its sshd host key, its starter and a
-   ticket: single-use, short-lived, bound to the job, the node and the
-   client's public key, signed with a secret that the schedd shares with the
-   job's starter for that job alone.
-3. The client presents the ticket to the starter, which checks it and starts
-   `sshd -i` on that very socket as the job's user, authorising the client's
-   key only.  The client runs ssh with the job's host key pinned and a
-   ProxyCommand that passes the socket to ssh (ProxyUseFdpass), so that only
-   ssh and sshd ever touch the session's bytes.
-4. Where either end lacks OpenSSH, the starter runs the session itself (a PTY
-   or pipes) and relays it inside TLS: the built-in transport.
-5. A starter that takes no inbound connections is reached through the
-   schedd, which asks it to connect back and splices the two connections.
+    Constants, logging and small helpers
+    Errors                  one type per kind of failure; main() says them
+    Wire protocol           MESSAGES, the table of every message, and ENDINGS,
+                            how a run ends; framing, connections, servers
+    Jobs, users, files and processes
+    Security                keys, tickets, tokens, TLS
+    Configuration
+    The session host        the node's side of every session: sshd -i, or a
+                            built-in session relayed as channel frames
+    The schedd              a pool's queue, and who may enter which job
+    The starter             a pool's node: Job, with a SessionHost per job
+    Slurm, on the node      NodeStep, with a SessionHost per step
+    Sites                   the client's one seam to a batch system
+    The client
+    Files: sshjob cp
+    Jobs as ssh hosts
+    Queue commands
+    Pools
+    The command line
+
+The two seams, drawn as socketserver.py draws its classes:
+
+            Site                            SessionHost
+           /    \                          (used by)
+     PoolSite    SlurmSite               Job      NodeStep
+    (a schedd,   (srun starts            (a pool's  (a Slurm
+     a starter)   a step)                 starter)   step)
+
+A session: the client makes a key pair, whose private half never leaves it,
+and asks its Site for a Ticket (a SessionRequest says for what); the node
+side checks it and its SessionHost starts `sshd -i` on the client's
+connection, which ssh gets through the bridge (ProxyUseFdpass: nothing in
+the data path), or runs a built-in session itself.  An adapter for another
+engine (HTCondor, PBS, LSF, a container runtime) is a Site (job, ticket,
+connect_ssh, open_builtin, state, remove, queue, close) and a SessionHost
+started inside the job, as NodeStep is on Slurm; it takes one line in SITES.
 """
 
 import array
@@ -67,7 +95,7 @@ import time
 
 
 # ---------------------------------------------------------------------------
-# Constants and logging that every role shares.
+# Constants, logging and small helpers: what every role shares.
 # ---------------------------------------------------------------------------
 
 __version__ = "0.2.0"
@@ -3976,6 +4004,12 @@ class NodeStep:
                 continue
             sock.setblocking(False)
             if len(pending) >= DIRECT_PENDING:
+                for waiting in list(pending):  # before one must go: whichever brought the secret meanwhile is in
+                    if NodeStep.read_secret(waiting, pending, secret):
+                        del pending[waiting]
+                        sock.close()
+                        return waiting
+            if len(pending) >= DIRECT_PENDING:
                 oldest = next(iter(pending))
                 del pending[oldest]
                 oldest.close()
@@ -4672,7 +4706,7 @@ def bridge(desk):
     import _signal
     import _socket as s
 
-    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # Ctrl-C while it waits ends it quietly, as it ends ssh
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # Ctrl-C ends ssh, and the client, which closes the desk
     try:
         channel = s.socket(s.AF_UNIX, s.SOCK_STREAM)
         channel.connect("\0" + desk)
@@ -4763,10 +4797,14 @@ class TicketDesk:
             self.ready.close()
 
     def proxy_command(self):
-        """The bridge role, run by ssh without importing this module."""
+        """The bridge role, run by ssh without importing this module, with
+        SIGINT ignored from its start: Ctrl-C goes to ssh's whole process
+        group, and an interpreter interrupted as it starts would print a
+        traceback (the client closes the desk, which ends the bridge)."""
         code = source_of(bridge) + "import sys\nsys.exit(bridge(sys.argv[1]))\n"
         argv = [sys.executable, "-I", "-S", "-c", code, self.name]
-        return " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
+        started = "trap '' INT; exec " + " ".join(shlex.quote(a) for a in argv)
+        return ("/bin/sh -c " + shlex.quote(started)).replace("%", "%%")
 
 
 def run_bridge(argv):

@@ -267,3 +267,253 @@ def test_a_command_sessions_pipes_close_when_it_ends(tmp_path):
     assert sshjob.recv_frame(theirs) == (sshjob.STDOUT, b"out\n")
     assert sshjob.recv_frame(theirs)[0] == sshjob.EXIT
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+# -- the module's layout ----------------------------------------------------------------
+
+
+def sections_and_definitions():
+    """([section titles, in order], {top-level name: the index of its section}) of sshjob.py,
+    whose sections open with a banner: a line of dashes, comments, a line of dashes."""
+    import ast
+    import re
+    with open(sshjob.__file__) as f:
+        source = f.read()
+    lines = source.splitlines()
+    dashes = re.compile(r"# -{20,}$")
+    starts = [n for n in range(len(lines) - 2) if dashes.match(lines[n]) and not dashes.match(lines[n + 1])
+              and lines[n + 1].startswith("# ")]
+    titles = [lines[n + 1][2:].split(":")[0] for n in starts]
+    tree = ast.parse(source)
+
+    def section(node):
+        return sum(1 for start in starts if start < node.lineno) - 1
+
+    where = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else getattr(node, "targets", [])
+        for target in targets:
+            for name in ([target.name] if hasattr(target, "name") else
+                         [e.id for e in getattr(target, "elts", [target]) if isinstance(e, ast.Name)]):
+                where[name] = section(node)
+    return titles, where, tree, section
+
+
+def test_each_section_uses_only_those_above_it_but_the_command_line():
+    import ast
+    titles, where, tree, section = sections_and_definitions()
+    assert titles[0] == "Constants, logging and small helpers" and titles[-1] == "The command line"
+    uses_below = set()
+    for node in tree.body:
+        here = section(node)
+        if here == len(titles) - 1:
+            continue
+        for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}:
+            if where.get(name, -1) > here:
+                uses_below.add("%s (%s) uses %s (%s)" % (getattr(node, "name", "?"), titles[here], name,
+                                                          titles[where[name]]))
+    assert not uses_below
+
+
+def test_the_module_docstring_names_every_section_and_every_role():
+    titles, _, _, _ = sections_and_definitions()
+    doc = sshjob.__doc__
+    for title in titles:
+        assert title.split()[0] in doc, title
+    roles = [line.split()[0] for line in sshjob.ROLES.splitlines()[1:] if line.startswith("  ")]
+    assert all(role in doc for role in roles), [role for role in roles if role not in doc]
+
+
+# -- job ids and client options -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, parsed", [("32", (32, 0, None)), ("32.1", (32, 1, None)), ("32.1.4", (32, 1, 4))])
+def test_pool_job_ids(text, parsed):
+    assert sshjob.parse_job_id(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["", "x", "1.", "1..2", "1.2.3.4", "-1", "1e3", "1234567890"])
+def test_malformed_pool_job_ids(text):
+    with pytest.raises(sshjob.UsageError, match="malformed job id"):
+        sshjob.parse_job_id(text)
+
+
+@pytest.mark.parametrize("text, ok", [("1234", True), ("1234_7", True), ("1234.0.1", True), ("1234.0.node-3", True),
+                                      ("slurm:1234", True), ("pool:1.0", True), ("1234.2", True), ("x", False),
+                                      ("slurm:", False), ("nope:12", False), ("1_2_3", False)])
+def test_the_job_ids_any_site_takes(text, ok):
+    assert bool(sshjob.ANY_JOB_ID.fullmatch(text)) is ok
+
+
+def test_client_options_one_dash_or_two_and_the_command_untouched():
+    opts = sshjob.parse_client_args(["-ssh", "scp -p", "--debug", "-auto-retry", "-X", "--keygen-options=-t rsa",
+                                     "32.0", "-v", "--", "x"])
+    assert (opts.ssh, opts.debug, opts.auto_retry, opts.x11, opts.keygen_options) == ("scp -p", True, True, True,
+                                                                                       "-t rsa")
+    assert (opts.job, opts.command) == ("32.0", ["-v", "--", "x"])
+    assert opts.replace(transport="builtin").transport == "builtin" and opts.transport == "auto"
+    for argv, sentence in ((["-nope", "1"], "unknown option -nope"), (["-ssh"], "option -ssh needs a value"),
+                           ([], "no job given"), (["1.x"], "malformed job id '1.x'")):
+        with pytest.raises(sshjob.UsageError, match=sentence):
+            sshjob.parse_client_args(argv)
+
+
+@pytest.mark.parametrize("options, words", [("-t rsa -b 4096", ["-t", "rsa", "-b", "4096"]), ("-trsa -q", ["-trsa", "-q"]),
+                                            ("-C 'a note'", ["-C", "a note"])])
+def test_keygen_options_that_shape_the_key(options, words):
+    assert sshjob.keygen_arguments(options) == words
+
+
+@pytest.mark.parametrize("options", ["-f /tmp/x", "-y", "-t", "'"])
+def test_keygen_options_that_do_not(options):
+    with pytest.raises(sshjob.UsageError):
+        sshjob.keygen_arguments(options)
+
+
+@pytest.mark.parametrize("host, parsed", [("1.0.sshjob", (None, "1.0")), ("1234.slurm.sshjob", ("slurm", "1234")),
+                                          ("7.pool.sshjob", ("pool", "7")), ("1234_2.sshjob", (None, "1234_2"))])
+def test_host_names_of_jobs(host, parsed):
+    assert sshjob.job_of_host(host) == parsed
+
+
+# -- tickets and tokens ------------------------------------------------------------------
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+def test_a_ticket_is_single_use_bound_to_its_run_and_key_and_expires():
+    secret = sshjob.token_hex(32)
+    claims = {"run": "1.0.0", "key": sshjob.key_fingerprint(KEY), "holder": None}
+    book = sshjob.TicketBook()
+    ticket = sshjob.make_ticket(secret, claims, 60)
+    assert book.redeem(secret, ticket, "1.0.0", key=KEY)["run"] == "1.0.0"
+    for args, sentence in (((secret, ticket, "1.0.0"), "already used"),
+                           ((secret, sshjob.make_ticket(secret, claims, 60), "2.0.0"), "another job or node"),
+                           ((sshjob.token_hex(32), sshjob.make_ticket(secret, claims, 60), "1.0.0"), "signature"),
+                           ((secret, sshjob.make_ticket(secret, claims, -1), "1.0.0"), "expired"),
+                           ((secret, "not a ticket", "1.0.0"), "malformed")):
+        with pytest.raises(sshjob.TicketInvalid, match=sentence):
+            book.redeem(*args, key=KEY)
+    held = sshjob.make_ticket(secret, dict(claims, key=None, holder=sshjob.holder_hash("s3cret")), 60)
+    with pytest.raises(sshjob.TicketInvalid, match="another holder"):
+        book.redeem(secret, held, "1.0.0", holder="guess")
+    assert book.redeem(secret, held, "1.0.0", holder="s3cret")
+
+
+def test_tokens_speak_for_their_subject_until_they_expire_or_are_revoked(tmp_path):
+    key = tmp_path / "signing.key"
+    key.write_text(sshjob.token_hex(32))
+    tokens = sshjob.Tokens(str(key), str(tmp_path / "revoked"))
+    token = tokens.create("alice", "user", 60)
+    assert tokens.verify(token)["sub"] == "alice"
+    with pytest.raises(sshjob.Refused, match="not signed by this pool"):
+        tokens.verify(token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    with pytest.raises(sshjob.Refused, match="has expired"):
+        tokens.verify(tokens.create("alice", "user", -5))
+    time.sleep(0.01)
+    tokens.revoke("alice")
+    with pytest.raises(sshjob.Refused, match="was revoked"):
+        tokens.verify(token)
+    assert tokens.verify(tokens.create("alice", "user", 60))["sub"] == "alice"
+    assert sshjob.parse_public_key(KEY + " a comment") == KEY
+    for bad in ("ssh-ed25519 AAAA", KEY + "\ncommand=x", "ssh-dss " + KEY.split()[1], 5):
+        with pytest.raises(sshjob.TicketInvalid):
+            sshjob.parse_public_key(bad)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_configuration_defaults_file_and_environment(tmp_path, monkeypatch):
+    (tmp_path / "sshjob.conf").write_text("[sshjob]\nticket_lifetime = 30\nuse_cgroups = no\n")
+    os.chmod(str(tmp_path), 0o755)
+    config = sshjob.Config(str(tmp_path / "sshjob.conf"))
+    assert config["schedd_address"] == "%s/schedd.sock" % tmp_path
+    assert (config.number("ticket_lifetime"), config.flag("use_cgroups")) == (30.0, False)
+    monkeypatch.setenv("SSHJOB_TICKET_LIFETIME", "7")
+    assert config.number("ticket_lifetime") == 7.0
+    monkeypatch.setenv("SSHJOB_USE_CGROUPS", "maybe")
+    with pytest.raises(sshjob.ConfigError, match="is not true or false"):
+        config.flag("use_cgroups")
+    (tmp_path / "bad.conf").write_text("[sshjob\n")
+    with pytest.raises(sshjob.ConfigError, match="is malformed at line 1"):
+        sshjob.Config(str(tmp_path / "bad.conf"))
+
+
+# -- the session's texts ------------------------------------------------------------------
+
+
+def context(env=None, workdir="/work dir"):
+    import pwd
+    return sshjob.JobContext("5.0", pwd.getpwuid(os.getuid()), env or {}, workdir, [11, 12], "tag", "node7", 2)
+
+
+def test_the_session_script_puts_back_the_job_and_lets_the_client_bring_its_terminal():
+    script = sshjob.session_script(context({"FOO": "a b'c", "TERM": "dumb", "SHELLOPTS": "errexit", "SSH_X": "1",
+                                            "BAD-NAME": "x"}), ["/bin/bash"], "session-3")
+    assert "export FOO='a b'\"'\"'c'" in script
+    assert '[ -n "${TERM+set}" ] || export TERM=dumb' in script
+    assert "SHELLOPTS" not in script and "SSH_X" not in script and "BAD-NAME" not in script
+    assert "_SSHJOB_JOB_PIDS='11 12'" in script and "SSHJOB_NODE=node7" in script and "SSHJOB_NODE_INDEX=2" in script
+    assert "cd -- '/work dir'" in script and "Welcome to job 5.0 on node7" in script
+
+
+def test_the_sshd_configuration_of_a_session(tmp_path):
+    import pwd
+    config = sshjob.Config(None)
+    text = sshjob.sshd_config(config, "/keys/host key", str(tmp_path), pwd.getpwuid(os.getuid()), terminals=False)
+    assert 'HostKey "/keys/host key"' in text and "PermitTTY no" in text
+    assert 'AuthorizedKeysFile "%s/authorized_keys"' % tmp_path in text
+    assert "AllowAgentForwarding no" in text and "AcceptEnv LANG LANGUAGE LC_*" in text
+
+
+@pytest.mark.parametrize("path, expanded, quoted", [("/a b/c", True, '"/a b/c"'), ("/x%y", True, '"/x%%y"'),
+                                                     ("/x%y", False, '"/x%y"')])
+def test_paths_in_openssh_configurations(path, expanded, quoted):
+    assert sshjob.ssh_config_path(path, expanded) == quoted
+
+
+@pytest.mark.parametrize("path, expanded", [('/a"b', True), ("/a\\b", False), ("/a%b", None)])
+def test_paths_that_openssh_versions_read_differently(path, expanded):
+    with pytest.raises(sshjob.ConfigError, match="versions of it read"):
+        sshjob.ssh_config_path(path, expanded)
+
+
+@pytest.mark.parametrize("request_, uid, problems, chosen", [
+    ({"key": "k"}, 1000, (None, None), ("openssh", "both ends have OpenSSH")),
+    ({}, 1000, (None, None), ("builtin", "this machine has no ssh client")),
+    ({"key": "k"}, 1000, ("no sshd", None), ("builtin", "no sshd")),
+    ({"key": "k", "interactive": True}, 1000, (None, "no tty"), ("builtin", "no tty")),
+    ({"key": "k", "interactive": True}, 0, (None, "no tty"), ("openssh", "both ends have OpenSSH")),
+    ({"key": "k", "transport": "builtin"}, 1000, (None, None), ("builtin", "asked for"))])
+def test_the_transport_is_openssh_where_both_ends_have_it(request_, uid, problems, chosen):
+    assert sshjob.choose_transport(request_, uid, *problems) == chosen
+
+
+def test_a_transport_that_cannot_be_is_a_sentence():
+    with pytest.raises(sshjob.MissingProgram, match="no sshd"):
+        sshjob.choose_transport({"key": "k", "transport": "openssh"}, 1000, "no sshd", None)
+    with pytest.raises(sshjob.UsageError, match="unknown transport"):
+        sshjob.choose_transport({"transport": "pigeon"}, 1000, None, None)
+
+
+# -- Slurm's words ---------------------------------------------------------------------------
+
+
+def test_scontrols_records_and_srun_complaints():
+    record = sshjob.slurm_fields("JobId=12 JobName=wrap UserId=alice(1001) JobState=RUNNING Reason=None "
+                                 "Command=/bin/sh -c x WorkDir=/home/a b")
+    assert (record["JobId"], record["UserId"], record["Command"], record["WorkDir"]) == (
+        "12", "alice(1001)", "/bin/sh -c x", "/home/a b")
+    for said, kind, sentence in (
+            ("srun: error: Unable to create step for job 12: Access/permission denied", sshjob.Refused,
+             "Slurm refuses a session in job 12: it is not yours (Access/permission denied)"),
+            ("srun: error: Unable to contact slurm controller", sshjob.Unreachable,
+             "Slurm's controller (slurmctld) does not answer"),
+            ("sshjob: cannot prepare\nsrun: error: task 0: Exited with exit code 1", sshjob.Unreachable,
+             "on node n1: cannot prepare"),
+            ("slurmstepd: error: execve(): python3: No such file or directory", sshjob.MissingProgram,
+             "node n1 cannot run python3")):
+        error = sshjob.slurm_error(said, "12", "n1")
+        assert isinstance(error, kind) and str(error).startswith(sentence), str(error)
