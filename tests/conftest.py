@@ -4,15 +4,19 @@ Every end-to-end test runs `python3 dist/sshjob.pyz ...` as a user would,
 against a pool of real daemons that run the real OpenSSH programs."""
 
 import contextlib
+import fcntl
 import glob
 import os
+import pty
 import pwd
 import re
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 import pytest
@@ -38,20 +42,76 @@ INTERPRETERS = pyenv_interpreters() or [sys.executable]
 
 
 @contextlib.contextmanager
-def x_display(display):
-    """A virtual X display (Xvfb) for the -X tests, stopped afterwards."""
+def machine_lock(name):
+    """A lock over this machine: the workers of pytest-xdist share its test
+    users, its build and its Slurm."""
+    with open("/tmp/.sshjob-tests-%s.lock" % name, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def x_display():
+    """A virtual X display (Xvfb) for the -X tests, on a display number that
+    Xvfb finds free (and says, once it is ready), stopped afterwards."""
     if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
         pytest.fail("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
-    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
+    ready, says = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(says), "-nolisten", "tcp"], pass_fds=(says,),
+                            stderr=subprocess.DEVNULL)
+    os.close(says)
     try:
-        time.sleep(1)
-        yield display
+        with os.fdopen(ready) as f:
+            number = f.readline().strip()
+        assert number.isdigit(), "Xvfb did not start"
+        yield ":" + number
     finally:
         xvfb.terminate()
         xvfb.wait()
 
 
 X11_CHECK = 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"'  # prints the forwarded display and its screens
+
+
+def drive_terminal(argv, steps, timeout=30):
+    """Run argv on a new pseudo-terminal; for each (expect, send) step wait
+    for `expect` in the output, then type `send`.  Returns (status, output)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, b"\x18\x00\x50\x00\x00\x00\x00\x00")
+
+    def controlling_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal)
+    os.close(slave)
+    output = b""
+    deadline = time.time() + timeout
+    try:
+        for expect, send in steps:
+            while expect.encode() not in output:
+                assert time.time() < deadline, "never saw %r in %r" % (expect, output)
+                if select.select([master], [], [], 0.2)[0]:
+                    try:
+                        output += os.read(master, 4096)
+                    except OSError:
+                        break
+            if send:
+                os.write(master, send.encode())
+        status = proc.wait(timeout=max(1, deadline - time.time()))
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        return status, output.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
 
 
 def run(argv, timeout=60, **kwargs):
@@ -90,21 +150,71 @@ def state_of(pid):
         return None
 
 
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])  # which of pytest-xdist's workers this is
+_ports = iter(range(20000 + 500 * WORKER, 20500 + 500 * WORKER))
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for a program that cannot be told port 0 (ssh -L, -D, -R): one
+    of this worker's own, below the kernel's range for outgoing connections,
+    so that no other worker and no connection takes it meanwhile."""
+    for port in _ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("this worker's ports are all taken")
+
+
+class Host:
+    """A network namespace with a veth link to this one: another host, on a
+    /24 of its own (10.231.N.0) that no other worker's host has."""
+
+    def __init__(self, label):
+        with machine_lock("netns"):
+            used = subprocess.run(["ip", "-o", "-4", "addr"], stdout=subprocess.PIPE, universal_newlines=True).stdout
+            index = next(n for n in range(1, 255) if " 10.231.%d.1/" % n not in used)
+            self.name = "sshjob-%s-%d" % (label, index)
+            self.outer, self.inner = "10.231.%d.1" % index, "10.231.%d.2" % index
+            link = "sjv%d" % index
+            for argv in (["ip", "netns", "add", self.name],
+                         ["ip", "link", "add", link + "a", "type", "veth", "peer", "name", link + "b"],
+                         ["ip", "link", "set", link + "b", "netns", self.name],
+                         ["ip", "addr", "add", self.outer + "/24", "dev", link + "a"],
+                         ["ip", "link", "set", link + "a", "up"],
+                         ["ip", "netns", "exec", self.name, "ip", "addr", "add", self.inner + "/24", "dev",
+                          link + "b"],
+                         ["ip", "netns", "exec", self.name, "ip", "link", "set", link + "b", "up"],
+                         ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]):
+                subprocess.run(argv, check=True)
+        self.link = link + "a"
+
+    def remove(self):
+        subprocess.run(["ip", "netns", "delete", self.name])
+        subprocess.run(["ip", "link", "delete", self.link], stderr=subprocess.DEVNULL)
+
+
+def build():
+    """dist/sshjob.pyz, built anew unless it is newer than what it is built from."""
+    target = os.path.join(ROOT, "dist", "sshjob.pyz")
+    with machine_lock("build"):
+        sources = max(os.path.getmtime(os.path.join(ROOT, name)) for name in ("sshjob.py", "build.py"))
+        if not os.path.exists(target) or os.path.getmtime(target) < sources:
+            result = run([sys.executable, os.path.join(ROOT, "build.py")], timeout=300)
+            assert result.returncode == 0, result.stderr
+    return target
 
 
 @pytest.fixture(scope="session")
 def base():
     """A world-traversable scratch directory holding a copy of the built pyz,
     so that the test users can reach both the pool and the program."""
-    result = run([sys.executable, os.path.join(ROOT, "build.py")], timeout=300)
-    assert result.returncode == 0, result.stderr
+    pyz = build()
     path = tempfile.mkdtemp(prefix="sshjob-tests-", dir="/tmp")
     os.chmod(path, 0o755)
-    shutil.copy(os.path.join(ROOT, "dist", "sshjob.pyz"), os.path.join(path, "sshjob.pyz"))
+    shutil.copy(pyz, os.path.join(path, "sshjob.pyz"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -117,11 +227,17 @@ def users():
     if not os.access(USER_PYTHON, os.X_OK):
         pytest.skip("the test users need a system %s" % USER_PYTHON)
     for name in USERS:
+        make_user(name)
+    return USERS
+
+
+def make_user(name, shell="/bin/bash"):
+    """A real Unix user for the tests, unless there is one."""
+    with machine_lock("users"):
         try:
             pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
-    return USERS
+            subprocess.run(["useradd", "--create-home", "--shell", shell, name], check=True)
 
 
 class Pool:

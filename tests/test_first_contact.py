@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import INTERPRETERS, ROOT, USER_PYTHON, Pool, run
-from test_session import drive_terminal
+from conftest import INTERPRETERS, ROOT, USER_PYTHON, Pool, drive_terminal, make_user, run
 
 ALICE = "sshjob-alice"
 CAROL = "sshjob-carol"  # a batch account: her login shell is nologin
@@ -17,10 +16,7 @@ CAROL = "sshjob-carol"  # a batch account: her login shell is nologin
 
 @pytest.fixture(scope="module")
 def carol(users):
-    try:
-        pwd.getpwnam(CAROL)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", CAROL], check=True)
+    make_user(CAROL, "/usr/sbin/nologin")
     return CAROL
 
 
@@ -84,10 +80,7 @@ def test_any_login_shell_and_a_jobs_stale_shell_state(pool, users, login_shell):
     SSH_ORIGINAL_COMMAND) are not the session's."""
     assert os.access(login_shell, os.X_OK), "%s is missing: .ci/run installs it" % login_shell
     name = "sshjob-" + os.path.basename(login_shell)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", login_shell, name], check=True)
+    make_user(name, login_shell)
     workdir = pool.workdir(name)
     job = pool.running_job("sleep", "600", user=name, workdir=workdir, options=(
         "--env", "SHELLOPTS=braceexpand:errexit:hashall", "--env", "UID=0", "--env", "FROM_JOB=yes",
@@ -348,7 +341,7 @@ def test_a_job_whose_directory_cannot_be_made_says_why(pool, users):
 
 def test_a_job_whose_owner_was_deleted_is_one_sentence(pool, users):
     gone = "sshjob-gone"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", gone], check=True)
+    make_user(gone)
     try:
         workdir = pool.workdir(gone)
         job = pool.running_job("sleep", "600", user=gone, workdir=workdir)

@@ -11,30 +11,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, free_port, run
-
-
-class Host:
-    """A network namespace with a veth link to this one: another host."""
-
-    def __init__(self, index):
-        self.name = "sshjob-t%d-%d" % (os.getpid() % 10000, index)
-        self.outer, self.inner = "10.231.%d.1" % index, "10.231.%d.2" % index
-        link = "sjv%d%d" % (os.getpid() % 1000, index)
-        for argv in (["ip", "netns", "add", self.name],
-                     ["ip", "link", "add", link + "a", "type", "veth", "peer", "name", link + "b"],
-                     ["ip", "link", "set", link + "b", "netns", self.name],
-                     ["ip", "addr", "add", self.outer + "/24", "dev", link + "a"],
-                     ["ip", "link", "set", link + "a", "up"],
-                     ["ip", "netns", "exec", self.name, "ip", "addr", "add", self.inner + "/24", "dev", link + "b"],
-                     ["ip", "netns", "exec", self.name, "ip", "link", "set", link + "b", "up"],
-                     ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]):
-            subprocess.run(argv, check=True)
-        self.link = link + "a"
-
-    def remove(self):
-        subprocess.run(["ip", "netns", "delete", self.name])
-        subprocess.run(["ip", "link", "delete", self.link], stderr=subprocess.DEVNULL)
+from conftest import INTERPRETERS, Host, run, wait_for
 
 
 def require_namespaces():
@@ -50,7 +27,7 @@ def require_namespaces():
 def cluster(base):
     """A schedd on TLS (this host) and a starter in another network namespace."""
     require_namespaces()
-    yield from make_cluster(base, 1, "starter_address = %s:0" % "10.231.1.2")
+    yield from make_cluster(base, 1, "starter_address = {inner}:0")
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +39,12 @@ def firewalled(base):
 
 
 def make_cluster(base, index, starter_settings, schedd_settings=""):
-    host = Host(index)
+    host = Host("remote%d" % index)
     python = INTERPRETERS[-1]
     pyz = os.path.join(base, "sshjob.pyz")
     submit_dir = tempfile.mkdtemp(prefix="submit-", dir=base)
     exec_dir = tempfile.mkdtemp(prefix="exec-", dir=base)
-    port = free_port()
-    init = run([python, pyz, "init", "--dir", submit_dir, "--listen", "%s:%d" % (host.outer, port)])
+    init = run([python, pyz, "init", "--dir", submit_dir, "--listen", "%s:0" % host.outer])  # a port of its choice
     assert init.returncode == 0, init.stderr
     fingerprint = init.stdout.split("schedd certificate SHA-256: ")[1].split()[0]
     with open(os.path.join(submit_dir, "sshjob.conf"), "a") as f:
@@ -76,16 +52,17 @@ def make_cluster(base, index, starter_settings, schedd_settings=""):
     token = run([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "token", "create", "--for",
                  "starter", "--name", "exec@" + host.name, "--output", os.path.join(exec_dir, "starter.token")])
     assert token.returncode == 0, token.stderr
-    with open(os.path.join(exec_dir, "sshjob.conf"), "w") as f:
-        f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
-                "starter_name = exec@%s\nstarter_slots = 16\n%s\n"
-                % (host.outer, port, fingerprint, os.path.join(exec_dir, "starter.token"), host.name,
-                   starter_settings))
     logs = [open(os.path.join(d, role + ".log"), "w")  # noqa: SIM115 (closed at teardown)
             for d, role in ((submit_dir, "schedd"), (exec_dir, "starter"))]
     daemons = [subprocess.Popen([python, pyz, "--config", os.path.join(submit_dir, "sshjob.conf"), "schedd"],
                                 stdout=logs[0], stderr=logs[0])]
-    time.sleep(1)
+    wait_for(lambda: " with TLS" in read(os.path.join(submit_dir, "schedd.log")), 30, "the schedd's TLS port")
+    port = int(read(os.path.join(submit_dir, "schedd.log")).split(" with TLS")[0].rsplit(":", 1)[1])
+    with open(os.path.join(exec_dir, "sshjob.conf"), "w") as f:
+        f.write("[sshjob]\nschedd_address = %s:%d\nschedd_fingerprint = %s\ntoken_file = %s\n"
+                "starter_name = exec@%s\nstarter_slots = 16\n%s\n"
+                % (host.outer, port, fingerprint, os.path.join(exec_dir, "starter.token"), host.name,
+                   starter_settings.format(inner=host.inner)))
     daemons.append(subprocess.Popen(["ip", "netns", "exec", host.name, python, pyz, "--config",
                                      os.path.join(exec_dir, "sshjob.conf"), "starter"],
                                     stdout=logs[1], stderr=logs[1]))
@@ -246,7 +223,7 @@ def test_a_firewalled_starter_is_reached_through_the_schedd(firewalled, tmp_path
 def declared_firewalled(base):
     """A starter reachable in fact, but configured as not (starter_reachable = false)."""
     require_namespaces()
-    yield from make_cluster(base, 3, "starter_address = 10.231.3.2:0\nstarter_reachable = false")
+    yield from make_cluster(base, 3, "starter_address = {inner}:0\nstarter_reachable = false")
 
 
 def test_a_starter_configured_unreachable_is_relayed_at_once(declared_firewalled):
@@ -261,7 +238,7 @@ def test_a_starter_configured_unreachable_is_relayed_at_once(declared_firewalled
 def short_lease(base):
     """A starter on another host whose lease is 4 s."""
     require_namespaces()
-    yield from make_cluster(base, 4, "starter_address = 10.231.4.2:0\njob_lease = 4", "job_lease = 4")
+    yield from make_cluster(base, 4, "starter_address = {inner}:0\njob_lease = 4", "job_lease = 4")
 
 
 def test_a_starter_cut_off_longer_than_its_lease_stops_its_job_which_runs_again_later(short_lease):

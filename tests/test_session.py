@@ -3,19 +3,13 @@
 Each test runs the built pyz against a pool of real daemons, with the real
 ssh, sshd, scp, sftp and rsync, under the oldest and the newest interpreter."""
 
-import fcntl
 import glob
 import os
-import pty
-import select
-import shutil
 import signal
 import subprocess
-import termios
 import time
 
-import pytest
-from conftest import INTERPRETERS, run, wait_for
+from conftest import drive_terminal, run, wait_for, x_display
 
 
 def proc_cmdline(pid):
@@ -125,12 +119,7 @@ def test_name_and_pool_options(pool):
 
 
 def test_x11_forwarding(pool, tmp_path):
-    if not (shutil.which("Xvfb") and shutil.which("xdpyinfo")):
-        pytest.skip("Xvfb and xdpyinfo are not installed (apt-get install xvfb x11-utils xauth)")
-    display = ":%d" % (50 + INTERPRETERS.index(pool.python))
-    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp"], stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
+    with x_display() as display:
         job = pool.running_job()
         result = pool.sshjob("client", "-X", job, 'echo "$DISPLAY"; xdpyinfo | grep -c "^screen #"',
                              env={"DISPLAY": display, "XAUTHORITY": str(tmp_path / "xauth")})
@@ -139,50 +128,6 @@ def test_x11_forwarding(pool, tmp_path):
         assert remote_display.startswith("localhost:") and screens == "1"
         without = pool.sshjob("client", job, 'echo "[$DISPLAY]"', env={"DISPLAY": display})
         assert without.stdout == "[]\n"
-    finally:
-        xvfb.terminate()
-        xvfb.wait()
-
-
-def drive_terminal(argv, steps, timeout=30):
-    """Run argv on a new pseudo-terminal; for each (expect, send) step wait
-    for `expect` in the output, then type `send`.  Returns (status, output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, b"\x18\x00\x50\x00\x00\x00\x00\x00")
-
-    def controlling_terminal():
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal)
-    os.close(slave)
-    output = b""
-    deadline = time.time() + timeout
-    try:
-        for expect, send in steps:
-            while expect.encode() not in output:
-                assert time.time() < deadline, "never saw %r in %r" % (expect, output)
-                if select.select([master], [], [], 0.2)[0]:
-                    try:
-                        output += os.read(master, 4096)
-                    except OSError:
-                        break
-            if send:
-                os.write(master, send.encode())
-        status = proc.wait(timeout=max(1, deadline - time.time()))
-        while select.select([master], [], [], 0.1)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        return status, output.decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
 
 
 def test_interactive_login_shell_on_a_terminal(pool):

@@ -17,10 +17,11 @@ import time
 
 import pytest
 import slurm
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, run, state_of, wait_for, x_display
-from test_session import drive_terminal
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, drive_terminal, run, state_of, wait_for, x_display
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
+
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs what shares Slurm and ~alice/.cache
 
 
 class Cluster:
@@ -269,7 +270,7 @@ def test_a_client_behind_nat_falls_back_to_the_pipe(cluster):
 
 
 def test_x11_forwarding(cluster):
-    with x_display(":61") as display:
+    with x_display() as display:
         job = cluster.running()
         xauth = os.path.join(cluster.workdir(), "xauth")  # where alice may write it
         result = cluster.sshjob("client", "-X", job, X11_CHECK, env={"DISPLAY": display, "XAUTHORITY": xauth})

@@ -13,7 +13,28 @@ import tempfile
 import time
 
 import pytest
-from conftest import ALICE, BOB, INTERPRETERS, USER_PYTHON, X11_CHECK, Pool, as_user, free_port, home_of, run, x_display
+from conftest import (
+    ALICE,
+    BOB,
+    INTERPRETERS,
+    USER_PYTHON,
+    X11_CHECK,
+    Pool,
+    as_user,
+    free_port,
+    home_of,
+    run,
+    wait_for,
+    x_display,
+)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 def wait_for_port(port, timeout=20):
@@ -147,14 +168,15 @@ def test_forwards_and_a_multiplexed_reconnect_as_vs_code_does(hosts, job):
     the master dies and the client reconnects."""
     name, workdir = job
     host = name + ".sshjob"
-    port, socks, local = free_port(), free_port(), free_port()
+    socks, local = free_port(), free_port()
     control = tempfile.mkdtemp(prefix="cm-", dir="/tmp")  # a short path: ssh adds 17 characters to a socket name
     shutil.chown(control, ALICE, ALICE)
     mux = ["-o", "ControlMaster=auto", "-o", "ControlPath=%s/cm-%%C" % control, "-o", "ControlPersist=60"]
     with open(os.path.join(workdir, "index.html"), "w") as f:
         f.write("served from the job\n")
-    script = ("cd %s\nnohup python3 -m http.server %d --bind 127.0.0.1 </dev/null >/dev/null 2>&1 &\necho started\n"
-              % (workdir, port))
+    script = ("cd %s\nnohup python3 -u -m http.server 0 --bind 127.0.0.1 </dev/null >server.log 2>&1 &\n"
+              "echo started\n" % workdir)
+    served = os.path.join(workdir, "server.log")
     try:
         for attempt in ("first", "after a reconnect"):
             master = as_user(ALICE, ["ssh"] + mux + [host, "true"], stdout=subprocess.DEVNULL,
@@ -163,6 +185,8 @@ def test_forwards_and_a_multiplexed_reconnect_as_vs_code_does(hosts, job):
             if attempt == "first":
                 started = as_user(ALICE, ["ssh"] + mux + [host, "bash", "-s"], input=script)
                 assert started.stdout == "started\n", started.stderr
+                wait_for(lambda: " port " in read_text(served), 20, "the server in the job")
+                port = int(read_text(served).split(" port ")[1].split()[0])
             assert as_user(ALICE, ["ssh"] + mux + ["-O", "check", host]).returncode == 0
             forward = subprocess.Popen(["runuser", "-u", ALICE, "--", "env", "HOME=" + home_of(ALICE), "ssh"] + mux
                                        + ["-N", "-D", "127.0.0.1:%d" % socks, host], cwd="/")
@@ -194,7 +218,7 @@ def test_forwards_and_a_multiplexed_reconnect_as_vs_code_does(hosts, job):
                                   "curl -s http://127.0.0.1:%d/index.html" % back])
         assert reverse.stdout == "served from the job\n", reverse.stderr
     finally:
-        as_user(ALICE, ["ssh", host, "pkill -f 'http.server %d' || true" % port])
+        as_user(ALICE, ["ssh", host, "pkill -f 'http.server 0' || true"])
         shutil.rmtree(control, ignore_errors=True)
 
 
@@ -271,7 +295,7 @@ def test_a_stopped_schedd_is_one_sentence(base, users):
 
 def test_x11_and_a_finished_job(hosts, job):
     name, _ = job
-    with x_display(":63") as display:
+    with x_display() as display:
         xauth = os.path.join(hosts.workdir(ALICE), "xauth")
         forwarded = as_user(ALICE, ["ssh", "-X", name + ".sshjob", X11_CHECK],
                             env={"DISPLAY": display, "XAUTHORITY": xauth})

@@ -36,6 +36,8 @@ def main(argv=None):
     return 0
 """
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs what shares Slurm and ~alice/.cache
+
 
 def module_digest():
     with open(os.path.join(ROOT, "sshjob.py"), "rb") as f:
@@ -121,27 +123,27 @@ def pyz_build_id(pyz):
 
 def test_root_never_runs_a_module_planted_in_a_users_shiv_directory(base, users, scratch):
     pyz = os.path.join(base, "sshjob.pyz")
-    site = os.path.join(home_of(ALICE), ".shiv", "sshjob.pyz_" + pyz_build_id(pyz), "site-packages")
+    site = os.path.join(home_of(BOB), ".shiv", "sshjob.pyz_" + pyz_build_id(pyz), "site-packages")
     marker = os.path.join(scratch, "launcher-pwned")
-    as_user(ALICE, ["mkdir", "-p", site])
-    as_user(ALICE, ["sh", "-c", "cat > %s/sshjob.py" % site], input=PLANTED % marker)
+    as_user(BOB, ["mkdir", "-p", site])
+    as_user(BOB, ["sh", "-c", "cat > %s/sshjob.py" % site], input=PLANTED % marker)
     try:
         clean = {"PATH": os.environ["PATH"]}
-        for env in ({"HOME": home_of(ALICE)},  # sudo -E, or a sudo that keeps HOME
-                    {"HOME": home_of(ALICE), "SHIV_ROOT": os.path.join(home_of(ALICE), ".shiv")},
+        for env in ({"HOME": home_of(BOB)},  # sudo -E, or a sudo that keeps HOME
+                    {"HOME": home_of(BOB), "SHIV_ROOT": os.path.join(home_of(BOB), ".shiv")},
                     {"SHIV_ENTRY_POINT": "os:getcwd", "SHIV_PREPEND_PYTHONPATH": site}):
             result = run(["env", "-i"] + ["%s=%s" % item for item in dict(clean, **env).items()]
                          + [sys.executable, pyz, "--version"])
             assert (result.returncode, result.stdout) == (0, "sshjob %s\n" % sshjob.__version__), result.stderr
         assert not os.path.exists(marker)
-        # Alice's own copy, not this build's bytes: her pyz unpacks a true copy over it, and runs that.
-        mine = as_user(ALICE, [USER_PYTHON, pyz, "--version"])
+        # Bob's own copy, not this build's bytes: his pyz unpacks a true copy over it, and runs that.
+        mine = as_user(BOB, [USER_PYTHON, pyz, "--version"])
         assert mine.stdout == "sshjob %s\n" % sshjob.__version__, mine.stderr
         assert not os.path.exists(marker)
         with open(os.path.join(site, "sshjob.py"), "rb") as f, open(os.path.join(ROOT, "sshjob.py"), "rb") as g:
             assert f.read() == g.read()
     finally:
-        shutil.rmtree(os.path.join(home_of(ALICE), ".shiv"), ignore_errors=True)
+        shutil.rmtree(os.path.join(home_of(BOB), ".shiv"), ignore_errors=True)
 
 
 def test_a_configuration_that_another_user_may_change_names_no_program(pool, users, scratch):

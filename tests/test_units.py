@@ -358,8 +358,8 @@ def test_client_options_one_dash_or_two_and_the_command_untouched():
             sshjob.parse_client_args(argv)
 
 
-@pytest.mark.parametrize("options, words", [("-t rsa -b 4096", ["-t", "rsa", "-b", "4096"]), ("-trsa -q", ["-trsa", "-q"]),
-                                            ("-C 'a note'", ["-C", "a note"])])
+@pytest.mark.parametrize("options, words", [("-t rsa -b 4096", ["-t", "rsa", "-b", "4096"]),
+                                            ("-trsa -q", ["-trsa", "-q"]), ("-C 'a note'", ["-C", "a note"])])
 def test_keygen_options_that_shape_the_key(options, words):
     assert sshjob.keygen_arguments(options) == words
 
