@@ -39,6 +39,7 @@ def build():
     launcher = "# -*- coding: utf-8 -*-\n%s\npyz_launcher(%r)\n\n" % (sshjob.source_of(sshjob.pyz_launcher), build_id)
     shiv.builder.MAIN_TEMPLATE = launcher.replace("{", "{{").replace("}", "}}") + shiv.builder.MAIN_TEMPLATE
     os.makedirs(os.path.dirname(TARGET), exist_ok=True)
+    partial = "%s.partial-%d" % (TARGET, os.getpid())  # put in place whole: a reader never sees half a build
     with tempfile.TemporaryDirectory() as stage:
         module = os.path.join(stage, "sshjob.py")
         with open(module, "wb") as f:
@@ -46,13 +47,14 @@ def build():
         os.chmod(module, 0o644)  # the archive records modes: fix them for reproducibility
         shiv.cli.main(
             ["--reproducible", "--compile-pyc", "--site-packages", stage, "--entry-point", "sshjob:main",
-
-             "--python", "/usr/bin/env python3", "--output-file", TARGET],
+             "--python", "/usr/bin/env python3", "--output-file", partial],
             standalone_mode=False,
         )
-    with zipfile.ZipFile(TARGET) as archive:
+    with zipfile.ZipFile(partial) as archive:
         if json.loads(archive.read("environment.json"))["build_id"] != build_id:
+            os.unlink(partial)
             sys.exit("build.py: shiv computed another build id than the launcher's; update build.py")
+    os.replace(partial, TARGET)
     with open(TARGET, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     print("%s  %s" % (digest, os.path.relpath(TARGET)))

@@ -2648,7 +2648,7 @@ class Schedd:
             for r in cursor:
                 job = {"id": row_id(r), "owner": r["owner"], "state": r["state"], "starter": r["starter"] or "",
                        "cmd": json.loads(r["cmd"]), "exit_status": r["exit_status"], "note": r["note"] or "",
-                       "key": [r["cluster"], r["proc"], r["node"]]}
+                       "gen": run_generation(r["secret"]), "key": [r["cluster"], r["proc"], r["node"]]}
                 size += len(json.dumps(job))
                 if jobs and size > MAX_FRAME // 2:
                     more = True
@@ -2762,7 +2762,8 @@ class Schedd:
         claims = {"run": run_id(row), "key": key and key_fingerprint(key), "holder": message.get("holder"),
                   "user": who.name, "shells": shells}
         self.audit(who, message, True, "transport " + transport)
-        return {"ok": True, "job": row_id(row), "run": run_id(row), "user": row["owner"], "hostkey": row["hostkey"],
+        return {"ok": True, "job": row_id(row), "run": run_id(row), "gen": run_generation(row["secret"]),
+                "user": row["owner"], "hostkey": row["hostkey"],
                 "starter": starter.name, "address": starter.address, "reachable": starter.reachable,
                 "transport": transport, "why": why,
                 "tls_fingerprint": starter.tls_fingerprint,
@@ -4180,9 +4181,10 @@ class Site:
         taken `session` (the command, the terminal, the client's variables)."""
         raise NotImplementedError
 
-    def state(self, job):
+    def state(self, job, ticket=None):
         """The job's state in the pool's words (running, idle, held,
-        completed, removed...); None where the site does not know it."""
+        completed, removed...), or, given a session's ticket, the state of
+        the run that the session was in; None where the site does not know."""
         raise NotImplementedError
 
     def remove(self, job):
@@ -4279,8 +4281,14 @@ class PoolSite(Site):
                 return
             request["after"] = reply["jobs"][-1]["key"]
 
-    def state(self, job):
-        return next((row["state"] for row in self.rows(True, job) if row["id"] == job), None)
+    def state(self, job, ticket=None):
+        """A run that a session was in and that another run of the node
+        follows, in whatever state, was vacated (or its starter lost it)."""
+        name = ticket.grant["job"] if ticket else job
+        row = next((row for row in self.rows(True, job) if row["id"] == name), None)
+        if row and ticket and row["gen"] != ticket.grant.get("gen") and row["state"] in ACTIVE_STATES + ("idle",):
+            return "idle"
+        return row and row["state"]
 
     def remove(self, job):
         self.schedd.call({"op": "rm", "job": job})
@@ -4489,7 +4497,7 @@ class SlurmSite(Site):
             raise step.failure() from None
         return step.channel
 
-    def state(self, job):
+    def state(self, job, ticket=None):
         jobs = slurm_jobs(job)
         state = jobs[0].get("JobState", "") if jobs else "COMPLETED"
         return SLURM_FINISHED.get(state, state.lower())
@@ -5116,10 +5124,10 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
             try:
                 status = run_builtin(site, ticket, holder, command, streams)
             except Unreachable:
-                explain_lost_session(site, job)
+                explain_lost_session(site, job, ticket)
                 raise
     if status == 255:
-        explain_lost_session(site, job)
+        explain_lost_session(site, job, ticket)
     return status
 
 
@@ -5296,10 +5304,10 @@ def wait_foreground(child):
         raise
 
 
-def explain_lost_session(site, job):
-    """ssh failed: if the job's end is why, say so in a sentence."""
+def explain_lost_session(site, job, ticket):
+    """ssh failed: if the end of the job's run is why, say so in a sentence."""
     try:
-        state = site.state(job)
+        state = site.state(job, ticket)
     except Unreachable as e:
         raise JobGone("the session ended, and %s: its pool may have been stopped" % e) from None
     except SshjobError:

@@ -5,14 +5,15 @@ import os
 import subprocess
 import sys
 
-from conftest import INTERPRETERS, ROOT, run
+from conftest import INTERPRETERS, ROOT, machine_lock, run
 
 
 def test_build_is_reproducible_and_prints_its_sha256():
     pyz = os.path.join(ROOT, "dist", "sshjob.pyz")
     digests = []
     for _ in range(2):
-        result = run([sys.executable, os.path.join(ROOT, "build.py")], timeout=300)
+        with machine_lock("build"):
+            result = run([sys.executable, os.path.join(ROOT, "build.py")], timeout=300)
         assert result.returncode == 0, result.stderr
         with open(pyz, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
