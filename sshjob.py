@@ -472,6 +472,22 @@ def parse_address(address):
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
 
 
+@contextlib.contextmanager
+def reachable_path(path):
+    """`path`, to bind or connect a Unix socket to; where it is longer than
+    a socket's address may be (108 bytes: a deep $TMPDIR, a pool in a deep
+    directory), the same place named through a descriptor of its directory
+    (/proc/self/fd/N/NAME), for as long as the block lasts."""
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield "/proc/self/fd/%d/%s" % (directory, os.path.basename(path))
+    finally:
+        os.close(directory)
+
+
 def connect_unix(path, timeout):
     """Connect to a Unix socket.  When the daemon's queue is full, connect()
     waits in the kernel's line for room, for at most `timeout` (SO_SNDTIMEO
@@ -482,7 +498,8 @@ def connect_unix(path, timeout):
         seconds = int(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
-        sock.connect(path)
+        with reachable_path(path) as where:
+            sock.connect(where)
     except OSError:
         sock.close()
         raise
@@ -659,7 +676,7 @@ class GatedServer(socketserver.ThreadingMixIn):
             self.gate.leave(request)
 
 
-class Server(GatedServer, socketserver.UnixStreamServer):
+class UnixServer(GatedServer, socketserver.UnixStreamServer):
     """The Unix-socket server: peers are told apart by their uid.  Its queue
     is short, so that a request waits behind few others: local clients wait
     for room in the kernel (see connect_unix), they are not refused."""
@@ -714,9 +731,15 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
 
 def listen(server_class, address, handler):
-    """A server on `address`, or one sentence on why there can be none."""
+    """A server on `address` (a Unix socket's path of any length, or (host,
+    port)), or one sentence on why there can be none."""
     try:
-        return server_class(address, handler)
+        if not isinstance(address, str):
+            return server_class(address, handler)
+        with reachable_path(address) as where:
+            server = server_class(where, handler)
+        server.server_address = address  # its name, which outlives the directory's descriptor
+        return server
     except (OSError, OverflowError) as e:
         where = address if isinstance(address, str) else "%s:%d" % address
         raise ConfigError("cannot listen on %s (%s)" % (where, getattr(e, "strerror", None) or e)) from None
@@ -1726,7 +1749,7 @@ LogLevel ERROR
 """
 
 
-def ssh_config_path(path, percent_expanded=True):
+def openssh_quoted(path, percent_expanded=True):
     """`path` as a value of an OpenSSH configuration line (or of ssh's -o):
     quoted, as a directory may have a space in its name, and with its %s
     doubled where OpenSSH expands %-tokens in the value.  None for
@@ -1848,8 +1871,8 @@ def sshd_config(config, host_key, sdir, owner, terminals=True):
     clean_login_shell = bool(shell_level) and "shell_level" in template
     try:
         return string.Template(template).substitute(
-            host_key=ssh_config_path(host_key, percent_expanded=False),
-            authorized_keys=ssh_config_path(os.path.join(sdir, "authorized_keys")),
+            host_key=openssh_quoted(host_key, percent_expanded=False),
+            authorized_keys=openssh_quoted(os.path.join(sdir, "authorized_keys")),
             force_command=force_command(os.path.join(sdir, "session.sh"), owner.pw_shell, clean_login_shell),
             user=owner.pw_name,
             sftp_server=find_sftp_server(config),
@@ -2401,12 +2424,13 @@ def run_id(row):
 class Identity:
     """Who asks: a local user known by peer credentials, or a remote one
     known by a token (`claims`).  `starter` says whether it may act as a
-    starter; `runs_for`, whose jobs such a starter may run ("root": all)."""
+    starter, `is_user` whether as a user; `runs_for`, whose jobs such a
+    starter may run ("root": all)."""
 
-    def __init__(self, name, starter=False, user=True, claims=None, runs_for=None):
+    def __init__(self, name, starter=False, is_user=True, claims=None, runs_for=None):
         self.name = name
         self.starter = starter
-        self.user = user
+        self.is_user = is_user
         self.claims = claims
         self.runs_for = runs_for
 
@@ -2531,7 +2555,7 @@ class Schedd:
         if op not in self.OPS:
             raise ProtocolError("unknown request %r" % op)
         who = self.identify(message, sock)
-        if op not in self.STARTER_OPS and not who.user:
+        if op not in self.STARTER_OPS and not who.is_user:
             raise Refused("a starter's token is not a user's: %s may not %s" % (who.name, op))
         if op in JOB_ACTIONS:
             return self.act(op, message, who)
@@ -2551,7 +2575,7 @@ class Schedd:
             return Identity(user_name(uid), starter=uid in (0, self.uid), runs_for=user_name(uid))
         claims = self.tokens.verify(field(message, "token", str))
         if claims["scope"] == "starter":
-            return Identity(claims["sub"], starter=True, user=False, claims=claims, runs_for=claims.get("user"))
+            return Identity(claims["sub"], starter=True, is_user=False, claims=claims, runs_for=claims.get("user"))
         return Identity(claims["sub"], claims=claims)
 
     def op_ping(self, message, who):
@@ -3020,7 +3044,7 @@ def serve_schedd(config):
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             probe_stale_socket(path)
-    server = listen(Server, path, RequestHandler)
+    server = listen(UnixServer, path, RequestHandler)
     os.chmod(path, 0o666)  # everyone may ask; peer credentials say who asks
     server.app = schedd
     if config["schedd_tls_address"]:
@@ -4044,7 +4068,7 @@ class NodeStep:
         sock.close()
         return False
 
-    def run_sshd(self, channel):
+    def serve_sshd(self, channel):
         sdir, hostkey = self.prepare_sshd()
         listener = self.listen()
         secret = os.urandom(32)
@@ -4059,7 +4083,7 @@ class NodeStep:
         self.host.wait_for_sessions()
         return proc.returncode
 
-    def run_builtin(self, channel):
+    def serve_builtin(self, channel):
         send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name,
                            "node": self.node})
         session = recv_msg(channel, "the client")
@@ -4071,12 +4095,12 @@ class NodeStep:
     def serve(self, channel):
         self.transport_name, self.why = self.transport()
         if self.transport_name == "openssh":
-            return self.run_sshd(channel)
+            return self.serve_sshd(channel)
         if self.making:  # a host key that no sshd will use
             self.making.kill()
             self.making.wait()
             self.making = None
-        return self.run_builtin(channel)
+        return self.serve_builtin(channel)
 
 
 def run_slurm_step(config_path):
@@ -4642,7 +4666,8 @@ class SlurmStep:
     def close(self):
         """Let srun end by itself once its step has answered (the step ends
         with its session: waiting would only add Slurm's teardown to every
-        session); end it, and at once, where the step never answered."""
+        session); where the step never answered, end srun (SIGTERM, then
+        SIGKILL after 5 s)."""
         if self not in self.site.steps:
             return  # closed already
         self.site.steps.remove(self)
@@ -5037,8 +5062,8 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
     if not os.path.isfile(program[0]):
         raise MissingProgram("%s was not found on this machine: %s" % (base, how_to_install(base)))
     options = {
-        "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": ssh_config_path(key),
-        "UserKnownHostsFile": ssh_config_path(known_hosts, percent_expanded=None), "GlobalKnownHostsFile": "/dev/null",
+        "IdentitiesOnly": "yes", "IdentityAgent": "none", "IdentityFile": openssh_quoted(key),
+        "UserKnownHostsFile": openssh_quoted(known_hosts, percent_expanded=None), "GlobalKnownHostsFile": "/dev/null",
         "StrictHostKeyChecking": "yes", "HostKeyAlias": alias, "UpdateHostKeys": "no",
         "CheckHostIP": "no", "BatchMode": "yes", "ControlMaster": "no", "ControlPath": "none",
         "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
@@ -5122,7 +5147,7 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
                                      "(%s): X11 forwarding needs sshd on the node and ssh here"
                                      % (ticket.job, ticket.why))
             try:
-                status = run_builtin(site, ticket, holder, command, streams)
+                status = enter_builtin(site, ticket, holder, command, streams)
             except Unreachable:
                 explain_lost_session(site, job, ticket)
                 raise
@@ -5268,7 +5293,7 @@ class OpenSsh:
         self.desk.close()
 
 
-def run_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
+def enter_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
     """A session over the built-in transport, on the given stdin, stdout and
     stderr; returns the remote exit status."""
     interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
@@ -5727,9 +5752,9 @@ def ssh_config_block(config_path):
         "Host *%s" % HOST_SUFFIX,
         "    ProxyCommand %s" % proxy,
         "    ProxyUseFdpass yes",
-        "    IdentityFile %s" % ssh_config_path(os.path.join(home, "id_ed25519")),
+        "    IdentityFile %s" % openssh_quoted(os.path.join(home, "id_ed25519")),
         "    IdentitiesOnly yes",
-        "    UserKnownHostsFile %s" % ssh_config_path(os.path.join(home, "known_hosts"), percent_expanded=None),
+        "    UserKnownHostsFile %s" % openssh_quoted(os.path.join(home, "known_hosts"), percent_expanded=None),
         "    GlobalKnownHostsFile /dev/null",
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",

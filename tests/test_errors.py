@@ -131,10 +131,9 @@ def test_queue_commands_reject_bad_input(pool, role):
     assert result.stderr.strip()
 
 
-def test_the_demo_needs_no_configuration(base, pool):
-    before = set(os.listdir("/tmp"))
-    result = pool.sshjob("demo", config=False, timeout=120)
+def test_the_demo_needs_no_configuration(base, pool, tmp_path):
+    os.chmod(str(tmp_path), 0o755)
+    result = pool.sshjob("demo", config=False, timeout=120, env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert "hello from the job: root in /tmp/sshjob-demo-" in result.stdout
-    leftovers = [n for n in set(os.listdir("/tmp")) - before if n.startswith("sshjob-")]
-    assert leftovers == []
+    assert "hello from the job: root in %s/sshjob-demo-" % tmp_path in result.stdout
+    assert os.listdir(str(tmp_path)) == []

@@ -44,22 +44,25 @@ def test_an_ordinary_owner_gets_an_interactive_shell_by_default(pool, users):
 
 def test_bashrc_is_read_once_by_the_sessions_own_shell(pool, users):
     """As plain ssh does: not also by the login shell through which sshd runs
-    the session's forced command (that doubled the start of every session)."""
-    home = pwd.getpwnam(ALICE).pw_dir
+    the session's forced command (that doubled the start of every session).
+    A user of its own: every session of alice's, in other tests, reads hers."""
+    reader = "sshjob-rc"
+    make_user(reader)
+    home = pwd.getpwnam(reader).pw_dir
     bashrc, reads = os.path.join(home, ".bashrc"), os.path.join(home, "bashrc-reads")
     with open(bashrc) as f:
         original = f.read()
-    job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
+    job = pool.running_job("sleep", "600", user=reader, workdir=pool.workdir(reader))
     try:
         with open(bashrc, "w") as f:
             f.write('echo "$SHLVL" >> ~/bashrc-reads; export FROM_BASHRC=yes\n' + original)
-        command = pool.sshjob("client", job, 'echo "$FROM_BASHRC $SHLVL"', user=ALICE, env={"SHELL": "/bin/bash"})
+        command = pool.sshjob("client", job, 'echo "$FROM_BASHRC $SHLVL"', user=reader, env={"SHELL": "/bin/bash"})
         assert command.returncode == 0 and command.stdout == "yes 1\n", command.stderr
         with open(reads) as f:
             assert f.read() == "1\n"
         os.unlink(reads)
         status, output = drive_terminal(
-            pool.argv("client", job, user=ALICE, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
+            pool.argv("client", job, user=reader, env={"SHELL": "/bin/bash", "TERM": "xterm"}),
             [("pid(s)", "echo level-$SHLVL-$FROM_BASHRC; exit 4\n"), ("level-1-yes", None)])
         assert status == 4, output
         with open(reads) as f:

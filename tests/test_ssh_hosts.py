@@ -28,6 +28,8 @@ from conftest import (
     x_display,
 )
 
+pytestmark = pytest.mark.xdist_group("ssh-hosts")  # one worker: the Host block is in the users' own ~/.ssh
+
 
 def read_text(path):
     try:

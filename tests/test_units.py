@@ -471,13 +471,13 @@ def test_the_sshd_configuration_of_a_session(tmp_path):
 @pytest.mark.parametrize("path, expanded, quoted", [("/a b/c", True, '"/a b/c"'), ("/x%y", True, '"/x%%y"'),
                                                      ("/x%y", False, '"/x%y"')])
 def test_paths_in_openssh_configurations(path, expanded, quoted):
-    assert sshjob.ssh_config_path(path, expanded) == quoted
+    assert sshjob.openssh_quoted(path, expanded) == quoted
 
 
 @pytest.mark.parametrize("path, expanded", [('/a"b', True), ("/a\\b", False), ("/a%b", None)])
 def test_paths_that_openssh_versions_read_differently(path, expanded):
     with pytest.raises(sshjob.ConfigError, match="versions of it read"):
-        sshjob.ssh_config_path(path, expanded)
+        sshjob.openssh_quoted(path, expanded)
 
 
 @pytest.mark.parametrize("request_, uid, problems, chosen", [
