@@ -17,9 +17,10 @@ import time
 
 import pytest
 import slurm
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, drive_terminal, run, state_of, wait_for, x_display
+from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, drive_terminal, make_user, run, state_of, wait_for, x_display
 
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
+NATTED = "sshjob-nat"  # a user of its own, whose connections alone go through NAT
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs what shares Slurm and ~alice/.cache
 
@@ -239,12 +240,13 @@ def test_the_fast_path_and_the_pipe(cluster, tmp_path):
 
 
 @contextlib.contextmanager
-def behind_nat(address="198.51.100.7"):
-    """Every TCP connection on this machine but Slurm's own (its daemons'
-    ports) comes from `address`, as from a login node behind NAT: the
-    node sees the client at another address than srun's."""
-    rule = ["POSTROUTING", "-o", "lo", "-p", "tcp", "-m", "multiport", "!", "--dports", "6817,6818", "-j", "SNAT",
-            "--to-source", address]
+def behind_nat(user, address="198.51.100.7"):
+    """Every TCP connection of `user`'s but those to Slurm's daemons comes
+    from `address`, as from a login node behind NAT: the node sees the
+    client at another address than srun's.  Only that user's: the other
+    tests, which run meanwhile, keep their connections."""
+    rule = ["POSTROUTING", "-o", "lo", "-p", "tcp", "-m", "owner", "--uid-owner", user, "-m", "multiport", "!",
+            "--dports", "6817,6818", "-j", "SNAT", "--to-source", address]
     assert shutil.which("iptables"), "iptables is missing: .ci/run installs it"
     added = run(["ip", "addr", "add", address + "/32", "dev", "lo"])
     assert added.returncode == 0, added.stderr
@@ -261,9 +263,10 @@ def behind_nat(address="198.51.100.7"):
 def test_a_client_behind_nat_falls_back_to_the_pipe(cluster):
     """The node takes a direct connection only from srun's address; one it
     refuses sends the session through srun's pipe, not to a dead socket."""
-    job = cluster.running()
-    with behind_nat():
-        result = cluster.sshjob("client", "-debug", job, "echo through; exit 5")
+    make_user(NATTED)
+    job = cluster.running(user=NATTED)
+    with behind_nat(NATTED):
+        result = cluster.sshjob("client", "-debug", job, "echo through; exit 5", user=NATTED)
     assert (result.returncode, result.stdout) == (5, "through\n"), result.stderr
     assert "did not take the direct connection" in result.stderr
     assert "the session goes through srun's pipe" in result.stderr
