@@ -2016,7 +2016,20 @@ class BuiltinSession:
         with contextlib.suppress(OSError):
             send_frame(self.sock, EXIT, json.dumps({"status": status, "ending": self.ending(),
                                                          "job": self.name}).encode())
+            self.linger()
         return status
+
+    def linger(self):
+        """Read what the client still sends until it closes, which it does
+        once it has the exit frame: a socket closed with bytes unread in it
+        resets the connection, and the client would lose the output it has
+        yet to read (a fast command's, the client's stdin's end unread)."""
+        if not hasattr(self.sock, "settimeout"):
+            return  # srun's pipe: no reset there
+        self.sock.settimeout(IO_TIMEOUT)
+        with contextlib.suppress(ProtocolError):
+            while recv_frame(self.sock)[0] is not None:
+                pass
 
     def take_from_client(self):
         kind, payload = recv_frame(self.sock)

@@ -89,3 +89,72 @@ def test_a_link_that_another_user_planted_does_not_steer_a_copy(pool, users, tmp
     followed = pool.sshjob("cp", job + ":tree", mine)
     assert followed.returncode == 0, followed.stderr
     assert (victim / "tree" / "f").read_text() == "payload\n"
+
+
+# -- a job whose owner means harm, and a tar of its own that says what it likes ---------------
+
+EVIL_TAR = r"""#!%s
+# A job owner's "tar": whatever is asked for comes back setuid root, with a
+# file planted beside it.
+import io, sys, tarfile
+name = sys.argv[-1]
+out = tarfile.open(fileobj=sys.stdout.buffer, mode="w|")
+def add(member_name, data, mode):
+    info = tarfile.TarInfo(member_name)
+    info.size, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), mode, 0, 0, "root", "root"
+    out.addfile(info, io.BytesIO(data))
+def link(member_name, target):
+    info = tarfile.TarInfo(member_name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    out.addfile(info)
+mode = open("mode").read()
+if mode == "chain":  # links that lead out only on disk: a -> ., then a/a/esc -> ../../..
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    out.addfile(info)
+    link(name + "/a", ".")
+    link(name + "/a/a/esc", "../../..")
+    add(name + "/esc/PWNED", b"gotcha\n", 0o644)
+else:
+    add(name, b"#!/bin/sh\nid\n", 0o4755)
+if mode == "plant":
+    add("planted-by-job-owner.txt", b"gotcha\n", 0o644)
+    add(name + "/../../escaped.txt", b"gotcha\n", 0o644)
+out.close()
+"""
+
+
+@pytest.mark.parametrize("transport", ["builtin", "openssh"])
+@pytest.mark.parametrize("plant", ["plain", "plant", "chain"], ids=["setuid", "planted", "link-chain"])
+def test_cp_from_a_malicious_job_brings_no_setuid_file_and_nothing_unasked(pool, users, tmp_path, plant, transport):
+    workdir = pool.workdir(ALICE)
+    bindir = os.path.join(workdir, "bin")
+    os.mkdir(bindir)
+    with open(os.path.join(bindir, "tar"), "w") as f:
+        f.write(EVIL_TAR % USER_PYTHON)
+    with open(os.path.join(workdir, "mode"), "w") as f:
+        f.write(plant)
+    os.chmod(os.path.join(bindir, "tar"), 0o755)
+    job = pool.running_job("sleep", "600", user=ALICE, workdir=workdir,
+                           options=["--env", "PATH=%s:/usr/bin:/bin" % bindir])
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    into_file = pool.sshjob("cp", "--transport", transport, job + ":job.log", str(downloads / "job.log"))
+    into_dir = pool.sshjob("cp", "--transport", transport, job + ":job.log", str(downloads))
+    if plant != "plain":
+        refused = "planted-by-job-owner.txt" if plant == "plant" else "job.log/a/a/esc"
+        for result in (into_file, into_dir):
+            assert result.returncode == 1
+            assert result.stderr.startswith("sshjob: the job sent %s, which is not a plain" % refused)
+            assert result.stderr.count("\n") == 1
+        assert os.listdir(str(downloads)) == []
+        assert not os.path.exists(str(tmp_path / "escaped.txt"))
+        assert not os.path.exists(str(tmp_path / "PWNED"))
+    else:
+        assert into_file.returncode == 0, into_file.stderr
+        assert into_dir.returncode == 0, into_dir.stderr
+        for path in (downloads / "job.log",):
+            info = os.lstat(str(path))
+            assert stat.S_IMODE(info.st_mode) == 0o755  # the set-uid bit is gone
+            assert info.st_uid == 0  # the copier's own, not what the archive said
+        assert sorted(os.listdir(str(downloads))) == ["job.log"]

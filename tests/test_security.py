@@ -1,5 +1,9 @@
-"""The security audit of 2026-11-28 (issue 13), replayed: an attacker who is
-a real user of the pool against the real root-run daemons and the built pyz.
+"""Attacks on a root-run pool by one of its real users, against the real
+daemons and the built pyz, by subject: the files a root starter writes, what
+users may submit, whom a starter's token speaks for, daemons under load,
+requests for sessions, process tracking, pools' directories, a starter that
+comes back, logs.  (What a job hands back is tests/test_copies.py's; what code
+and configuration run, tests/test_trust.py's.)
 
 The attacker is sshjob-alice (a job owner), the victim sshjob-bob or root.
 Requests an attacker would craft by hand are written here byte by byte."""
@@ -186,7 +190,7 @@ def user_scratch(user):
     return path
 
 
-# -- 1. critical: the root starter chowns nothing through the owner's paths -----
+# -- what a root starter writes for a session: nothing through its owner's paths -------------------
 
 
 def test_a_racing_owner_cannot_make_the_starter_chown_a_root_file(make_pool, users, tmp_path):
@@ -227,75 +231,7 @@ def test_a_racing_owner_cannot_make_the_starter_chown_a_root_file(make_pool, use
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-# -- 3. high: sshjob cp from a malicious job plants nothing ---------------------
-
-EVIL_TAR = r"""#!%s
-# A job owner's "tar": whatever is asked for comes back setuid root, with a
-# file planted beside it.
-import io, sys, tarfile
-name = sys.argv[-1]
-out = tarfile.open(fileobj=sys.stdout.buffer, mode="w|")
-def add(member_name, data, mode):
-    info = tarfile.TarInfo(member_name)
-    info.size, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), mode, 0, 0, "root", "root"
-    out.addfile(info, io.BytesIO(data))
-def link(member_name, target):
-    info = tarfile.TarInfo(member_name)
-    info.type, info.linkname = tarfile.SYMTYPE, target
-    out.addfile(info)
-mode = open("mode").read()
-if mode == "chain":  # links that lead out only on disk: a -> ., then a/a/esc -> ../../..
-    info = tarfile.TarInfo(name)
-    info.type, info.mode = tarfile.DIRTYPE, 0o755
-    out.addfile(info)
-    link(name + "/a", ".")
-    link(name + "/a/a/esc", "../../..")
-    add(name + "/esc/PWNED", b"gotcha\n", 0o644)
-else:
-    add(name, b"#!/bin/sh\nid\n", 0o4755)
-if mode == "plant":
-    add("planted-by-job-owner.txt", b"gotcha\n", 0o644)
-    add(name + "/../../escaped.txt", b"gotcha\n", 0o644)
-out.close()
-"""
-
-
-@pytest.mark.parametrize("plant", ["plain", "plant", "chain"], ids=["setuid", "planted", "link-chain"])
-def test_cp_from_a_malicious_job_brings_no_setuid_file_and_nothing_unasked(pool, users, tmp_path, plant):
-    workdir = pool.workdir(ALICE)
-    bindir = os.path.join(workdir, "bin")
-    os.mkdir(bindir)
-    with open(os.path.join(bindir, "tar"), "w") as f:
-        f.write(EVIL_TAR % USER_PYTHON)
-    with open(os.path.join(workdir, "mode"), "w") as f:
-        f.write(plant)
-    os.chmod(os.path.join(bindir, "tar"), 0o755)
-    job = pool.running_job("sleep", "600", user=ALICE, workdir=workdir,
-                           options=["--env", "PATH=%s:/usr/bin:/bin" % bindir])
-    downloads = tmp_path / "dl"
-    downloads.mkdir()
-    into_file = pool.sshjob("cp", "--transport", "builtin", job + ":job.log", str(downloads / "job.log"))
-    into_dir = pool.sshjob("cp", "--transport", "builtin", job + ":job.log", str(downloads))
-    if plant != "plain":
-        refused = "planted-by-job-owner.txt" if plant == "plant" else "job.log/a/a/esc"
-        for result in (into_file, into_dir):
-            assert result.returncode == 1
-            assert result.stderr.startswith("sshjob: the job sent %s, which is not a plain" % refused)
-            assert result.stderr.count("\n") == 1
-        assert os.listdir(str(downloads)) == []
-        assert not os.path.exists(str(tmp_path / "escaped.txt"))
-        assert not os.path.exists(str(tmp_path / "PWNED"))
-    else:
-        assert into_file.returncode == 0, into_file.stderr
-        assert into_dir.returncode == 0, into_dir.stderr
-        for path in (downloads / "job.log",):
-            info = os.lstat(str(path))
-            assert stat.S_IMODE(info.st_mode) == 0o755  # the set-uid bit is gone
-            assert info.st_uid == 0  # the copier's own, not what the archive said
-        assert sorted(os.listdir(str(downloads))) == ["job.log"]
-
-
-# -- 4. high: a poison job is refused at submit, and no request stops a starter ---
+# -- what users may submit: nothing that stops a starter, no more than their share -----------------
 
 
 def test_poison_submissions_are_refused_and_the_starter_serves_on(pool, users):
@@ -324,7 +260,24 @@ def test_poison_submissions_are_refused_and_the_starter_serves_on(pool, users):
     assert pool.sshjob("client", victim, "echo served", user=BOB).stdout == "served\n"
 
 
-# -- 2. high: a starter's token speaks for that one starter ----------------------
+def test_submit_quota_and_a_long_queue(make_pool, users):
+    pool = make_pool({"starter_slots": "1", "max_jobs_per_user": "2500"})
+    workdir = pool.workdir(ALICE)
+    many = pool.sshjob("submit", "--workdir", workdir, "--count", "2000", "--", "sleep", "600", user=ALICE)
+    assert many.returncode == 0, many.stderr
+    assert many.stdout.split()[-1] == "1.1999"
+    over = pool.sshjob("submit", "--workdir", workdir, "--count", "600", "--", "true", user=ALICE)
+    assert over.returncode == 1
+    assert over.stderr == ("sshjob: user %s has 2000 node rows in the queue, and may have 2500 at most "
+                           "(max_jobs_per_user)\n" % ALICE)
+    listed = pool.sshjob("q", user=BOB)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 2001
+    assert pool.sshjob("submit", "--workdir", pool.workdir(BOB), "--", "true", user=BOB).returncode == 0
+    assert pool.sshjob("rm", "1", user=ALICE).returncode == 0
+
+
+# -- whom a starter's token speaks for: that starter alone -----------------------------------------
 
 
 @pytest.fixture
@@ -399,7 +352,7 @@ def test_a_starter_token_speaks_for_its_own_starter_only(tls_pool, users):
     assert missing.returncode == 2 and "add --name" in missing.stderr
 
 
-# -- 5. high: no peer without a token can exhaust a daemon ----------------------
+# -- a daemon under load: no peer without a token exhausts it --------------------------------------
 
 
 def test_a_flood_of_idle_connections_does_not_take_the_daemons_down(tls_pool, users):
@@ -490,7 +443,7 @@ def test_a_user_cannot_lock_others_on_the_same_address_or_socket_out(pool, users
             stormer.wait(timeout=30)
 
 
-# -- 6. medium ---------------------------------------------------------------------
+# -- requests for sessions: malformed ones leak nothing --------------------------------------------
 
 
 def test_malformed_builtin_requests_leak_no_pty_and_no_fd(pool, users):
@@ -517,6 +470,9 @@ def test_malformed_builtin_requests_leak_no_pty_and_no_fd(pool, users):
     time.sleep(1)
     assert fds(starter) <= before
     assert pool.sshjob("client", "-transport", "builtin", job, "echo ok", user=ALICE).stdout == "ok\n"
+
+
+# -- process tracking: no recycled pid is signalled ------------------------------------------------
 
 
 def process_state(pid):
@@ -566,6 +522,9 @@ def test_tag_mode_never_signals_a_recycled_pid(make_pool, users):
         victim.wait()
 
 
+# -- pools' directories: none that another user prepared -------------------------------------------
+
+
 def test_pool_start_refuses_a_directory_another_user_prepared(base, users, tmp_path):
     from conftest import INTERPRETERS
 
@@ -597,21 +556,7 @@ def test_pool_start_refuses_a_directory_another_user_prepared(base, users, tmp_p
         shutil.rmtree(prepared, ignore_errors=True)
 
 
-def test_submit_quota_and_a_long_queue(make_pool, users):
-    pool = make_pool({"starter_slots": "1", "max_jobs_per_user": "2500"})
-    workdir = pool.workdir(ALICE)
-    many = pool.sshjob("submit", "--workdir", workdir, "--count", "2000", "--", "sleep", "600", user=ALICE)
-    assert many.returncode == 0, many.stderr
-    assert many.stdout.split()[-1] == "1.1999"
-    over = pool.sshjob("submit", "--workdir", workdir, "--count", "600", "--", "true", user=ALICE)
-    assert over.returncode == 1
-    assert over.stderr == ("sshjob: user %s has 2000 node rows in the queue, and may have 2500 at most "
-                           "(max_jobs_per_user)\n" % ALICE)
-    listed = pool.sshjob("q", user=BOB)
-    assert listed.returncode == 0, listed.stderr
-    assert len(listed.stdout.splitlines()) == 2001
-    assert pool.sshjob("submit", "--workdir", pool.workdir(BOB), "--", "true", user=BOB).returncode == 0
-    assert pool.sshjob("rm", "1", user=ALICE).returncode == 0
+# -- a starter that comes back: the rerun of its job lives -----------------------------------------
 
 
 def test_a_starter_that_comes_back_does_not_kill_the_rerun_of_its_job(make_pool, users):
@@ -636,7 +581,7 @@ def test_a_starter_that_comes_back_does_not_kill_the_rerun_of_its_job(make_pool,
     assert "exited with status 137" not in log and "Traceback" not in log
 
 
-# -- 7. low ------------------------------------------------------------------------
+# -- logs and shells: private, and chosen as the user ----------------------------------------------
 
 
 def test_logs_are_private_and_shells_are_chosen_as_the_user(pool, users, tmp_path):

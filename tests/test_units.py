@@ -259,13 +259,20 @@ def test_a_command_sessions_pipes_close_when_it_ends(tmp_path):
     import pwd
     host = sshjob.SessionHost(sshjob.Config(None), str(tmp_path), None)
     context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {"PATH": os.defpath}, "/", [], "tag", "node")
-    ours, theirs = socket.socketpair()
     gc.collect()
     before = sorted(os.listdir("/proc/self/fd"))
+    ours, theirs = socket.socketpair()
+    statuses = []
+    node = threading.Thread(target=lambda: statuses.append(
+        host.run_builtin(context, ours, {"command": "echo out; exit 3"}, [])))
+    node.start()
     sshjob.send_frame(theirs, sshjob.STDIN_EOF)
-    assert host.run_builtin(context, ours, {"command": "echo out; exit 3"}, []) == 3
     assert sshjob.recv_frame(theirs) == (sshjob.STDOUT, b"out\n")
     assert sshjob.recv_frame(theirs)[0] == sshjob.EXIT
+    theirs.close()  # as the client does once it has the exit frame: the node waits for that
+    node.join(timeout=10)
+    assert statuses == [3]
+    ours.close()
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
