@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 
 import pytest
@@ -207,6 +208,41 @@ def build():
     return target
 
 
+def copies(marker):
+    """How many processes run `sleep MARKER` now."""
+    found = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", marker.encode()]:
+                    found += 1
+        except OSError:
+            pass
+    return found
+
+
+class Census(threading.Thread):
+    """Counts the copies of some markers, every 50 ms, until stopped."""
+
+    def __init__(self, markers):
+        super().__init__(daemon=True)
+        self.markers = list(markers)
+        self.most = dict.fromkeys(self.markers, 0)
+        self.done = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.done.is_set():
+            for marker in self.markers:
+                self.most[marker] = max(self.most[marker], copies(marker))
+            time.sleep(0.05)
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        return self.most
+
+
 @pytest.fixture(scope="session")
 def base():
     """A world-traversable scratch directory holding a copy of the built pyz,
@@ -310,6 +346,11 @@ class Pool:
             record = pwd.getpwnam(user)
             os.chown(path, record.pw_uid, record.pw_gid)
         return path
+
+    def pid(self, role):
+        """The pid of the pool's schedd or starter."""
+        with open(os.path.join(self.dir, role + ".pid")) as f:
+            return int(f.read())
 
     def state(self, job):
         result = self.sshjob("q", "--all")

@@ -19,12 +19,11 @@ import termios
 import time
 
 import pytest
+from conftest import INTERPRETERS, Pool, run, wait_for
 
 
 @pytest.fixture(scope="module")
 def nosshd(base):
-    from conftest import INTERPRETERS, Pool
-
     pools = [Pool(base, python, "nosshd", {"sshd": "/nonexistent/sshd"}).start() for python in INTERPRETERS]
     yield pools
     for pool in pools:
@@ -150,11 +149,10 @@ def test_interactive_shell_on_a_pty(pool_without_sshd):
         term.expect("/dev/pts/")
         term.expect("24 80")
         term.resize(40, 132)
-        time.sleep(0.5)
         term.send("stty size\n")
-        term.expect("40 132")
-        term.send("sleep 30\n")
-        time.sleep(1)
+        term.expect("40 132")  # the resize came first: a session's frames keep their order
+        term.send("sleep 30 & wait\n")
+        wait_for(lambda: "sleep 30" in run(["pgrep", "-a", "-f", "^sleep 30$"]).stdout, what="the sleep to start")
         started = time.time()
         term.send("\x03")  # Ctrl-C, as a character through the PTY
         term.expect("^C")

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -55,18 +54,17 @@ def test_auto_retry_waits_until_the_job_runs(make_pool):
     waiting = pool.submit("sleep", "600")
     proc = subprocess.Popen(pool.argv("client", "-auto-retry", waiting, "echo inside"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
-    time.sleep(3)
+    assert "is idle, not running yet; waiting" in proc.stderr.readline()
     assert proc.poll() is None
     pool.sshjob("rm", blocker)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out == "inside\n"
-    assert "is idle, not running yet; waiting" in err
 
     gone = pool.submit("sleep", "600")
     proc = subprocess.Popen(pool.argv("client", "-auto-retry", gone + ".0", "true"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
-    time.sleep(1)
+    assert "is idle, not running yet; waiting" in proc.stderr.readline()
     pool.sshjob("rm", gone)  # the slot is taken: it was idle, and now never runs
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
@@ -113,9 +111,9 @@ def test_ssh_to_job_switches(make_pool):
 
 def test_session_of_a_removed_job_ends_with_a_sentence(pool):
     job = pool.running_job()
-    proc = subprocess.Popen(pool.argv("client", job, "sleep 120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    time.sleep(2)
+    proc = subprocess.Popen(pool.argv("client", job, "echo in; sleep 120"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.stdout.readline() == "in\n"
     pool.sshjob("rm", job)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0

@@ -9,51 +9,10 @@ import random
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
-from conftest import INTERPRETERS, run, wait_for
-
-
-def copies(marker):
-    """How many processes run `sleep MARKER` now."""
-    found = 0
-    for entry in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                if f.read().split(b"\0")[:2] == [b"sleep", marker.encode()]:
-                    found += 1
-        except OSError:
-            pass
-    return found
-
-
-class Census(threading.Thread):
-    """Counts the copies of some markers, every 50 ms, until stopped."""
-
-    def __init__(self, markers):
-        super().__init__(daemon=True)
-        self.markers = list(markers)
-        self.most = dict.fromkeys(self.markers, 0)
-        self.done = threading.Event()
-        self.start()
-
-    def run(self):
-        while not self.done.is_set():
-            for marker in self.markers:
-                self.most[marker] = max(self.most[marker], copies(marker))
-            time.sleep(0.05)
-
-    def stop(self):
-        self.done.set()
-        self.join()
-        return self.most
-
-
-def pid_of(pool, role):
-    with open(os.path.join(pool.dir, role + ".pid")) as f:
-        return int(f.read())
+from conftest import INTERPRETERS, Census, copies, run, wait_for
 
 
 def second_starter(pool, name):
@@ -85,12 +44,12 @@ def test_a_hung_starter_stops_its_job_before_another_starter_runs_it(make_pool):
     census = Census("987.%d" % n for n in range(2))
     other, log = second_starter(pool, "starter@other")
     try:
-        os.kill(pid_of(pool, "starter"), signal.SIGSTOP)
+        os.kill(pool.pid("starter"), signal.SIGSTOP)
         try:
             for job in jobs:
                 wait_for(lambda job=job: node_of(pool, job) == "starter@other", 60, "job %s on the other starter" % job)
         finally:
-            os.kill(pid_of(pool, "starter"), signal.SIGCONT)
+            os.kill(pool.pid("starter"), signal.SIGCONT)
         time.sleep(6)  # the first starter catches up with what happened meanwhile
         most = census.stop()
         assert most == {"987.0": 1, "987.1": 1}, most  # never two copies of a job
@@ -115,7 +74,7 @@ def test_an_expired_starter_token_stops_its_jobs_and_the_starter_recovers(make_p
     assert init.returncode == 0, init.stderr
     fingerprint = init.stdout.split("schedd certificate SHA-256: ")[1].split()[0]
     pool.start()
-    local = pid_of(pool, "starter")
+    local = pool.pid("starter")
     os.kill(local, signal.SIGTERM)  # this test's starter is a remote one, with a token
     wait_for(lambda: not os.path.exists("/proc/%d" % local), 30, "the local starter to stop")
     token = os.path.join(pool.dir, "remote.token")
@@ -178,15 +137,15 @@ def test_random_kills_and_stops_lose_no_job_and_run_none_twice(make_pool):
         fault = rng.choice(sorted(faults))
         faults[fault] += 1
         if fault == "kill schedd":
-            os.kill(pid_of(pool, "schedd"), signal.SIGKILL)
+            os.kill(pool.pid("schedd"), signal.SIGKILL)
             time.sleep(rng.uniform(0.1, 1.0))
             restarted = pool.sshjob("pool", "start", "--dir", pool.dir)
             assert restarted.returncode == 0, restarted.stderr
         else:
             role = fault.split()[1]
-            os.kill(pid_of(pool, role), signal.SIGSTOP)
+            os.kill(pool.pid(role), signal.SIGSTOP)
             time.sleep(rng.uniform(0.5, 3.0))
-            os.kill(pid_of(pool, role), signal.SIGCONT)
+            os.kill(pool.pid(role), signal.SIGCONT)
         session = pool.sshjob("client", "-auto-retry", acknowledged[-1], "echo in", timeout=120) \
             if acknowledged else None
         assert session is None or session.stdout == "in\n" or (session.returncode != 0 and \

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import INTERPRETERS, ROOT, USER_PYTHON, Pool, drive_terminal, make_user, run
+from conftest import ALICE, INTERPRETERS, ROOT, USER_PYTHON, Pool, drive_terminal, make_user, run
 
-ALICE = "sshjob-alice"
 CAROL = "sshjob-carol"  # a batch account: her login shell is nologin
 
 

@@ -87,9 +87,9 @@ def test_a_job_stays_running_while_sessions_are_open(pool):
     job = pool.running_job("sleep", "2")
     session, first = background_session(pool, job, "echo in; sleep 5; echo out; exit 3")
     assert first == "in"
-    time.sleep(3)  # the job's command has exited by now
-    q = pool.sshjob("q").stdout
-    assert "running" in q and "waiting for its ssh sessions to close" in q
+    wait_for(lambda: "waiting for its ssh sessions to close" in pool.sshjob("q").stdout, 10,
+             "the job's command to exit")  # after 2 s
+    assert pool.state(job) == "running"
     late = pool.sshjob("client", job, "true")
     assert late.returncode == 1 and "has exited; only its open sessions remain" in late.stderr
     out, _ = session.communicate(timeout=30)
@@ -178,11 +178,6 @@ def raw_submit(pool, n):
     return "%d.0" % json.loads(reply[4:].decode())["cluster"]
 
 
-def daemon_pid(pool, role):
-    with open(os.path.join(pool.dir, role + ".pid")) as f:
-        return int(f.read())
-
-
 def test_schedd_killed_mid_submissions_loses_no_acknowledged_job(make_pool):
     pool = make_pool({"starter_slots": "2"})
     survivor = pool.running_job()
@@ -199,8 +194,9 @@ def test_schedd_killed_mid_submissions_loses_no_acknowledged_job(make_pool):
     submitter = threading.Thread(target=submit_all)
     submitter.start()
     wait_for(lambda: len(acknowledged) >= 60, what="60 submissions")
-    os.kill(daemon_pid(pool, "schedd"), signal.SIGKILL)
-    time.sleep(1)
+    schedd = pool.pid("schedd")
+    os.kill(schedd, signal.SIGKILL)
+    wait_for(lambda: state_of(schedd) in (None, "Z"), what="the schedd to die")
     restart = pool.sshjob("pool", "start", "--dir", pool.dir)
     assert restart.returncode == 0, restart.stderr
     submitter.join(timeout=120)
@@ -217,7 +213,7 @@ def test_a_killed_starter_loses_its_jobs_which_run_again_after_its_restart(make_
     pool = make_pool({"job_lease": "3"})
     job = pool.running_job()
     first = int(pool.sshjob("client", job, "echo $_SSHJOB_JOB_PIDS").stdout.split()[0])
-    os.kill(daemon_pid(pool, "starter"), signal.SIGKILL)
+    os.kill(pool.pid("starter"), signal.SIGKILL)
     # its lease keeper ends the orphan when the lease runs out, before the schedd requeues the job
     wait_for(lambda: state_of(first) is None, timeout=20, what="the lease keeper to end the orphan")
     wait_for(lambda: pool.state(job) == "idle", timeout=30, what="the job to be requeued")

@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+from conftest import wait_for
 
 
 def frame(obj):
@@ -101,18 +102,13 @@ def threads(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
-def daemon_pid(pool, role):
-    with open(os.path.join(pool.dir, role + ".pid")) as f:
-        return int(f.read())
-
-
 @pytest.mark.parametrize("target", ["schedd", "starter"])
 def test_malformed_frames_get_an_error_or_a_close_and_the_daemon_serves_on(pool, target):
     job = pool.running_job()
     connect = (schedd_connector if target == "schedd" else starter_connector)(pool)
-    pid = daemon_pid(pool, target)
+    pid = pool.pid(target)
     pool.sshjob("client", job, "true")  # warm up: threads and files of a normal session
-    time.sleep(0.5)
+    time.sleep(0.5)  # the warm-up's threads end; nothing says when
     fds_before, threads_before = open_fds(pid), threads(pid)
     rng = random.Random(7)
     payloads = GARBAGE + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(1000)]
@@ -123,9 +119,8 @@ def test_malformed_frames_get_an_error_or_a_close_and_the_daemon_serves_on(pool,
         reply = exchange(connect, payload)
         assert reply is None or (reply["ok"] is False and reply["error"]), (payload[:60], reply)
     assert pool.sshjob("client", job, "echo still-serving").stdout == "still-serving\n"
-    time.sleep(1)
-    assert open_fds(pid) <= fds_before
-    assert threads(pid) <= threads_before
+    wait_for(lambda: open_fds(pid) <= fds_before and threads(pid) <= threads_before, 10,
+             "the daemon's descriptors and threads to come back")
 
 
 def test_a_stalled_peer_is_dropped_and_does_not_block_others(pool):

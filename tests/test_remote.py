@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import INTERPRETERS, Host, run, wait_for
+from conftest import INTERPRETERS, Census, Host, copies, run, wait_for
 
 
 def require_namespaces():
@@ -242,7 +242,6 @@ def short_lease(base):
 
 
 def test_a_starter_cut_off_longer_than_its_lease_stops_its_job_which_runs_again_later(short_lease):
-    from test_faults import Census, copies
 
     cluster = short_lease
     job = sshjob(cluster, "submit", "--workdir", cluster["submit"], "--", "sleep", "987.400").stdout.strip()

@@ -23,9 +23,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import USER_PYTHON, run
-
-ALICE, BOB = "sshjob-alice", "sshjob-bob"
+from conftest import ALICE, BOB, INTERPRETERS, USER_PYTHON, run, wait_for
 
 RACER_C = r"""
 /* racer JOBDIR TARGET SCRATCH SECONDS COUNT: swap symlinks to TARGET into
@@ -156,11 +154,6 @@ def bare_session(pool, job, key):
     reply = request(socket.create_connection(address(granted["address"]), timeout=30),
                     {"op": "ssh", "run": granted["run"], "key": key, "ticket": granted["ticket"]})
     assert reply["ok"] is True, reply
-
-
-def daemon_pid(pool, role):
-    with open(os.path.join(pool.dir, role + ".pid")) as f:
-        return int(f.read())
 
 
 def fds(pid):
@@ -360,7 +353,7 @@ def test_a_flood_of_idle_connections_does_not_take_the_daemons_down(tls_pool, us
     job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
     starter_at = address(ticket(pool, job, holder="x")["address"])
     targets = {"schedd": ("127.0.0.1", pool.tls_port), "starter": starter_at}
-    pids = {role: daemon_pid(pool, role) for role in targets}
+    pids = {role: pool.pid(role) for role in targets}
     before = {role: fds(pid) for role, pid in pids.items()}
     flood = []
     try:
@@ -448,7 +441,7 @@ def test_a_user_cannot_lock_others_on_the_same_address_or_socket_out(pool, users
 
 def test_malformed_builtin_requests_leak_no_pty_and_no_fd(pool, users):
     job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
-    starter = daemon_pid(pool, "starter")
+    starter = pool.pid("starter")
     warm = pool.sshjob("client", "-transport", "builtin", job, "true", user=ALICE)
     assert warm.returncode == 0, warm.stderr
     time.sleep(0.5)
@@ -467,8 +460,7 @@ def test_malformed_builtin_requests_leak_no_pty_and_no_fd(pool, users):
             sock.sendall(frame(message))
             while sock.recv(65536):
                 pass
-    time.sleep(1)
-    assert fds(starter) <= before
+    wait_for(lambda: fds(starter) <= before, 10, "the starter's descriptors to come back")
     assert pool.sshjob("client", "-transport", "builtin", job, "echo ok", user=ALICE).stdout == "ok\n"
 
 
@@ -526,7 +518,6 @@ def test_tag_mode_never_signals_a_recycled_pid(make_pool, users):
 
 
 def test_pool_start_refuses_a_directory_another_user_prepared(base, users, tmp_path):
-    from conftest import INTERPRETERS
 
     prepared = tempfile.mkdtemp(prefix="trap-", dir="/tmp")
     try:
@@ -562,7 +553,7 @@ def test_pool_start_refuses_a_directory_another_user_prepared(base, users, tmp_p
 def test_a_starter_that_comes_back_does_not_kill_the_rerun_of_its_job(make_pool, users):
     pool = make_pool({"job_lease": "4"})
     job = pool.running_job("sleep", "600", user=ALICE, workdir=pool.workdir(ALICE))
-    starter = daemon_pid(pool, "starter")
+    starter = pool.pid("starter")
     os.kill(starter, 19)  # SIGSTOP: the lease runs out, and the schedd gives the starter up for lost
     try:
         deadline = time.time() + 40

@@ -17,9 +17,20 @@ import time
 
 import pytest
 import slurm
-from conftest import INTERPRETERS, USER_PYTHON, X11_CHECK, drive_terminal, make_user, run, state_of, wait_for, x_display
+from conftest import (
+    ALICE,
+    BOB,
+    INTERPRETERS,
+    USER_PYTHON,
+    X11_CHECK,
+    drive_terminal,
+    make_user,
+    run,
+    state_of,
+    wait_for,
+    x_display,
+)
 
-ALICE, BOB = "sshjob-alice", "sshjob-bob"
 NATTED = "sshjob-nat"  # a user of its own, whose connections alone go through NAT
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs what shares Slurm and ~alice/.cache

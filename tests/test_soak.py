@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import ALICE, wait_for
+from conftest import ALICE, INTERPRETERS, Pool, wait_for
 
 SESSIONS = 300  # of each transport and kind
 AT_ONCE = 6
@@ -27,11 +27,6 @@ def threads(pid):
 def rss_kib(pid):
     with open("/proc/%d/status" % pid) as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-def daemon_pid(pool, role):
-    with open(os.path.join(pool.dir, role + ".pid")) as f:
-        return int(f.read())
 
 
 def command_session(argv):
@@ -65,7 +60,6 @@ def interactive_session(argv):
 
 @pytest.fixture(scope="module")
 def soak_pool(base, users):
-    from conftest import INTERPRETERS, Pool
     pool = Pool(base, INTERPRETERS[-1], "soak", {"ssh_options": "-o KexAlgorithms=curve25519-sha256"}).start()
     yield pool
     pool.stop()
@@ -88,7 +82,7 @@ def test_the_daemons_leak_nothing_over_hundreds_of_sessions(soak_pool):
             for kind, (status, output) in zip(work, pool_of_clients.map(session, work)):
                 assert status == 0, (kind, output[-500:])
 
-    daemons = {role: daemon_pid(pool, role) for role in ("starter", "schedd")}
+    daemons = {role: pool.pid(role) for role in ("starter", "schedd")}
     run_all(10)  # what a first session of each kind loads or makes once
     time.sleep(1)
     before = {role: (fds(pid), threads(pid), rss_kib(pid)) for role, pid in daemons.items()}

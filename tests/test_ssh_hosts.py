@@ -331,7 +331,8 @@ def test_terminals_for_an_ordinary_users_own_pool_where_devpts_lacks_the_tty_gro
             f.write(as_user(ALICE, [USER_PYTHON, pyz, "ssh-config"], env=env).stdout)
         forced = as_user(ALICE, ["ssh", "-F", config, "-tt", job + ".sshjob", "tty; echo in"])
         assert forced.returncode == 0, forced.stdout + forced.stderr
-        assert forced.stdout.replace("\r", "").splitlines() == ["/dev/pts/0", "in"]
+        terminal, said = forced.stdout.replace("\r", "").splitlines()
+        assert terminal.startswith("/dev/pts/") and said == "in", forced.stdout  # the host's: others have some
         if not shutil.which("ansible"):
             pytest.fail("ansible is not installed (apt-get install ansible-core)")
         ping = as_user(ALICE, ["ansible", "all", "-i", job + ".sshjob,", "-m", "ping", "-e",

@@ -12,8 +12,7 @@ import tempfile
 import time
 
 import pytest
-
-ALICE, BOB = "sshjob-alice", "sshjob-bob"
+from conftest import ALICE, BOB
 
 
 @pytest.fixture
