@@ -64,6 +64,7 @@ started inside the job, as NodeStep is on Slurm; it takes one line in SITES.
 
 import array
 import base64
+import collections
 import contextlib
 import errno
 import fcntl
@@ -2149,22 +2150,12 @@ def builtin_request(session):
     return command, terminal, env
 
 
-class JobContext:
+class JobContext(collections.namedtuple("JobContext", "name owner env workdir pids tag node index")):
     """What a session needs of the job it enters, wherever the job lives:
     its name as users type it, its owner (a passwd entry), its environment
     and working directory, its processes (the first one first), the tag
     that every process of the job carries, and where it runs: the node's
     host name and its index among the job's nodes."""
-
-    def __init__(self, name, owner, env, workdir, pids, tag, node, index=0):
-        self.name = name
-        self.owner = owner
-        self.env = env
-        self.workdir = workdir
-        self.pids = pids
-        self.tag = tag
-        self.node = node
-        self.index = index
 
     def marks(self, part):
         """The variables that make the processes of session `part` the job's."""
@@ -4147,7 +4138,8 @@ def run_slurm_step(config_path):
 # ---------------------------------------------------------------------------
 
 
-class SessionRequest:
+class SessionRequest(collections.namedtuple("SessionRequest",
+                                            "job key holder transport interactive shells command")):
     """What the client asks a site for: a session in `job` (as the user
     typed it) for the public `key` (OpenSSH) or for whoever knows the
     secret whose hash is `holder` (the built-in transport), over
@@ -4155,33 +4147,13 @@ class SessionRequest:
     the first of `shells` that the node has, running `command` (None: an
     interactive shell)."""
 
-    def __init__(self, job, key=None, holder=None, transport="auto", interactive=False, shells=(), command=None):
-        self.job = job
-        self.key = key
-        self.holder = holder
-        self.transport = transport
-        self.interactive = interactive
-        self.shells = list(shells)
-        self.command = command
-
-    def replace(self, **changes):
-        fields = dict(vars(self), **changes)
-        return SessionRequest(**fields)
+    def __new__(cls, job, key=None, holder=None, transport="auto", interactive=False, shells=(), command=None):
+        return super().__new__(cls, job, key, holder, transport, interactive, list(shells), command)
 
 
-class Ticket:
-    """A site's yes to a SessionRequest: the job as the site names it, the
-    user it runs as, the node, the transport and why, and the `grant` that
-    the site connects with (the schedd's signed ticket and the starter's
-    address; a Slurm step)."""
-
-    def __init__(self, job, user, node, transport, why, grant):
-        self.job = job
-        self.user = user
-        self.node = node
-        self.transport = transport
-        self.why = why
-        self.grant = grant
+# A site's yes to a SessionRequest: the job as the site names it, the user it runs as, the node, the transport and
+# why, and the grant that the site connects with (the schedd's signed ticket and the starter's address; a Slurm step).
+Ticket = collections.namedtuple("Ticket", "job user node transport why grant")
 
 
 class Site:
@@ -4434,6 +4406,7 @@ class SlurmSite(Site):
         self.started = ""  # when it started: a job's host key on a node is kept for its id and this
         self.index = 0  # the node's index among the job's nodes
         self.steps = []
+        self.fresh = []  # the steps of tickets that no connection has used yet
         self.program = os.path.abspath(sys.argv[0])
         with open(os.path.abspath(__file__), "rb") as f:
             self.source = f.read()
@@ -4467,6 +4440,7 @@ class SlurmSite(Site):
             raise
         job_id, node, workdir = self.target
         self.target = (job_id, step.reply.get("node") or node, workdir)  # where srun put an early step
+        self.fresh.append(step)
         return Ticket(self.spec, step.reply["user"], self.target[1], step.reply["transport"], step.reply["why"], step)
 
     def running_job(self):
@@ -4513,10 +4487,12 @@ class SlurmSite(Site):
 
     def step_for(self, ticket, transport):
         """The step of `ticket`, the first time; a new one for each later connection."""
-        step, ticket.grant = (ticket.grant, None) if ticket else (None, None)
-        if step is None:
+        step = ticket.grant if ticket and ticket.grant in self.fresh else None
+        if step is not None:
+            self.fresh.remove(step)
+        else:
             step = SlurmStep(self, self.target[1])
-            step.begin(self.request.replace(transport=transport))
+            step.begin(self.request._replace(transport=transport))
         if step.reply["transport"] != transport:
             raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
         return step
@@ -5147,7 +5123,7 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
         if on_ticket:
             on_ticket(ticket)
         if ticket.transport == "openssh":
-            status = ssh.run(request.replace(transport="openssh"), ticket)
+            status = ssh.run(request._replace(transport="openssh"), ticket)
         else:
             if ssh:
                 ssh.close()  # before the session: it is on the terminal

@@ -13,6 +13,7 @@ import re
 import select
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,21 @@ def run(argv, timeout=60, **kwargs):
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     return subprocess.run(argv, timeout=timeout, universal_newlines=True, **kwargs)
+
+
+def listing(root, with_root=False):
+    """{path under `root`: (mode bits, owner's uid, content of a file)}; links are not followed."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files + (["."] if with_root and directory == root else []):
+            path = os.path.normpath(os.path.join(directory, name))
+            info = os.lstat(path)
+            content = None
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as f:
+                    content = f.read()
+            found[os.path.relpath(path, root)] = (stat.S_IMODE(info.st_mode), info.st_uid, content)
+    return found
 
 
 def home_of(user):

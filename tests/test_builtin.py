@@ -12,14 +12,13 @@ import select
 import signal
 import socket
 import ssl
-import stat
 import struct
 import subprocess
 import termios
 import time
 
 import pytest
-from conftest import INTERPRETERS, Pool, run, wait_for
+from conftest import INTERPRETERS, Pool, listing, run, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +180,6 @@ def test_the_terminal_is_restored_when_the_client_is_killed(pool_without_sshd):
         term.close()
 
 
-def tree_listing(root):
-    found = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(directory, name)
-            info = os.lstat(path)
-            content = None
-            if stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as f:
-                    content = f.read()
-            found[os.path.relpath(path, root)] = (stat.S_IMODE(info.st_mode), content)
-    return found
-
-
 @pytest.mark.parametrize("transport", ["builtin", "openssh"])
 def test_cp_copies_trees_both_ways_with_their_modes(pool_without_sshd, pool, tmp_path, transport):
     target_pool = pool_without_sshd if transport == "builtin" else pool
@@ -211,10 +196,10 @@ def test_cp_copies_trees_both_ways_with_their_modes(pool_without_sshd, pool, tmp
     up = target_pool.sshjob("cp", "--debug", str(tree), job + ":uploaded")
     assert up.returncode == 0, up.stderr
     assert "transport: %s" % transport in up.stderr
-    assert tree_listing(str(tree)) == tree_listing(os.path.join(workdir, "uploaded"))
+    assert listing(str(tree)) == listing(os.path.join(workdir, "uploaded"))
     down = target_pool.sshjob("cp", job + ":uploaded", str(tmp_path / "back"))
     assert down.returncode == 0, down.stderr
-    assert tree_listing(str(tree)) == tree_listing(str(tmp_path / "back"))
+    assert listing(str(tree)) == listing(str(tmp_path / "back"))
     (tmp_path / "into").mkdir()
     single = target_pool.sshjob("cp", job + ":uploaded/a.txt", str(tmp_path / "into"))
     assert single.returncode == 0 and (tmp_path / "into" / "a.txt").read_text() == "alpha\n"

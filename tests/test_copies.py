@@ -8,20 +8,12 @@ import os
 import stat
 
 import pytest
-from conftest import ALICE, BOB, USER_PYTHON, as_user
+from conftest import ALICE, BOB, USER_PYTHON, as_user, listing
 
 
-def modes_under(path):
-    """{relative path: (mode bits, uid)} of everything under `path`, links not followed."""
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            info = os.lstat(full)
-            found[os.path.relpath(full, path)] = (stat.S_IMODE(info.st_mode), info.st_uid)
-    info = os.lstat(path)
-    found["."] = (stat.S_IMODE(info.st_mode), info.st_uid)
-    return found
+def modes(root):
+    """{relative path: (mode bits, owner)} of `root` (".") and what is under it."""
+    return {path: (mode, uid) for path, (mode, uid, _) in listing(root, with_root=True).items()}
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def test_a_super_users_copy_brings_no_set_id_sticky_or_shared_write_bits(pool, u
     assert "transport: %s" % transport in one.stderr
     tree = pool.sshjob("cp", "--transport", transport, job + ":tree", str(downloads), env=env)
     assert tree.returncode == 0, tree.stderr
-    assert modes_under(str(downloads)) == {
+    assert modes(str(downloads)) == {
         ".": (0o755, 0), "cp.bin": (0o755, 0), "tree": (0o755, 0), "tree/s2": (0o755, 0),
         "tree/shared.txt": (0o644, 0)}
     assert (downloads / "tree" / "shared.txt").read_text() == "data\n"
@@ -66,7 +58,7 @@ def test_the_owners_own_copy_keeps_its_modes_but_no_set_id_bits(pool, users, tmp
     copied = as_user(ALICE, [USER_PYTHON, pool.pyz, "cp", job + ":tree", place], env={"SSHJOB_CONFIG": pool.config})
     assert copied.returncode == 0, copied.stderr
     uid = os.stat(place).st_uid
-    assert modes_under(os.path.join(place, "tree")) == {".": (0o775, uid), "s": (0o775, uid)}
+    assert modes(os.path.join(place, "tree")) == {".": (0o775, uid), "s": (0o775, uid)}
 
 
 def test_a_link_that_another_user_planted_does_not_steer_a_copy(pool, users, tmp_path):

@@ -243,7 +243,7 @@ def test_a_session_that_cannot_start_leaks_no_pty_and_no_descriptor(tmp_path):
         raise OSError(1, "no")
 
     host = sshjob.SessionHost(sshjob.Config(None), str(tmp_path), None, become=lambda: refuse)
-    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {}, "/", [], "tag", "node")
+    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {}, "/", [], "tag", "node", 0)
     channel, _ = socket.socketpair()
     gc.collect()
     before, terminals = sorted(os.listdir("/proc/self/fd")), sorted(os.listdir("/dev/pts"))
@@ -258,7 +258,7 @@ def test_a_session_that_cannot_start_leaks_no_pty_and_no_descriptor(tmp_path):
 def test_a_command_sessions_pipes_close_when_it_ends(tmp_path):
     import pwd
     host = sshjob.SessionHost(sshjob.Config(None), str(tmp_path), None)
-    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {"PATH": os.defpath}, "/", [], "tag", "node")
+    context = sshjob.JobContext("7.0", pwd.getpwuid(os.getuid()), {"PATH": os.defpath}, "/", [], "tag", "node", 0)
     gc.collect()
     before = sorted(os.listdir("/proc/self/fd"))
     ours, theirs = socket.socketpair()
