@@ -3256,7 +3256,7 @@ class Starter:
         self.reachable = config.flag("starter_reachable")
         self.schedd = config.schedd()
         self.jobs = {}
-        self.pending = []  # updates the schedd has not acknowledged yet
+        self.pending = []  # news the schedd has not acknowledged yet
         self.lock = threading.RLock()
         self.tickets = TicketBook()
         self.stopping = threading.Event()
@@ -3293,9 +3293,9 @@ class Starter:
         except SshjobError as e:  # the queue moved on (the job was vacated or removed meanwhile)
             log.info("the schedd declined news of job %s: %s", news.get("run"), e)
 
-    def finish(self, job, update):
+    def finish(self, job, news):
         with self.lock:
-            self.report(update)
+            self.report(news)
             if self.jobs.get(job.run) is job:
                 del self.jobs[job.run]
 
