@@ -31,6 +31,9 @@ at the end (tests/test_units.py holds the module to that):
     Jobs, users, files and processes
     Security                keys, tickets, tokens, TLS
     Configuration
+    Containers              where a job's payload runs (podman, a user
+                            namespace, a chroot), and container_session, which
+                            a session runs to enter it with the owner's rights
     The session host        the node's side of every session: sshd -i, or a
                             built-in session relayed as channel frames
     The schedd              a pool's queue, and who may enter which job
@@ -56,7 +59,8 @@ A session: the client makes a key pair, whose private half never leaves it,
 and asks its Site for a Ticket (a SessionRequest says for what); the node
 side checks it and its SessionHost starts `sshd -i` on the client's
 connection, which ssh gets through the bridge (ProxyUseFdpass: nothing in
-the data path), or runs a built-in session itself.  An adapter for another
+the data path), or runs a built-in session itself; where the job's payload
+runs in a container, the session's shell or command enters it first.  An adapter for another
 engine (HTCondor, PBS, LSF, a container runtime) is a Site (job, ticket,
 connect_ssh, open_builtin, state, remove, queue, close) and a SessionHost
 started inside the job, as NodeStep is on Slurm; it takes one line in SITES.
@@ -213,6 +217,7 @@ PACKAGES = {
     "sshd": "openssh-server",
     "rsync": "rsync",
     "openssl": "openssl",
+    "podman": "podman",
 }
 
 NO_LOGIN_SHELLS = ("nologin", "false")  # login shells of accounts that refuse every session
@@ -299,6 +304,12 @@ class MissingProgram(SshjobError):
     kind = "missing_program"
 
 
+class ContainerError(SshjobError):
+    """A job's container cannot be found or entered."""
+
+    kind = "container"
+
+
 class Interrupted(SshjobError):
     """A signal asked us to stop; the exit status says which, as shells do."""
 
@@ -324,6 +335,7 @@ ERRORS = {
         TicketInvalid,
         StorageError,
         MissingProgram,
+        ContainerError,
     )
 }
 
@@ -944,6 +956,41 @@ def process_alive(pid):
     return process_state(pid) not in (None, "Z", "X")
 
 
+def process_stat(pid):
+    """(parent pid, start time in clock ticks after boot, program name) of
+    process `pid`; None if it is gone or closed to us."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return int(fields[1]), fields[19], text[text.find("(") + 1:text.rfind(")")]
+
+
+def process_environment(pid):
+    """The environment that process `pid` started with; OSError if closed to us."""
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        pairs = [item.partition(b"=") for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+def process_argv(pid):
+    """The command line of process `pid`, [] if it is gone or closed to us."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return [word.decode(errors="replace") for word in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def process_age(started):
+    """Seconds since a process started at `started` (clock ticks after boot)."""
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - int(started) / os.sysconf("SC_CLK_TCK")
+
+
 def exit_status(returncode):
     """A Popen return code as a shell reports it: 128+N for death by signal N."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -1078,6 +1125,7 @@ class ProcessFamily:
         if self.cgroup and not adopt:
             os.mkdir(self.cgroup)
         self.leaders = []  # Popen objects of the group leaders: the job's first process, each session's
+        self.companions = []  # (pid, start time) of processes outside it that go with it: its containers'
 
     def enter(self, part):
         """A step for preexec_fn that puts the new process in the family
@@ -1104,7 +1152,7 @@ class ProcessFamily:
         return sorted(pids)
 
     def signal(self, signum):
-        signal_pids(self.pids(), signum)
+        signal_pids(self.pids() + self.live_companions(), signum)
         if not self.cgroup:
             for leader in list(self.leaders):
                 if leader.poll() is not None:  # reaped: its pid may be someone else's by now
@@ -1112,6 +1160,10 @@ class ProcessFamily:
                     continue
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(leader.pid, signum)
+
+    def live_companions(self):
+        """The companions that are still the processes they were (their pids may be others' by now)."""
+        return [pid for pid, started in self.companions if process_state(pid, started) is not None]
 
     def suspend(self):
         """Stop every process, as HTCondor suspends a job (state T); with a
@@ -1123,6 +1175,7 @@ class ProcessFamily:
             write_file(os.path.join(self.cgroup, "cgroup.freeze"), "0")
 
     def kill(self):
+        signal_pids(self.live_companions(), signal.SIGKILL)
         if self.cgroup:
             try:
                 write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
@@ -1550,6 +1603,7 @@ DEFAULTS = {
     "sshd": "sshd",
     "ssh_keygen": "ssh-keygen",
     "openssl": "openssl",
+    "podman": "podman",
     "sftp_server": "",
     "sshd_config_template": "",
     "ssh_options": "",
@@ -1714,6 +1768,714 @@ def find_sftp_server(config):
     if config["sftp_server"]:
         return config["sftp_server"]
     return next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), "/bin/false")
+
+
+# ---------------------------------------------------------------------------
+# Containers: where a job's payload runs.  A process of the job that lives
+# in other namespaces than the node's, or under another root (Apptainer
+# without privileges: a user namespace, a chroot), is a payload; so is a
+# container that the job's `podman run` started, which podman's conmon
+# double-forks out of the job: podman's own record, asked as the job's
+# owner, links it to the job.  Every such link is the owner's word, so a
+# session enters a payload with the owner's rights and nothing more
+# (container_session), and the kernel's checks decide where it may go.
+# ---------------------------------------------------------------------------
+
+NAMESPACES = ("user", "mnt", "pid", "uts", "ipc", "net")  # those a session enters, in the order it tries them
+
+CONTAINER_RUNTIMES = ("podman",)  # programs whose containers their own records name (podman inspect)
+
+RUNTIME_HELPERS = ("conmon", "catatonit", "slirp4netns", "pasta", "fuse-overlayfs", "rootlessport")
+
+PODMAN_VARIABLES = re.compile(r"XDG_\w+|CONTAINERS?_\w+|HOME|TMPDIR|PATH")  # where podman keeps its containers
+
+PODMAN_WAIT = 10.0  # seconds podman has to list the job owner's containers
+
+LONG_LIVED = 1.0  # seconds a job's process must have lived for its environment to be taken as the job's
+
+PAYLOAD_KINDS = {"podman": "a podman container", "user namespace": "an unprivileged user namespace",
+                 "chroot": "a chroot", "namespaces": "namespaces of its own"}
+
+
+class Payload(collections.namedtuple("Payload", "pid started runtime name control")):
+    """Where a job's work runs: its process (the pid, and the start time
+    that tells it from a later process with that pid), the runtime that
+    made it (a key of PAYLOAD_KINDS), the name to choose it by (podman's
+    name of the container, else the program's), and for a runtime that
+    keeps records, (argv, environment) of the command that asks it
+    things as the job's owner (podman and its global options)."""
+
+    def __new__(cls, pid, started, runtime, name, control=None):
+        return super().__new__(cls, pid, started, runtime, name, control)
+
+    def describe(self):
+        if self.runtime == "podman":
+            return "podman container %s (pid %d)" % (self.name, self.pid)
+        return "%s in %s (pid %d)" % (self.name, PAYLOAD_KINDS[self.runtime], self.pid)
+
+
+def where_it_runs(pid):
+    """The ids of the namespaces of process `pid` (NAMESPACES), then the
+    path of its root; None if they are closed to us."""
+    try:
+        return tuple(os.readlink("/proc/%d/ns/%s" % (pid, ns)) for ns in NAMESPACES) + (
+            os.readlink("/proc/%d/root" % pid),)
+    except OSError:
+        return None
+
+
+def runtime_of(place, here):
+    """What made a process run in `place` rather than `here` (where_it_runs)."""
+    if place[0] != here[0]:
+        return "user namespace"
+    return "chroot" if place[:-1] == here[:-1] else "namespaces"
+
+
+def find_payloads(config, pids, run_as):
+    """(the payloads of a job whose processes are `pids`, oldest first; the
+    pids of its `podman run` processes that have no container running).
+    The payloads: the job's processes that run elsewhere than this one, and
+    the containers of its `podman run` processes.  Of places that differ
+    only in their root, the ones under another root: a shell that made a
+    chroot and waits for it is not the payload.  `run_as()` is the preexec
+    step that makes a child the job's owner."""
+    here = where_it_runs(os.getpid())
+    places, runs = {}, []
+    for pid in pids:
+        argv = process_argv(pid)
+        program = os.path.basename(argv[0]) if argv else ""
+        if program in CONTAINER_RUNTIMES:
+            runs.append((pid, argv))
+            continue
+        place = where_it_runs(pid)
+        if program not in RUNTIME_HELPERS and place is not None and place != here:
+            places.setdefault(place, []).append(pid)
+    payloads, orphans = podman_payloads(config, runs, run_as)
+    known = [where_it_runs(payload.pid) for payload in payloads]  # where a container's processes are the job's too
+    for place, members in places.items():
+        if place in known or (place[-1] == "/" and any(o[:-1] == place[:-1] and o[-1] != "/" for o in places)):
+            continue
+        found = [(int(stat[1]), pid, stat) for pid, stat in ((pid, process_stat(pid)) for pid in members) if stat]
+        if found:
+            _, pid, (_, started, name) = min(found)
+            payloads.append(Payload(pid, started, runtime_of(place, here), name))
+    return sorted(payloads, key=lambda payload: int(payload.started)), orphans
+
+
+def podman_payloads(config, runs, run_as):
+    """(the containers that the job's `podman` processes, (pid, argv) each,
+    started; the pids of those that have none running).  podman, asked as
+    the job's owner with the environment and global options of each,
+    lists the owner's running containers with the command line that made
+    each: a container whose command line is a process's own is that
+    process's (of two alike, the older process has the older container)."""
+    if not runs:
+        return [], []
+    podman = find_program(config, "podman")
+    listed = {}
+    containers, orphans = [], []
+    for pid, argv in sorted(runs, key=lambda run: int((process_stat(run[0]) or (0, "0"))[1])):
+        subcommand = next((i for i, word in enumerate(argv) if word in ("run", "container")), None)
+        if subcommand is None:
+            continue  # not a podman run (podman ps, podman pull...)
+        try:
+            env = {k: v for k, v in process_environment(pid).items() if PODMAN_VARIABLES.fullmatch(k)}
+        except OSError:
+            continue
+        control = ([podman] + argv[1:subcommand], env)
+        key = json.dumps(control, sort_keys=True)
+        if key not in listed:
+            listed[key] = podman_containers(control, run_as)
+        mine = next((c for c in listed[key] if c[2] == argv and c[0] not in [p.pid for p in containers]), None)
+        stat = mine and process_stat(mine[0])
+        if stat:
+            containers.append(Payload(mine[0], stat[1], "podman", mine[1], control))
+        else:
+            orphans.append(pid)
+    return containers, orphans
+
+
+def ask_podman(control, run_as, words, what, timeout=PODMAN_WAIT):
+    """What podman says on stdout when run as the job's owner (`control`:
+    see Payload) with `words`, to do `what`; ContainerError if it fails."""
+    argv, env = control
+    try:
+        done = subprocess.run(argv + list(words), env=env, cwd="/", stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=timeout, preexec_fn=child_setup(run_as()))
+    except subprocess.TimeoutExpired:
+        raise ContainerError("podman did not %s within %.0f s" % (what, timeout)) from None
+    except OSError as e:
+        raise ContainerError("podman cannot run on this node (%s)" % describe(e)) from None
+    if done.returncode:
+        said = done.stderr.strip().splitlines() or ["exit status %d" % done.returncode]
+        raise ContainerError("podman cannot %s: %s" % (what, said[-1]))
+    return done.stdout
+
+
+def podman_containers(control, run_as):
+    """(pid, name, the command line that made it) of each running container
+    that podman (`control`: see Payload) lists for the job's owner.  The
+    owner's podman is the owner's word: see find_payloads."""
+    what = "list the job's containers"
+    ids = ask_podman(control, run_as, ["ps", "--quiet", "--no-trunc"], what).split()
+    if not ids:
+        return []
+    found = []
+    shape = "[{{json .State.Pid}},{{json .Name}},{{json .Config.CreateCommand}}]"
+    for line in ask_podman(control, run_as, ["inspect", "--type", "container", "--format", shape] + ids,
+                           what).splitlines():
+        with contextlib.suppress(ValueError):
+            pid, name, created = json.loads(line)
+            if isinstance(pid, int) and pid > 0 and isinstance(name, str) and isinstance(created, list):
+                found.append((pid, name, created))
+    return found
+
+
+def stop_containers(payloads, run_as, grace):
+    """Stop the payloads that a runtime keeps records of, through the
+    runtime (podman stop: SIGTERM, SIGKILL after `grace` seconds), so that
+    it knows they ended and cleans up after them (--rm); killed behind its
+    back, with its conmon, a container stays "running" in its records.
+    Returns whether there were any."""
+    stopped = False
+    for payload in payloads:
+        if payload.control:
+            stopped = True
+            try:
+                ask_podman(payload.control, run_as, ["stop", "--ignore", "--time", "%d" % grace, payload.name],
+                           "stop container %s" % payload.name, timeout=grace + PODMAN_WAIT)
+            except ContainerError as e:
+                log.warning("%s", e)
+    return stopped
+
+
+def choose_payload(payloads, choice, job):
+    """The payload that `choice` names ("auto": the first, if any; "none":
+    none; else a payload's pid or name)."""
+    if choice == "none" or (choice == "auto" and not payloads):
+        return None
+    if choice == "auto":
+        return payloads[0]
+    chosen = next((p for p in payloads if choice in (str(p.pid), p.name)), None)
+    if chosen is None:
+        raise ContainerError("job %s has no container %s: %s" % (job, choice, "; ".join(
+            p.describe() for p in payloads) or "its processes all run on the node itself"))
+    return chosen
+
+
+def payload_members(payload):
+    """[(pid on the node, pid inside)] of the processes in the payload's pid
+    namespace, the payload's first; where it shares ours, the payload alone."""
+    try:
+        namespace = os.readlink("/proc/%d/ns/pid" % payload.pid)
+        if namespace == os.readlink("/proc/self/ns/pid"):
+            return [(payload.pid, payload.pid)]
+    except OSError:
+        return []
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, StopIteration):
+                if os.readlink("/proc/%s/ns/pid" % entry) == namespace:
+                    members.append((int(entry), pid_inside(int(entry))))
+    return sorted(members, key=lambda member: (member[0] != payload.pid, member[1]))
+
+
+def pid_inside(pid):
+    """Process `pid`'s number in its own pid namespace (the last of NSpid)."""
+    with open("/proc/%d/status" % pid) as f:
+        return int(next(line for line in f if line.startswith("NSpid:")).split()[-1])
+
+
+def newest_long_lived(pids):
+    """Of a job's processes on the node itself, the one that started last
+    of those that have lived LONG_LIVED seconds: the program that the job's
+    script started, with what the script exported, and in the directory it
+    entered (a script's own /proc shows neither); None where none has."""
+    here = where_it_runs(os.getpid())
+    found = []
+    for pid in pids:
+        stat = process_stat(pid)
+        if stat and process_age(stat[1]) >= LONG_LIVED and stat[2] not in RUNTIME_HELPERS + CONTAINER_RUNTIMES \
+                and where_it_runs(pid) == here:
+            found.append((int(stat[1]), pid, stat[2]))
+    return max(found)[1:] if found else None
+
+
+def container_session():
+    """What a session inside a job's container runs, as the job's owner, as
+    `python3 -I -S -c SOURCE SPEC [COMMAND]` (the command else from
+    SSH_ORIGINAL_COMMAND, as sshd hands it to a forced command).  It enters
+    the namespaces and the root of the payload that SPEC names and runs the
+    image's shell, or the command by that shell, or the file work that
+    needs no tool in the image: sshjob cp's tar (the tarfile module), SFTP
+    (serve_sftp), and this node's rsync, scp and tar, run by this node's
+    dynamic loader from this node's files through a descriptor of its
+    root.  All it uses it imports before it leaves the node's root.
+
+    The owner's rights are all it has: setns(2) lets it into a namespace
+    only if the namespace's user namespace is the owner's, and a payload
+    that ended, or a pid that another process took since it was found, is
+    refused by its start time, checked once the namespaces are open."""
+    import json
+    import os
+    import shlex
+    import signal
+    import sys
+
+    spec = json.loads(sys.argv[1])
+    command = sys.argv[2] if len(sys.argv) > 2 else os.environ.pop("SSH_ORIGINAL_COMMAND", None)
+    pid, label = spec["pid"], spec["label"]
+    namespaces = ("user", "mnt", "pid", "uts", "ipc", "net")
+    words = {"user": "user", "mnt": "mount", "pid": "pid", "uts": "host name (uts)", "ipc": "IPC", "net": "network"}
+
+    def fail(sentence, status=126):
+        sys.stderr.write("sshjob: %s\n" % sentence)
+        sys.stderr.flush()
+        os._exit(status)
+
+    def what_to_run():
+        """(kind, argument) of the session: ("shell", None), ("command",
+        the command), ("get", (directory, name)), ("put", (path, name)),
+        ("sftp", None) or ("tool", argv)."""
+        if command is None:
+            return "shell", None
+        if command.startswith("# sshjob-put "):  # see UPLOAD_SCRIPT
+            path, name = command.partition("\n")[0].split()[2:4]
+            return "put", (os.fsdecode(bytes.fromhex(path)), os.fsdecode(bytes.fromhex(name)))
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            return "command", command
+        if len(argv) == 7 and argv[:2] == ["tar", "-C"] and argv[3:6] == ["-cf", "-", "--"]:
+            return "get", (argv[2], argv[6])
+        program = os.path.basename(argv[0]) if argv else ""
+        if program == "sftp-server" or command.strip() == "internal-sftp":
+            return "sftp", None
+        if program in ("rsync", "scp", "tar") and not any(c in command for c in "|&;<>()$`\n"):
+            return "tool", [program] + argv[1:]
+        return "command", command
+
+    def elf_interpreter(path):
+        """The dynamic loader that an ELF program names (PT_INTERP), None for a static one."""
+        import struct
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4:5] != b"\x02":
+                return None
+            order = "<" if head[5:6] == b"\x01" else ">"
+            offset, = struct.unpack(order + "Q", head[32:40])
+            size, count = struct.unpack(order + "HH", head[54:58])
+            for index in range(count):
+                f.seek(offset + index * size)
+                entry = f.read(size)
+                if struct.unpack(order + "I", entry[:4])[0] == 3:
+                    where, length = struct.unpack(order + "Q", entry[8:16])[0], struct.unpack(order + "Q",
+                                                                                             entry[32:40])[0]
+                    f.seek(where)
+                    return os.path.realpath(f.read(length).rstrip(b"\0").decode())
+        return None
+
+    def host_tool(argv):
+        """The argv that runs this node's `argv[0]` inside the container: its
+        loader and libraries come from this node's files, through an
+        inherited descriptor of this node's root, as /proc/self/fd/N/..."""
+        import subprocess
+        program = next((os.path.realpath(os.path.join(d, argv[0])) for d in ("/usr/bin", "/bin", "/usr/local/bin")
+                        if os.access(os.path.join(d, argv[0]), os.X_OK)), None)
+        if program is None:
+            fail("this node has no %s to run inside %s" % (argv[0], label), 127)
+        node = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        os.set_inheritable(node, True)
+        via = "/proc/self/fd/%d" % node
+        loader = elf_interpreter(program)
+        if loader is None:
+            return [via + program] + argv[1:], via
+        listed = subprocess.run([loader, "--list", program], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                universal_newlines=True).stdout
+        directories = []
+        for line in listed.splitlines():
+            library = line.partition("=>")[2].strip().rpartition(" (")[0]
+            if library.startswith("/"):
+                directory = os.path.dirname(os.path.realpath(library))
+                if directory not in directories:
+                    directories.append(directory)
+        return [via + loader, "--inhibit-cache", "--library-path", ":".join(via + d for d in directories),
+                via + program] + argv[1:], via
+
+    def setns(fd):
+        if hasattr(os, "setns"):  # Python 3.12 on; before it, ctypes
+            os.setns(fd, 0)  # novermin
+            return
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, 0) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+
+    def why(error):
+        if error.errno in (1, 13):  # EPERM, EACCES
+            return "it is not yours to enter (another user's or root's, as a runtime that runs as root makes " \
+                   "it): a session enters a container with its owner's rights only"
+        return error.strerror
+
+    def enter():
+        """Into the payload's namespaces and root, in its working directory;
+        returns the names of the namespaces entered."""
+        try:
+            opened = [(ns, os.open("/proc/%d/ns/%s" % (pid, ns), os.O_RDONLY)) for ns in namespaces]
+            root = os.open("/proc/%d/root" % pid, os.O_RDONLY | os.O_DIRECTORY)
+            cwd = os.open("/proc/%d/cwd" % pid, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            fail("%s has ended: try again, or use -container none" % label)
+        except OSError as e:
+            fail("cannot enter %s: %s" % (label, why(e)))
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                started = f.read().rpartition(")")[2].split()[19]
+        except OSError:
+            started = None
+        if started != spec["started"]:
+            fail("%s has ended: try again, or use -container none" % label)
+        pending = [(ns, fd) for ns, fd in opened if os.fstat(fd).st_ino != os.stat("/proc/self/ns/" + ns).st_ino]
+        entered = []
+        for last_try in (False, True):  # entering one may be what allows another, as nsenter finds
+            for ns, fd in list(pending):
+                try:
+                    setns(fd)
+                except OSError as e:
+                    if last_try:
+                        fail("cannot enter the %s namespace of %s: %s" % (words[ns], label, why(e)))
+                    continue
+                pending.remove((ns, fd))
+                entered.append(ns)
+        for _, fd in opened:
+            os.close(fd)
+        info, mine = os.fstat(root), os.stat("/")
+        if (info.st_dev, info.st_ino) != (mine.st_dev, mine.st_ino):
+            try:
+                os.fchdir(root)
+                os.chroot(".")
+            except OSError as e:
+                fail("cannot enter the root directory of %s: %s" % (label, why(e)))
+        os.fchdir(cwd)
+        os.close(root)
+        os.close(cwd)
+        return entered
+
+    def wait_for(child):
+        """As the parent of the session in the container's pid namespace:
+        pass on hang-ups and terminations, and end as the session ends."""
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTOU, signal.SIGTTIN):
+            signal.signal(signum, signal.SIG_IGN)
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, lambda number, frame: os.kill(child, number))
+        status = os.waitpid(child, 0)[1]
+        if os.WIFSIGNALED(status):
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+    def expand(word):
+        """A word of a file tool's command as a shell would see it (~, globs),
+        where the image may have no shell to do it."""
+        word = os.path.expanduser(word) if word.startswith("~") else word
+        return sorted(glob.glob(word)) or [word] if glob.has_magic(word) else [word]
+
+    def shell():
+        found = next((s for s in spec["shells"] + ["/bin/sh"] if os.path.isabs(s) and os.path.isfile(s)
+                      and os.access(s, os.X_OK)), None)
+        if found is None:
+            fail("the image of %s has no shell (%s): sshjob cp, scp, sftp and rsync still reach its files, and "
+                 "-container none opens a shell on the node, outside the container"
+                 % (label, ", ".join(spec["shells"] + ["/bin/sh"])), 127)
+        os.environ["SHELL"] = found
+        return found
+
+    def send_tree(directory, name):
+        """sshjob cp's download: a tar of `name` in `directory` on stdout."""
+        try:
+            os.chdir(directory)
+            with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+                archive.add(name)
+        except OSError as e:
+            fail("tar: %s: %s" % (e.filename or name, e.strerror), 2)
+
+    def receive_tree(path, name):
+        """sshjob cp's upload: the tar on stdin, whose top is `name`, into
+        `path` if it is a directory, else as `path`; files keep the
+        session's owner, whatever the tar says."""
+
+        class Archive(tarfile.TarFile):
+            def chown(self, *args, **kwargs):
+                pass
+
+        rename = None
+        if not os.path.isdir(path):
+            path, rename = os.path.split(path)
+        trust = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+        try:
+            with Archive.open(fileobj=sys.stdin.buffer, mode="r|") as archive:
+                for member in archive:
+                    if rename and (member.name == name or member.name.startswith(name + "/")):
+                        member.name = rename + member.name[len(name):]
+                    archive.extract(member, path or ".", set_attrs=True, **trust)
+        except (OSError, tarfile.TarError) as e:
+            fail("tar: %s" % (e.strerror if isinstance(e, OSError) else e), 2)
+
+    kind, argument = what_to_run()
+    if kind in ("get", "put"):
+        import tarfile
+        import warnings  # noqa: F401 (what tarfile may warn with)
+    elif kind == "sftp":
+        import contextlib  # noqa: F401 (serve_sftp's, imported while the node's files are in reach)
+        import stat  # noqa: F401
+        import struct  # noqa: F401
+        import time  # noqa: F401
+    elif kind == "tool":
+        import glob
+        argument, via = host_tool(argument)
+    entered = enter()
+    if "net" in entered and os.environ.get("DISPLAY", "").startswith("localhost:"):
+        sys.stderr.write("sshjob: %s has a network of its own, so the X11 display that ssh forwards (DISPLAY=%s) "
+                         "is out of its reach\n" % (label, os.environ["DISPLAY"]))
+    if "pid" in entered:
+        child = os.fork()
+        if child:
+            wait_for(child)
+    if kind == "tool" and not os.path.isdir(via):
+        fail("%s has no /proc, through which this node's %s runs inside it" % (label, argument[-1]), 127)
+    if kind == "tool":
+        argument = argument[:1] + [expanded for word in argument[1:] for expanded in expand(word)]
+    if kind == "shell":
+        program = shell()
+        os.execv(program, ["-" + os.path.basename(program)])
+    elif kind == "command":
+        program = shell()
+        os.execv(program, [os.path.basename(program), "-c", argument])
+    elif kind == "get":
+        send_tree(*argument)
+    elif kind == "put":
+        receive_tree(*argument)
+    elif kind == "sftp":
+        serve_sftp()
+    else:
+        os.execv(argument[0], argument)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def serve_sftp(read_fd=0, write_fd=1):
+    """An SFTP server (version 3, as OpenSSH's sftp-server speaks it) on
+    `read_fd` and `write_fd`, until the client closes: for a container
+    whose image has no sftp-server, and where this node's cannot run (it
+    looks its user up first, and an image's /etc/passwd may not have the
+    owner's mapped uid).  Paths are the process's own, so inside the
+    container's root they resolve there.  Runs as `python3 -c` with no
+    module of sshjob's: see container_session."""
+    import contextlib
+    import errno
+    import os
+    import stat
+    import struct
+    import time
+
+    handles, made = {}, [0]
+    codes = {errno.ENOENT: 2, errno.EACCES: 3, errno.EPERM: 3}
+
+    def read_exactly(size):
+        data = b""
+        while len(data) < size:
+            chunk = os.read(read_fd, size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def send(kind, request_id, body=b""):
+        head = struct.pack(">IB", len(body) + 5, kind) + struct.pack(">I", request_id)
+        data = head + body
+        while data:
+            data = data[os.write(write_fd, data):]
+
+    def string(value):
+        value = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+        return struct.pack(">I", len(value)) + value
+
+    def status(request_id, code, message=""):
+        send(101, request_id, struct.pack(">I", code) + string(message or ("Success", "End of file",
+             "No such file", "Permission denied", "Failure", "Bad message", "", "", "Operation unsupported")[code])
+             + string(""))
+
+    def attributes(info):
+        return struct.pack(">IQIIIII", 1 | 2 | 4 | 8, info.st_size, info.st_uid, info.st_gid, info.st_mode,
+                           int(info.st_atime), int(info.st_mtime))
+
+    def long_name(name, info):
+        when = time.strftime("%b %d %H:%M", time.localtime(info.st_mtime))
+        return "%s %3d %-8d %-8d %8d %s %s" % (stat.filemode(info.st_mode), info.st_nlink, info.st_uid,
+                                                info.st_gid, info.st_size, when, name)
+
+    class Reader:
+        def __init__(self, data):
+            self.data, self.at = data, 0
+
+        def take(self, size):
+            if self.at + size > len(self.data):
+                raise ValueError("short packet")
+            self.at += size
+            return self.data[self.at - size:self.at]
+
+        def number(self):
+            return struct.unpack(">I", self.take(4))[0]
+
+        def big(self):
+            return struct.unpack(">Q", self.take(8))[0]
+
+        def string(self):
+            return self.take(self.number())
+
+        def path(self):
+            return os.fsdecode(self.string()) or "."
+
+        def attributes(self):
+            flags = self.number()
+            found = {}
+            if flags & 1:
+                found["size"] = self.big()
+            if flags & 2:
+                found["owner"] = (self.number(), self.number())
+            if flags & 4:
+                found["mode"] = self.number()
+            if flags & 8:
+                found["times"] = (self.number(), self.number())
+            if flags & 0x80000000:
+                for _ in range(self.number()):
+                    self.string(), self.string()
+            return found
+
+    def apply(target, found):
+        """SETSTAT and FSETSTAT: `target` a path or a descriptor."""
+        if "size" in found:
+            os.truncate(target, found["size"])
+        if "mode" in found:
+            os.chmod(target, found["mode"] & 0o7777)
+        if "times" in found:
+            os.utime(target, found["times"])
+        if "owner" in found:
+            os.chown(target, *found["owner"])
+
+    def handle(value):
+        made[0] += 1
+        handles[b"%d" % made[0]] = value
+        return b"%d" % made[0]
+
+    def answer(kind, request_id, r):
+        if kind in (17, 7):  # STAT, LSTAT
+            info = os.stat(r.path(), follow_symlinks=kind == 17)
+            send(105, request_id, attributes(info))
+        elif kind == 8:  # FSTAT
+            send(105, request_id, attributes(os.fstat(handles[r.string()])))
+        elif kind == 16:  # REALPATH
+            path = os.path.realpath(r.path())
+            send(104, request_id, struct.pack(">I", 1) + string(path) + string(path) + struct.pack(">I", 0))
+        elif kind == 3:  # OPEN
+            path, flags = r.path(), r.number()
+            found = r.attributes()
+            mode = {1: os.O_RDONLY, 2: os.O_WRONLY, 3: os.O_RDWR}.get(flags & 3, os.O_RDONLY)
+            mode |= (os.O_APPEND if flags & 4 else 0) | (os.O_CREAT if flags & 8 else 0)
+            mode |= (os.O_TRUNC if flags & 0x10 else 0) | (os.O_EXCL if flags & 0x20 else 0)
+            fd = os.open(path, mode, found.get("mode", 0o666) & 0o7777)
+            send(102, request_id, string(handle(fd)))
+        elif kind == 5:  # READ
+            fd, offset, size = handles[r.string()], r.big(), r.number()
+            data = os.pread(fd, min(size, 261120), offset)
+            if data:
+                send(103, request_id, string(data))
+            else:
+                status(request_id, 1)
+        elif kind == 6:  # WRITE
+            fd, offset, data = handles[r.string()], r.big(), r.string()
+            while data:
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+            status(request_id, 0)
+        elif kind == 4:  # CLOSE
+            value = handles.pop(r.string())
+            if isinstance(value, int):
+                os.close(value)
+            status(request_id, 0)
+        elif kind == 11:  # OPENDIR
+            path = r.path()
+            names = [".", ".."] + sorted(os.listdir(path))
+            send(102, request_id, string(handle([path, names])))
+        elif kind == 12:  # READDIR
+            path, names = handles[r.string()]
+            if not names:
+                status(request_id, 1)
+                return
+            batch, names[:] = names[:100], names[100:]
+            entries = []
+            for name in batch:
+                with contextlib.suppress(OSError):
+                    info = os.lstat(os.path.join(path, name))
+                    entries.append(string(name) + string(long_name(name, info)) + attributes(info))
+            send(104, request_id, struct.pack(">I", len(entries)) + b"".join(entries))
+        elif kind in (9, 10):  # SETSTAT, FSETSTAT
+            target = r.path() if kind == 9 else handles[r.string()]
+            apply(target, r.attributes())
+            status(request_id, 0)
+        elif kind == 13:  # REMOVE
+            os.unlink(r.path())
+            status(request_id, 0)
+        elif kind == 14:  # MKDIR
+            path = r.path()
+            os.mkdir(path, r.attributes().get("mode", 0o777) & 0o7777)
+            status(request_id, 0)
+        elif kind == 15:  # RMDIR
+            os.rmdir(r.path())
+            status(request_id, 0)
+        elif kind == 18:  # RENAME
+            old, new = r.path(), r.path()
+            if os.path.lexists(new):
+                raise OSError(errno.EEXIST, "File exists")
+            os.rename(old, new)
+            status(request_id, 0)
+        elif kind == 19:  # READLINK
+            target = os.readlink(r.path())
+            send(104, request_id, struct.pack(">I", 1) + string(target) + string(target) + struct.pack(">I", 0))
+        elif kind == 20:  # SYMLINK: OpenSSH sends the link's target first
+            target, link = r.path(), r.path()
+            os.symlink(target, link)
+            status(request_id, 0)
+        elif kind == 200 and r.string() == b"posix-rename@openssh.com":  # EXTENDED
+            os.replace(r.path(), r.path())
+            status(request_id, 0)
+        else:
+            status(request_id, 8)
+
+    while True:
+        head = read_exactly(4)
+        if head is None:
+            return
+        size = struct.unpack(">I", head)[0]
+        packet = read_exactly(size) if size <= 4 * 1024 * 1024 else None  # OpenSSH's own ceiling is 256 KiB
+        if not packet:
+            return
+        kind, body = packet[0], packet[1:]
+        if kind == 1:  # INIT: our version, and the one extension we take
+            send(2, 3, string("posix-rename@openssh.com") + string("1"))
+            continue
+        r = Reader(body)
+        request_id = 0
+        try:
+            request_id = r.number()
+            answer(kind, request_id, r)
+        except OSError as e:
+            status(request_id, codes.get(e.errno, 4), e.strerror or "")
+        except (KeyError, ValueError, struct.error):
+            status(request_id, 5)
 
 
 # ---------------------------------------------------------------------------
@@ -1942,6 +2704,11 @@ def session_script(context, shells, part):
         else:
             lines.append("export %s=%s" % (name, q(value)))
     lines.append("export " + " ".join("%s=%s" % (name, q(value)) for name, value in marks.items()))
+    if context.notice:
+        lines.append("printf 'sshjob: %%s\\n' %s >&2" % q(context.notice))
+    if context.payload:
+        return "\n".join(lines + ["unset SHLVL", '[ -n "${SSH_ORIGINAL_COMMAND+set}" ] || printf %%s %s'
+                                  % q(context.welcome())] + container_launch(context, shells)) + "\n"
     lines += shell_and_workdir(shells, context.workdir)
     functions = with_exported_functions(variables)
     lines += [
@@ -1963,9 +2730,35 @@ def builtin_session(context, client_env, part, shells, command):
     base = {"HOME": owner.pw_dir, "USER": owner.pw_name, "LOGNAME": owner.pw_name, "PATH": os.defpath}
     base.update(env)
     functions = with_exported_functions(env)
-    script = "\n".join(shell_and_workdir(shells, context.workdir) + [
-        'if [ "$#" -gt 0 ]; then exec %s"$SHELL" -c "$1"; fi' % functions, 'exec %s"$SHELL" -l' % functions])
+    notice = ["printf 'sshjob: %%s\\n' %s >&2" % shlex.quote(context.notice)] if context.notice else []
+    if context.payload:
+        lines = container_launch(context, shells)
+    else:
+        lines = shell_and_workdir(shells, context.workdir) + [
+            'if [ "$#" -gt 0 ]; then exec %s"$SHELL" -c "$1"; fi' % functions, 'exec %s"$SHELL" -l' % functions]
+    script = "\n".join(notice + lines)
     return ["/bin/sh", "-c", script, "sshjob-session"] + ([command] if command is not None else []), base
+
+
+def container_launch(context, shells):
+    """Shell lines, run as the job's owner on the node, that start
+    container_session for the context's payload with the first Python
+    that the owner may run: the one this node's sshjob runs on, else the
+    system's (a root starter's may be closed to the owner)."""
+    spec = json.dumps({"pid": context.payload.pid, "started": context.payload.started,
+                       "label": context.payload.describe(), "shells": [s for s in shells if os.path.isabs(s)]})
+    code = source_of(serve_sftp) + source_of(container_session) + "container_session()\n"
+    pythons = []
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", "/usr/libexec/platform-python"):
+        if python and python not in pythons:
+            pythons.append(python)
+    return ["for p in %s; do" % " ".join(shlex.quote(p) for p in pythons),
+            '    if [ -x "$p" ]; then exec "$p" -I -S -c %s %s "$@"; fi' % (shlex.quote(code), shlex.quote(spec)),
+            "done",
+            "printf 'sshjob: %%s\\n' %s >&2" % shlex.quote(
+                "node %s has no python3 that %s may run (%s), and entering the job's container needs one: "
+                "use -container none" % (context.node, context.owner.pw_name, ", ".join(pythons))),
+            "exit 127"]
 
 
 class BuiltinSession:
@@ -2150,12 +2943,18 @@ def builtin_request(session):
     return command, terminal, env
 
 
-class JobContext(collections.namedtuple("JobContext", "name owner env workdir pids tag node index")):
+class JobContext(collections.namedtuple("JobContext",
+                                        "name owner env workdir pids tag node index payload notice")):
     """What a session needs of the job it enters, wherever the job lives:
     its name as users type it, its owner (a passwd entry), its environment
-    and working directory, its processes (the first one first), the tag
-    that every process of the job carries, and where it runs: the node's
-    host name and its index among the job's nodes."""
+    and working directory, its processes (the first one first, numbered as
+    the session sees them), the tag that every process of the job carries,
+    where it runs (the node's host name and its index among the job's
+    nodes), the Payload whose container the session enters (None: the
+    node itself), and a notice for the session's stderr, if any."""
+
+    def __new__(cls, name, owner, env, workdir, pids, tag, node, index, payload=None, notice=None):
+        return super().__new__(cls, name, owner, env, workdir, pids, tag, node, index, payload, notice)
 
     def marks(self, part):
         """The variables that make the processes of session `part` the job's."""
@@ -2163,8 +2962,9 @@ class JobContext(collections.namedtuple("JobContext", "name owner env workdir pi
                 "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": self.node, "SSHJOB_NODE_INDEX": str(self.index)}
 
     def welcome(self):
-        return "Welcome to job %s on %s!\nYour job is running with pid(s) %s.\n" % (
-            self.name, self.node, " ".join(str(pid) for pid in self.pids))
+        inside = "You are inside its %s.\n" % self.payload.describe() if self.payload else ""
+        return "Welcome to job %s on %s!\n%sYour job is running with pid(s) %s.\n" % (
+            self.name, self.node, inside, " ".join(str(pid) for pid in self.pids))
 
 
 class SessionHost:
@@ -2185,8 +2985,9 @@ class SessionHost:
     sshd gets no terminal for an ordinary user (`terminal_problem`)."""
 
     def __init__(self, config, files, host_key, family=None, become=lambda: None, file_owner=None,
-                 terminals=None, sshd_log=None, terminal_problem=None):
+                 terminals=None, sshd_log=None, terminal_problem=None, memory=None):
         self.config = config
+        self.memory = memory  # a file that names the payload that the job's sessions last entered
         self.files = files
         self.host_key = host_key
         self.family = family
@@ -2218,7 +3019,7 @@ class SessionHost:
             files = {"authorized_keys": key + "\n",
                      "session.sh": session_script(context, shells, os.path.basename(sdir)),
                      "sshd_config": sshd_config(self.config, self.host_key, sdir, context.owner,
-                                                terminals=not (self.terminal_problem and context.owner.pw_uid))}
+                                                terminals=not self.terminal_problem_of(context))}
             for name, text in files.items():
                 write_private(os.path.join(sdir, name), text, self.file_owner)
         except OSError as e:
@@ -2237,7 +3038,7 @@ class SessionHost:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         errors = self.sshd_log and os.open(self.sshd_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
                                            0o600)
-        terminals = self.terminals if context.owner.pw_uid else None
+        terminals = self.terminals if context.owner.pw_uid and not self.terminal_problem_of(context) else None
         try:
             proc = subprocess.Popen(
                 [sshd, "-i", "-e", "-f", os.path.join(sdir, "sshd_config")],
@@ -2251,6 +3052,20 @@ class SessionHost:
         threading.Thread(target=self.end, args=(proc, sdir), daemon=True).start()
         log.info("job %s: %s started, sshd pid %d", context.name, part, proc.pid)
         return proc
+
+    def terminal_problem_of(self, context):
+        """Why sshd gives no terminal to a session of this context, or None.
+        An ordinary user's sshd that gets its terminals from a user namespace
+        of its own (see sshd_terminals) runs sessions that can enter no
+        other user namespace: a session in a container goes without."""
+        if not context.owner.pw_uid:
+            return None
+        if self.terminal_problem:
+            return self.terminal_problem
+        if context.payload and self.terminals and os.geteuid() != 0:
+            return "sshd's terminals on this node come from a user namespace of its own, from which no session " \
+                   "can enter the job's container"
+        return None
 
     # -- the built-in transport --------------------------------------------------
 
@@ -2308,6 +3123,57 @@ class SessionHost:
                 if stream:
                     stream.close()
             self.end(proc)
+
+    # -- where a session runs ----------------------------------------------------
+
+    def place(self, context, request):
+        """`context`, the job as its script started it, for the session that
+        `request` asks for: inside the job's first payload unless it asks
+        for another or none ("container": auto, none, or a payload's pid or
+        name), with the environment and working directory of the payload,
+        or of the job's script ("job_env": payload or script).  Returns (the
+        context, where it is, in a line for the client's -debug)."""
+        choice = field(request, "container", str, "auto")
+        env_from = field(request, "job_env", str, "payload")
+        if env_from not in ("payload", "script"):
+            raise UsageError("unknown -job-env %r: payload or script" % env_from)
+        payloads, orphans = find_payloads(self.config, context.pids, self.become) if choice != "none" else ([], [])
+        payload = choose_payload(payloads, choice, context.name)
+        if payload is None and choice == "auto":
+            context = context._replace(notice=self.payload_gone(context.name, orphans))
+        elif payload:
+            self.remember(payload.describe())
+        if payload:
+            where = "inside its " + payload.describe()
+            members = payload_members(payload)
+            context = context._replace(payload=payload, pids=[inside for _, inside in members] or [payload.pid])
+        else:
+            where = "on the node" + (", outside its containers" if payloads else "")
+        source = None
+        if env_from == "payload":
+            source = (payload.pid, process_stat(payload.pid)[2]) if payload else newest_long_lived(context.pids)
+        if source:
+            with contextlib.suppress(OSError):
+                context = context._replace(env=process_environment(source[0]),
+                                           workdir=os.readlink("/proc/%d/cwd" % source[0]))
+                return context, "%s; with the environment and directory of pid %d (%s)" % (where, *source)
+        return context, where + "; with the environment and directory of the job's script"
+
+    def remember(self, text):
+        if self.memory:
+            with contextlib.suppress(OSError):
+                write_atomically(self.memory, text)
+
+    def payload_gone(self, job, orphans):
+        """A sentence for a session that finds no payload where one was: a
+        `podman run` of the job's without a container, or a container that
+        an earlier session entered; else None."""
+        if orphans:
+            return "job %s's podman (pid %d) has no container running, so this session runs on the node, outside " \
+                   "it" % (job, orphans[0])
+        with contextlib.suppress(OSError), open(self.memory or "") as f:
+            return "job %s's %s has ended, so this session runs on the node, outside it" % (job, f.read(200))
+        return None
 
     # -- the sessions that live --------------------------------------------------
 
@@ -3155,7 +4021,7 @@ class Job:
         self.family.leaders.append(self.process)
         self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
                                 self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"),
-                                self.starter.pty_problem)
+                                self.starter.pty_problem, os.path.join(self.dir, "payload"))
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def discard(self):
@@ -3211,9 +4077,33 @@ class Job:
         return [self.process.pid] + others if self.process.poll() is None else others
 
     def terminate(self, reason):
-        """End the job and its sessions: "rm", "vacate" or "lease" says why."""
+        """End the job and its sessions: "rm", "vacate" or "lease" says why.
+        Its containers first, through their runtime where it keeps records
+        of them (its helpers, such as podman's conmon, are of the job's
+        family and would go with it, too soon to clean up after them)."""
         self.ending = reason
+        payloads = self.payloads()
+        if stop_containers(payloads, self.become, int(KILL_GRACE)):
+            deadline = time.time() + KILL_GRACE  # `podman run --rm` removes its container, then ends
+            while self.process.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+        self.family.companions = self.container_processes(payloads)
         end_families([self.family])
+
+    def payloads(self):
+        try:
+            return find_payloads(self.starter.config, self.pids(), self.become)[0]
+        except SshjobError as e:
+            log.warning("job %s: its containers cannot be found (%s): they are left to their runtime", self.name, e)
+            return []
+
+    @staticmethod
+    def container_processes(payloads):
+        """(pid, start time) of the processes in the job's containers, which
+        podman's conmon takes out of the job's family: rm, vacate and
+        suspend reach them too."""
+        members = [pid for payload in payloads for pid, _ in payload_members(payload)]
+        return [(pid, stat[1]) for pid, stat in ((pid, process_stat(pid)) for pid in members) if stat]
 
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
@@ -3358,6 +4248,7 @@ class Starter:
         if job is None or command.get("gen", "") != job.gen:  # none, or a command for an earlier run
             return
         if action == "suspend":
+            job.family.companions = job.container_processes(job.payloads())
             job.family.suspend()
         elif action == "continue":
             job.family.signal(signal.SIGCONT)
@@ -3416,14 +4307,14 @@ class Starter:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
         shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
         job.become()  # its owner still exists, or one sentence before the client hears yes
-        context = job.context()
+        context, where = job.host.place(job.context(), message)
         if op == "builtin":
             sock.settimeout(None)
             job.host.run_builtin(context, sock, message, shells, ending=lambda: job.ending,
-                                 accepted=lambda: send_msg(sock, {"ok": True}))
+                                 accepted=lambda: send_msg(sock, {"ok": True, "where": where}))
             return
         sdir = job.host.prepare_sshd(context, key, shells)
-        send_msg(sock, {"ok": True})
+        send_msg(sock, {"ok": True, "where": where})
         sock.settimeout(None)
         job.host.start_sshd(context, sdir, sock)
 
@@ -3779,9 +4670,7 @@ def slurm_job_context(job_id, own_step):
     pids, first = [], None
     for row in rows:
         try:
-            with open("/proc/%s/environ" % row[0], "rb") as f:
-                pairs = [item.partition(b"=") for item in f.read().split(b"\0") if b"=" in item]
-            env = {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+            env = process_environment(int(row[0]))
             cwd = os.readlink("/proc/%s/cwd" % row[0])
         except OSError:
             continue
@@ -3868,7 +4757,10 @@ def job_key_directory(job, started):
     with contextlib.suppress(OSError):
         for entry in os.scandir(base):
             if entry.name.startswith("hostkey-") and time.time() - entry.stat().st_mtime > JOB_KEYS_KEPT:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)  # what the job's sessions last entered (SessionHost.memory)
     return os.path.join(base, "hostkey-%s-%s" % (job, re.sub(r"\W", "", started or "")))
 
 
@@ -3887,6 +4779,7 @@ class NodeStep:
         self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
         self.tag = token_hex(8)
+        self.keep = job_key_directory(self.job_id, request.get("started"))
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
         start_guardian(self.tag, self.tmp)
         self.making = self.host_key = None  # made while the job's context is read: an OpenSSH session needs it
@@ -3898,12 +4791,14 @@ class NodeStep:
         while env is None and request.get("batch_host") == self.node and time.monotonic() < deadline:
             time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts
             pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
-        workdir = cwd or field(request, "workdir", str, "") or self.owner.pw_dir
-        self.context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ), workdir, pids,
-                                  self.tag, self.node, field(request, "index", int, 0))
+        workdir = field(request, "workdir", str, "") or cwd or self.owner.pw_dir  # where the script started
         self.terminal_problem, terminals = sshd_terminals()
         self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals,
-                                terminal_problem=self.terminal_problem)
+                                terminal_problem=self.terminal_problem,
+                                memory=self.keep and self.keep + ".payload")
+        self.context, self.where = self.host.place(JobContext(
+            self.name, self.owner, env if env is not None else dict(os.environ), workdir, pids, self.tag, self.node,
+            field(request, "index", int, 0)), request)
 
     def start_host_key(self):
         """The job's host key on this node, as its earlier sessions had it:
@@ -3912,7 +4807,7 @@ class NodeStep:
         node (job_key_directory), where there is one; else the key is the
         session's own.  Returns ssh-keygen making a key (see
         finish_host_key), or None when the job has one already."""
-        keep = job_key_directory(self.job_id, self.request.get("started"))
+        keep = self.keep
         self.host_key = os.path.join(keep or os.path.join(self.tmp, "hostkey"), "ssh_host_ed25519_key")
         if keep and os.path.isfile(self.host_key + ".pub"):
             os.utime(keep)
@@ -3940,7 +4835,8 @@ class NodeStep:
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
         carries the built-in transport."""
         problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
-        terminal_problem = self.terminal_problem if self.request.get("interactive") is True else None
+        terminal_problem = self.host.terminal_problem_of(self.context) if self.request.get("interactive") is True \
+            else None
         return choose_transport(self.request, self.owner.pw_uid, problem, terminal_problem)
 
     def prepare_sshd(self):
@@ -4077,7 +4973,7 @@ class NodeStep:
         listener = self.listen()
         secret = os.urandom(32)
         send_msg(channel, {"ok": True, "transport": "openssh", "why": self.why, "user": self.owner.pw_name,
-                           "node": self.node, "hostkey": hostkey, "secret": secret.hex(),
+                           "node": self.node, "where": self.where, "hostkey": hostkey, "secret": secret.hex(),
                            "direct": list(listener.getsockname()) if listener else None})
         sock = self.await_client(channel, listener, secret)
         if listener:
@@ -4089,7 +4985,7 @@ class NodeStep:
 
     def serve_builtin(self, channel):
         send_msg(channel, {"ok": True, "transport": "builtin", "why": self.why, "user": self.owner.pw_name,
-                           "node": self.node})
+                           "node": self.node, "where": self.where})
         session = recv_msg(channel, "the client")
         if session.get("op") != "builtin":
             raise ProtocolError("expected the built-in session's request")
@@ -4138,17 +5034,25 @@ def run_slurm_step(config_path):
 # ---------------------------------------------------------------------------
 
 
-class SessionRequest(collections.namedtuple("SessionRequest",
-                                            "job key holder transport interactive shells command")):
+class SessionRequest(collections.namedtuple("SessionRequest", "job key holder transport interactive shells command "
+                                                              "container job_env")):
     """What the client asks a site for: a session in `job` (as the user
     typed it) for the public `key` (OpenSSH) or for whoever knows the
     secret whose hash is `holder` (the built-in transport), over
     `transport` (auto, openssh or builtin), with or without a terminal, in
     the first of `shells` that the node has, running `command` (None: an
-    interactive shell)."""
+    interactive shell), in the job's `container` (auto: its first, none:
+    on the node, or a container's pid or name), with the environment of
+    the job's payload or of its script (`job_env`)."""
 
-    def __new__(cls, job, key=None, holder=None, transport="auto", interactive=False, shells=(), command=None):
-        return super().__new__(cls, job, key, holder, transport, interactive, list(shells), command)
+    def __new__(cls, job, key=None, holder=None, transport="auto", interactive=False, shells=(), command=None,
+                container="auto", job_env="payload"):
+        return super().__new__(cls, job, key, holder, transport, interactive, list(shells), command, container,
+                               job_env)
+
+    def place(self):
+        """What the node needs to know of where the session is to run."""
+        return {"container": self.container, "job_env": self.job_env}
 
 
 # A site's yes to a SessionRequest: the job as the site names it, the user it runs as, the node, the transport and
@@ -4232,8 +5136,8 @@ class PoolSite(Site):
 
     def connect_ssh(self, request, ticket=None):
         grant = (ticket or self.ticket(request)).grant
-        sock = self.present(self.reach_starter(grant), {
-            "op": "ssh", "run": grant["run"], "key": request.key, "ticket": grant["ticket"]}, grant["job"])
+        sock = self.present(self.reach_starter(grant), dict(
+            request.place(), op="ssh", run=grant["run"], key=request.key, ticket=grant["ticket"]), grant["job"])
         sock.settimeout(None)
         log.debug("the starter accepted the ticket for job %s", grant["job"])
         return sock, grant["hostkey"]
@@ -4252,7 +5156,8 @@ class PoolSite(Site):
         returned once the starter says yes, and closed on any failure."""
         try:
             send_msg(sock, message)
-            raise_for_reply(recv_msg(sock, "the starter of job %s" % job))
+            reply = raise_for_reply(recv_msg(sock, "the starter of job %s" % job))
+            log.debug("the session in job %s runs %s", job, reply.get("where", "on the node"))
         except OSError as e:
             sock.close()
             raise Unreachable("the starter of job %s did not answer (%s)" % (job, e)) from None
@@ -4566,13 +5471,14 @@ class SlurmStep:
         self.channel.settimeout(60)
         try:
             self.boot()
-            send_msg(self.channel, {"op": "session", "key": request.key, "transport": request.transport,
-                                    "interactive": request.interactive, "workdir": self.site.target[2],
-                                    "shells": request.shells, "job": self.site.spec,
-                                    "direct": self.site.config.flag("slurm_direct"),
-                                    "batch_host": self.site.batch_host, "started": self.site.started,
-                                    "index": self.site.index})
+            send_msg(self.channel, dict(request.place(), op="session", key=request.key, transport=request.transport,
+                                        interactive=request.interactive, workdir=self.site.target[2],
+                                        shells=request.shells, job=self.site.spec,
+                                        direct=self.site.config.flag("slurm_direct"),
+                                        batch_host=self.site.batch_host, started=self.site.started,
+                                        index=self.site.index))
             self.reply = raise_for_reply(recv_msg(self.channel, "the step on node %s" % self.site.target[1]))
+            log.debug("the session in job %s runs %s", self.site.spec, self.reply.get("where", "on the node"))
         except (OSError, ProtocolError):
             raise self.failure() from None
 
@@ -4841,6 +5747,7 @@ usage: sshjob client [-help] [-debug] [-name schedd-name] [-pool pool-name]
                      [-ssh ssh-command] [-keygen-options ssh-keygen-options]
                      [-shells shell1,shell2,...] [-auto-retry] [-remove-on-interrupt]
                      [-X] [-transport t] [-scheduler pool|slurm]
+                     [-container none|name|pid] [-job-env payload|script]
                      cluster | cluster.proc | cluster.proc.node [remote-command]
 
 Open an ssh session inside a running job: same user, working directory and
@@ -4865,6 +5772,13 @@ environment as the job.  Without remote-command, an interactive shell.
                         Slurm: JOB, JOB_TASK, JOB.0.NODE; a slurm: prefix does
                         the same); default: $SSHJOB_SCHEDULER, the configuration,
                         else slurm where no pool is configured and squeue runs
+  -container c          where the job's payload runs in a container (podman, an
+                        Apptainer-style user namespace, a chroot), the session
+                        enters it: the first one, or the one with this name or
+                        pid; none: stay on the node, outside it
+  -job-env e            payload (the default): the environment and directory of
+                        the program the job runs; script: those the job's
+                        script started with
 
 Options take one dash or two.  The exit status is the remote command's, or
 non-zero with a sentence on stderr when no session could be set up.
@@ -4872,7 +5786,7 @@ non-zero with a sentence on stderr when no session could be set up.
 
 CLIENT_DEFAULTS = {"ssh": None, "name": None, "pool": None, "keygen_options": "", "shells": None, "transport": "auto",
                    "scheduler": None, "debug": False, "auto_retry": False, "remove_on_interrupt": False, "x11": False,
-                   "help": False, "job": None, "command": ()}
+                   "container": "auto", "job_env": "payload", "help": False, "job": None, "command": ()}
 
 
 class ClientOptions:
@@ -4896,7 +5810,8 @@ CLIENT_OPTIONS = {"ssh": ("ssh", True), "name": ("name", True), "pool": ("pool",
                   "keygen-options": ("keygen_options", True), "shells": ("shells", True),
                   "transport": ("transport", True), "scheduler": ("scheduler", True), "debug": ("debug", False),
                   "auto-retry": ("auto_retry", False), "remove-on-interrupt": ("remove_on_interrupt", False),
-                  "X": ("x11", False), "help": ("help", False)}
+                  "X": ("x11", False), "container": ("container", True), "job-env": ("job_env", True),
+                  "help": ("help", False)}
 
 
 def parse_client_args(argv):
@@ -4925,6 +5840,10 @@ def parse_client_args(argv):
     if not ANY_JOB_ID.fullmatch(args[0]):
         raise UsageError("malformed job id %r: expected cluster, cluster.proc or cluster.proc.node (or a Slurm job: "
                          "JOB, JOB_TASK, JOB.0.NODE)" % args[0])
+    if values.get("job_env", "payload") not in ("payload", "script"):
+        raise UsageError("-job-env is payload or script, not %r" % values["job_env"])
+    if not values.get("container", "auto").strip():
+        raise UsageError("-container needs a container's name or pid, or none")
     return ClientOptions(job=args[0], command=args[1:], **values)
 
 
@@ -5116,7 +6035,8 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
         request = SessionRequest(opts.job.rpartition(":")[2], key=key and read_public_key(key),
                                  holder=holder_hash(holder), transport=opts.transport,
                                  interactive=command is None and not opts.ssh and os.isatty(0) and os.isatty(1),
-                                 shells=offered_shells(opts.shells), command=command)
+                                 shells=offered_shells(opts.shells), command=command,
+                                 container=opts.container, job_env=opts.job_env)
         ticket = wait_for_ticket(site, request, opts.auto_retry)
         log.debug("job %s runs as %s on %s; transport: %s (%s)", job, ticket.user, ticket.node, ticket.transport,
                   ticket.why)
@@ -5136,7 +6056,7 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
                                      "(%s): X11 forwarding needs sshd on the node and ssh here"
                                      % (ticket.job, ticket.why))
             try:
-                status = enter_builtin(site, ticket, holder, command, streams)
+                status = enter_builtin(site, ticket, holder, request, streams)
             except Unreachable:
                 explain_lost_session(site, job, ticket)
                 raise
@@ -5282,12 +6202,12 @@ class OpenSsh:
         self.desk.close()
 
 
-def enter_builtin(site, ticket, holder, command, streams=(0, 1, 2)):
+def enter_builtin(site, ticket, holder, request, streams=(0, 1, 2)):
     """A session over the built-in transport, on the given stdin, stdout and
-    stderr; returns the remote exit status."""
-    interactive = command is None and os.isatty(streams[0]) and os.isatty(streams[1])
-    session = {"holder": holder, "command": command, "env": {
-        k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k)}}
+    stderr, as `request` asks; returns the remote exit status."""
+    interactive = request.command is None and os.isatty(streams[0]) and os.isatty(streams[1])
+    session = dict(request.place(), holder=holder, command=request.command, env={
+        k: v for k, v in os.environ.items() if CLIENT_VARIABLES.fullmatch(k)})
     if interactive:
         rows, columns = window_size(0)
         session["pty"] = {"term": os.environ.get("TERM", "xterm"), "rows": rows, "columns": columns}
@@ -5399,7 +6319,10 @@ def relay_to_job(sock, interactive, streams):
 
 REMOTE_PATH = re.compile(r"(?P<job>%s):(?P<path>.*)" % ANY_JOB_ID.pattern, re.DOTALL)
 
+# sshjob cp's upload, as a shell runs it; its first line names the path and the name (hex of their UTF-8) for
+# container_session, which does the same where the image has no shell.
 UPLOAD_SCRIPT = """\
+# sshjob-put %(hex_path)s %(hex_name)s
 p=%(path)s; n=%(name)s
 if [ -d "$p" ]; then cd -- "$p" && exec tar -xpf -; fi
 cd -- "$(dirname -- "$p")" && tar -xpf - && { [ "$n" = "$(basename -- "$p")" ] || mv -f -- "$n" "$(basename -- "$p")"; }
@@ -5440,8 +6363,7 @@ def download_tree(config_path, opts, path, local):
     import tempfile
 
     parent, name = os.path.split(path.rstrip("/") or "/")
-    opts = opts.replace(ssh=None, command=["cd -- %s && exec tar -cf - -- %s" % (shlex.quote(parent or "."),
-                                                                                   shlex.quote(name))])
+    opts = opts.replace(ssh=None, command=["tar -C %s -cf - -- %s" % (shlex.quote(parent or "."), shlex.quote(name))])
     target = os.path.join(local, name) if is_directory(local) else local
     staging = tempfile.mkdtemp(prefix=".sshjob-cp-", dir=os.path.dirname(os.path.abspath(target)))
     read_end, write_end = os.pipe()
@@ -5512,7 +6434,9 @@ def upload_tree(config_path, opts, path, local):
     import tarfile  # sshjob cp's alone
 
     name = os.path.basename(os.path.abspath(local))
-    opts = opts.replace(ssh=None, command=[UPLOAD_SCRIPT % {"path": shlex.quote(path), "name": shlex.quote(name)}])
+    opts = opts.replace(ssh=None, command=[UPLOAD_SCRIPT % {
+        "path": shlex.quote(path), "name": shlex.quote(name), "hex_path": os.fsencode(path).hex(),
+        "hex_name": os.fsencode(name).hex()}])
     read_end, write_end = os.pipe()
 
     def pack():
@@ -5631,6 +6555,8 @@ class Progress:
 
 HOST_SUFFIX = ".sshjob"
 
+CONTAINER_SEPARATOR = "--"  # between a container's name and the job in a host name: analysis--1.0.sshjob
+
 
 BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts (sshjob ssh-config --install) >>>"
 
@@ -5695,12 +6621,16 @@ def remember_host_key(path, host, key):
 
 
 def job_of_host(host):
-    """(site or None, job id) that a name under .sshjob stands for: JOB.sshjob,
-    or JOB.SITE.sshjob for a site named in SITES (1234.slurm.sshjob)."""
+    """(site or None, job id, container) that a name under .sshjob stands
+    for: JOB.sshjob, or JOB.SITE.sshjob for a site named in SITES
+    (1234.slurm.sshjob); CONTAINER--JOB... for a session in the job's
+    container of that name or pid, or none--JOB... for one on the node."""
     if not host.endswith(HOST_SUFFIX):
-        raise UsageError("%s is not a job's host name: JOB.sshjob, e.g. 1.0.sshjob (or 1234.slurm.sshjob)" % host)
-    job, _, site = host[:-len(HOST_SUFFIX)].rpartition(".")
-    return (site, job) if site in SITES else (None, host[:-len(HOST_SUFFIX)])
+        raise UsageError("%s is not a job's host name: JOB.sshjob, e.g. 1.0.sshjob (or 1234.slurm.sshjob, or "
+                         "CONTAINER--1.0.sshjob)" % host)
+    container, _, name = host[:-len(HOST_SUFFIX)].rpartition(CONTAINER_SEPARATOR)
+    job, _, site = name.rpartition(".")
+    return (site, job, container or "auto") if site in SITES else (None, name, container or "auto")
 
 
 def run_proxy(config_path, argv):
@@ -5708,11 +6638,12 @@ def run_proxy(config_path, argv):
     if len(argv) != 2:
         raise UsageError("usage: sshjob proxy HOST USER (the Host block of sshjob ssh-config runs it)")
     host, user = argv
-    scheduler, job_id = job_of_host(host)
+    scheduler, job_id, container = job_of_host(host)
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
     key = persistent_key(config)
     request = SessionRequest(job_id, key=read_public_key(key), transport="openssh", shells=offered_shells(None),
+                             container=container,
                              holder=token_hex(32))  # no holder is ever shown: a random one stands for its hash
     try:
         ticket = site.ticket(request)

@@ -14,6 +14,7 @@ import select
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,46 @@ def drive_terminal(argv, steps, timeout=30):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+class Terminal:
+    """A program on a pseudo-terminal, driven as a person would."""
+
+    def __init__(self, argv, rows=24, columns=80):
+        self.master, self.slave = pty.openpty()
+        self.resize(rows, columns)
+        self.initial = termios.tcgetattr(self.slave)
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(argv, stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                     preexec_fn=controlling_terminal)
+        self.output = b""
+
+    def resize(self, rows, columns):
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def expect(self, text, timeout=20):
+        deadline = time.time() + timeout
+        while text.encode() not in self.output:
+            assert time.time() < deadline, "never saw %r in %r" % (text, self.output[-500:])
+            if select.select([self.master], [], [], 0.1)[0]:
+                self.output += os.read(self.master, 4096)
+        at = self.output.index(text.encode()) + len(text)
+        seen, self.output = self.output[:at], self.output[at:]
+        return seen.decode(errors="replace")
+
+    def send(self, text):
+        os.write(self.master, text.encode())
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
 
 
 def run(argv, timeout=60, **kwargs):
@@ -411,3 +452,94 @@ def make_pool(base):
     yield make
     for pool in pools:
         pool.stop()
+
+
+# -- containers: rootless and rootful podman, images made here from busybox-static ----------------------------
+
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static: one static program, so an image needs nothing else
+IMAGE, NO_SHELL_IMAGE = "localhost/sshjob-test:busybox", "localhost/sshjob-test:noshell"
+APPLETS = ("sh", "ls", "ps", "cat", "echo", "id", "hostname", "pwd", "sleep", "env", "mkdir", "stty", "readlink",
+           "grep", "head", "wc", "touch", "true")
+PODMAN_RUN = ["podman", "--runtime", "runc", "run", "--rm", "--network", "none"]  # what this machine's podman needs
+ROOTFUL_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]  # within this VM's hard limits
+
+
+def make_rootfs(path, shell=True, owner=None):
+    """An image's files: busybox, with a shell and its tools or without any
+    shell at all; an os-release that says which; /data, /results, and /x, a
+    link to /etc that must resolve inside the image."""
+    for directory in ("bin", "etc", "data", "results", "proc", "dev", "sys", "tmp", "root"):
+        os.makedirs(os.path.join(path, directory), exist_ok=True)
+    shutil.copy2(BUSYBOX, os.path.join(path, "bin", "busybox"))
+    for applet in APPLETS if shell else ():
+        os.symlink("busybox", os.path.join(path, "bin", applet))
+    with open(os.path.join(path, "etc", "os-release"), "w") as f:
+        f.write('NAME="sshjob test image"\nVARIANT=%s\n' % ("busybox" if shell else "noshell"))
+    with open(os.path.join(path, "data", "input.txt"), "w") as f:
+        f.write("the image's data\n")
+    os.symlink("/etc", os.path.join(path, "x"))
+    if owner:
+        subprocess.run(["chown", "-R", "%s:%s" % (owner, owner), path], check=True)
+    return path
+
+
+def podman_env(user):
+    """What rootless podman needs here: a private XDG_RUNTIME_DIR of the user's."""
+    record = pwd.getpwnam(user)
+    if record.pw_uid == 0:
+        return {}
+    path = "/tmp/sshjob-test-podman-%d" % record.pw_uid
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    os.chown(path, record.pw_uid, record.pw_gid)
+    return {"XDG_RUNTIME_DIR": path}
+
+
+def podman(user, *args, timeout=120):
+    env = podman_env(user)
+    if user == "root":
+        return run(["podman"] + list(args), env=dict(os.environ, **env), timeout=timeout, cwd="/")
+    return as_user(user, ["podman"] + list(args), env=env, timeout=timeout)
+
+
+def podman_image(user, name, shell=True):
+    """Image `name` in `user`'s podman storage, imported from local files."""
+    with machine_lock("podman-" + user):
+        if podman(user, "image", "exists", name).returncode == 0:
+            return name
+        work = tempfile.mkdtemp(prefix="sshjob-test-image-")
+        try:
+            make_rootfs(os.path.join(work, "rootfs"), shell)
+            archive = os.path.join(work, "rootfs.tar")
+            subprocess.run(["tar", "-C", os.path.join(work, "rootfs"), "-cf", archive, "."], check=True)
+            os.chmod(work, 0o755)
+            os.chmod(archive, 0o644)
+            imported = podman(user, "import", archive, name)
+            assert imported.returncode == 0, imported.stderr
+        finally:
+            shutil.rmtree(work)
+    return name
+
+
+def container_pid(user, name):
+    """The node's pid of a running container's first process, or None."""
+    said = podman(user, "inspect", "--format", "{{.State.Pid}}", name)
+    return int(said.stdout) if said.returncode == 0 and said.stdout.strip() not in ("", "0") else None
+
+
+def wait_for_container(user, name, timeout=60):
+    wait_for(lambda: container_pid(user, name), timeout=timeout, what="container %s to run" % name)
+    return container_pid(user, name)
+
+
+def remove_containers(user, prefix="sshjob-test-"):
+    names = podman(user, "ps", "--all", "--format", "{{.Names}}").stdout.split()
+    mine = [name for name in names if name.startswith(prefix)]
+    if mine:
+        podman(user, "rm", "--force", "--time", "0", *mine)
+
+
+@pytest.fixture(scope="session")
+def images(users):
+    """The test images in alice's rootless storage: busybox, and one without a shell."""
+    return {"busybox": podman_image(ALICE, IMAGE), "noshell": podman_image(ALICE, NO_SHELL_IMAGE, shell=False)}

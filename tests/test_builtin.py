@@ -3,12 +3,9 @@
 The starter's sshd is hidden (its configured program does not exist), so the
 client falls back to the built-in PTY and command transport inside TLS."""
 
-import fcntl
 import hashlib
 import json
 import os
-import pty
-import select
 import signal
 import socket
 import ssl
@@ -18,7 +15,7 @@ import termios
 import time
 
 import pytest
-from conftest import INTERPRETERS, Pool, listing, run, wait_for
+from conftest import INTERPRETERS, Pool, Terminal, listing, run, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -94,46 +91,6 @@ def test_a_slow_reader_holds_the_remote_writer_back(pool_without_sshd):
             break
         total += len(chunk)
     assert reader.wait(timeout=60) == 0 and total == 200000000
-
-
-class Terminal:
-    """A program on a pseudo-terminal, driven as a person would."""
-
-    def __init__(self, argv, rows=24, columns=80):
-        self.master, self.slave = pty.openpty()
-        self.resize(rows, columns)
-        self.initial = termios.tcgetattr(self.slave)
-
-        def controlling_terminal():
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(argv, stdin=self.slave, stdout=self.slave, stderr=self.slave,
-                                     preexec_fn=controlling_terminal)
-        self.output = b""
-
-    def resize(self, rows, columns):
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-
-    def expect(self, text, timeout=20):
-        deadline = time.time() + timeout
-        while text.encode() not in self.output:
-            assert time.time() < deadline, "never saw %r in %r" % (text, self.output[-500:])
-            if select.select([self.master], [], [], 0.1)[0]:
-                self.output += os.read(self.master, 4096)
-        at = self.output.index(text.encode()) + len(text)
-        seen, self.output = self.output[:at], self.output[at:]
-        return seen.decode(errors="replace")
-
-    def send(self, text):
-        os.write(self.master, text.encode())
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
-        os.close(self.slave)
 
 
 def test_interactive_shell_on_a_pty(pool_without_sshd):

@@ -7,10 +7,12 @@ daemon runs anywhere: Slurm decides who gets in."""
 
 import contextlib
 import os
+import pathlib
 import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -20,14 +22,21 @@ import slurm
 from conftest import (
     ALICE,
     BOB,
+    IMAGE,
     INTERPRETERS,
+    PODMAN_RUN,
+    ROOTFUL_LIMITS,
     USER_PYTHON,
     X11_CHECK,
     drive_terminal,
     make_user,
+    podman,
+    podman_env,
+    podman_image,
     run,
     state_of,
     wait_for,
+    wait_for_container,
     x_display,
 )
 
@@ -561,3 +570,133 @@ def test_another_user_flooding_the_direct_listener_stalls_no_session(cluster):
     finally:
         os.killpg(flooder.pid, signal.SIGKILL)
         flooder.wait()
+
+
+# -- containers (issue 22) ----------------------------------------------------------------------------
+
+
+def podman_batch(cluster, image=IMAGE, command="sh -c 'cd /data; export MARK=inside; exec sleep 600'", path=None):
+    """(job, container name, its first pid) of a batch job that runs a rootless podman container."""
+    name = "sshjob-test-%s" % os.urandom(4).hex()
+    env = dict(podman_env(ALICE), HOME=pwd.getpwnam(ALICE).pw_dir, PATH=path or os.environ["PATH"])
+    exports = ",".join("%s=%s" % item for item in env.items())
+    job = cluster.running("--export=ALL," + exports, script="%s --name %s %s %s" % (
+        " ".join(PODMAN_RUN), name, image, command))
+    return job, name, wait_for_container(ALICE, name)
+
+
+def test_a_session_lands_in_the_container_of_a_batch_job(cluster, images):
+    job, name, pid = podman_batch(cluster)
+    inside = run(["nsenter", "-t", str(pid), "-u", "hostname"]).stdout.strip()
+    try:
+        for transport in ("openssh", "builtin"):
+            result = cluster.sshjob("client", "-transport", transport, job,
+                                    "echo MARK=$MARK; pwd; hostname; ps; echo PIDS=$_SSHJOB_JOB_PIDS; exit 4")
+            assert result.returncode == 4, (transport, result.stderr)
+            assert result.stdout.startswith("MARK=inside\n/data\n%s\n" % inside), result.stdout
+            assert re.search(r"^\s*1\s+\S+\s+sleep 600$", result.stdout, re.M) and "PIDS=1\n" in result.stdout
+        debug = cluster.sshjob("client", "-debug", job, "true")
+        assert "runs inside its podman container %s (pid %d)" % (name, pid) in debug.stderr
+        outside = cluster.sshjob("client", "-container", "none", job, "hostname")
+        assert outside.stdout == socket.gethostname() + "\n", outside.stderr
+        here = cluster.workdir()
+        got = cluster.sshjob("cp", "slurm:%s:/data/input.txt" % job, here, scheduler=None)
+        assert got.returncode == 0, got.stderr
+        with open(os.path.join(here, "input.txt")) as f:
+            assert f.read() == "the image's data\n"
+        rsh = "%s %s client --scheduler=slurm" % (USER_PYTHON, cluster.pyz)
+        synced = run(["runuser", "-u", ALICE, "--", "env", "-i"] + ["%s=%s" % i for i in cluster.env(ALICE).items()]
+                     + ["rsync", "-rt", "-e", rsh, job + ":/data/", here + "/synced/"], cwd="/")
+        assert synced.returncode == 0 and os.listdir(os.path.join(here, "synced")) == ["input.txt"], synced.stderr
+        marker = "sshjob-left-%s" % job
+        left = cluster.sshjob("client", job, "sleep 999 </dev/null >/dev/null 2>&1 & echo $! > /tmp/%s" % marker)
+        assert left.returncode == 0, left.stderr
+        wait_for(lambda: not copies_in(pid, "999"), 20, "what the session left in the container to end with it")
+    finally:
+        run(["scancel", job])
+        podman(ALICE, "rm", "--force", "--time", "0", name)
+
+
+def copies_in(container, seconds):
+    """Pids of `sleep SECONDS` in the pid namespace of process `container`."""
+    namespace = os.readlink("/proc/%d/ns/pid" % container)
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and os.readlink("/proc/%s/ns/pid" % entry) == namespace:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    if f.read().split(b"\0")[:2] == [b"sleep", seconds.encode()]:
+                        found.append(int(entry))
+    return found
+
+
+def test_a_session_has_what_the_batch_script_exported_before_its_program(cluster):
+    workdir = cluster.workdir()
+    job = cluster.running(workdir=workdir, script="export MARK=inbatch; mkdir -p deeper; cd deeper; sleep 300; true")
+    sleeper = next(p for p in pids_of("sleep 300") if os.readlink("/proc/%d/cwd" % p) == workdir + "/deeper")
+    wait_for(lambda: age_of(sleeper) > 1.0, 10, "the program to have lived a second")
+    payload = cluster.sshjob("client", "-debug", job, "echo MARK=$MARK; pwd")
+    assert payload.stdout == "MARK=inbatch\n%s/deeper\n" % workdir, payload.stderr
+    assert "with the environment and directory of pid %d (sleep)" % sleeper in payload.stderr
+    script = cluster.sshjob("client", "-job-env", "script", job, "echo MARK=$MARK; pwd")
+    assert script.stdout == "MARK=\n%s\n" % workdir, script.stderr
+    run(["scancel", job])
+
+
+def age_of(pid):
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    with open("/proc/%d/stat" % pid) as f:
+        started = int(f.read().rpartition(")")[2].split()[19])
+    return uptime - started / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_owner_s_own_podman_cannot_lead_a_session_into_a_root_container(cluster, images):
+    """The job's podman is the owner's word: a fake one on the owner's PATH
+    names root's container as the job's.  The session, which enters with
+    the owner's rights, is refused by the kernel, in one sentence."""
+    podman_image("root", IMAGE)
+    name = "sshjob-test-root-%s" % os.urandom(4).hex()
+    started = podman("root", "run", "-d", "--runtime", "runc", "--rm", "--network", "none", *ROOTFUL_LIMITS, "--name",
+                     name, IMAGE, "sleep", "600")
+    assert started.returncode == 0, started.stderr
+    fake = pathlib.Path(cluster.workdir(), "bin")
+    try:
+        root_pid = wait_for_container("root", name)
+        fake.mkdir()
+        (fake / "podman").write_text(
+            "#!/bin/bash\ncase \" $* \" in\n  *\" ps \"*) echo forged ;;\n"
+            "  *\" inspect \"*) echo '[%d,\"%s\",[\"podman\",\"-c\",\"sleep 600; true\",\"run\"]]' ;;\n"
+            "  *) exec -a podman /bin/bash -c 'sleep 600; true' run ;;\nesac\n" % (root_pid, name))
+        (fake / "podman").chmod(0o755)
+        path = "%s:%s" % (fake, os.environ["PATH"])
+        job = cluster.running("--export=ALL,PATH=" + path, script="podman run")
+        wait_for(lambda: pids_of("podman -c sleep 600; true run"), 20, "the fake runtime")
+        for transport in ("openssh", "builtin"):
+            result = cluster.sshjob("client", "-transport", transport, job, "hostname", env={"PATH": path})
+            assert result.returncode == 126 and result.stdout == "", (transport, result.stdout, result.stderr)
+            assert result.stderr == "sshjob: cannot enter podman container %s (pid %d): it is not yours to enter " \
+                                    "(another user's or root's, as a runtime that runs as root makes it): a " \
+                                    "session enters a container with its owner's rights only\n" % (name, root_pid)
+        run(["scancel", job])
+    finally:
+        podman("root", "rm", "--force", "--time", "0", name)
+
+
+def test_a_container_as_an_ssh_host_name(cluster, images):
+    job, name, pid = podman_batch(cluster)
+    config = os.path.join(cluster.dir, "ssh_config_containers")
+    with open(config, "w") as f:
+        f.write(cluster.sshjob("ssh-config", scheduler=None).stdout)
+    ssh = ["runuser", "-u", ALICE, "--", "env", "-i"] + ["%s=%s" % item for item in cluster.env(ALICE).items()]
+    inside = run(["nsenter", "-t", str(pid), "-u", "hostname"]).stdout
+    try:
+        for host, expected in ((job, inside), (name + "--" + job, inside), ("%d--%s" % (pid, job), inside),
+                               ("none--" + job, socket.gethostname() + "\n")):
+            result = run(ssh + ["ssh", "-F", config, host + ".slurm.sshjob", "hostname"], cwd="/")
+            assert (result.returncode, result.stdout) == (0, expected), (host, result.stderr)
+        wrong = run(ssh + ["ssh", "-F", config, "nosuch--%s.slurm.sshjob" % job, "hostname"], cwd="/")
+        assert wrong.returncode == 255 and "sshjob: job %s has no container nosuch" % job in wrong.stderr
+    finally:
+        run(["scancel", job])
+        podman(ALICE, "rm", "--force", "--time", "0", name)

@@ -16,15 +16,20 @@ import pytest
 from conftest import (
     ALICE,
     BOB,
+    IMAGE,
     INTERPRETERS,
+    PODMAN_RUN,
     USER_PYTHON,
     X11_CHECK,
     Pool,
     as_user,
     free_port,
     home_of,
+    podman,
+    podman_env,
     run,
     wait_for,
+    wait_for_container,
     x_display,
 )
 
@@ -341,3 +346,27 @@ def test_terminals_for_an_ordinary_users_own_pool_where_devpts_lacks_the_tty_gro
         assert ping.returncode == 0 and '"ping": "pong"' in ping.stdout, ping.stdout + ping.stderr
     finally:
         as_user(ALICE, [USER_PYTHON, pyz, "pool", "stop", "--dir", pool_dir])
+
+
+def test_a_job_s_container_as_an_ssh_host(hosts, images):
+    """JOB.sshjob lands in the job's container; NAME--JOB.sshjob in the one
+    of that name, none--JOB.sshjob on the node, outside it."""
+    name = "sshjob-test-host-%s" % os.urandom(4).hex()
+    submit = ["--env", "XDG_RUNTIME_DIR=" + podman_env(ALICE)["XDG_RUNTIME_DIR"]]
+    job = hosts.running_job(*PODMAN_RUN, "--name", name, IMAGE, "sh", "-c", "cd /data; exec sleep 600", user=ALICE,
+                            options=submit)
+    try:
+        pid = wait_for_container(ALICE, name)
+        inside = run(["nsenter", "-t", str(pid), "-u", "hostname"]).stdout
+        for host, expected in ((job, inside), (name + "--" + job, inside), ("none--" + job, socket.gethostname() +
+                                                                            "\n")):
+            result = as_user(ALICE, ["ssh", host + ".sshjob", "hostname"])
+            assert (result.returncode, result.stdout) == (0, expected), (host, result.stderr)
+        target = os.path.join(hosts.workdir(ALICE), "copied.txt")
+        copied = as_user(ALICE, ["scp", job + ".sshjob:/data/input.txt", target])
+        assert copied.returncode == 0, copied.stderr
+        with open(target) as f:
+            assert f.read() == "the image's data\n"
+    finally:
+        hosts.sshjob("rm", job, user=ALICE)
+        podman(ALICE, "rm", "--force", "--time", "0", name)

@@ -5,13 +5,16 @@ operating system (sockets, files), it gets the real one."""
 import contextlib
 import gc
 import os
+import shlex
 import socket
+import subprocess
 import sys
 import tarfile
 import threading
 import time
 
 import pytest
+from conftest import INTERPRETERS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sshjob
@@ -377,10 +380,75 @@ def test_keygen_options_that_do_not(options):
         sshjob.keygen_arguments(options)
 
 
-@pytest.mark.parametrize("host, parsed", [("1.0.sshjob", (None, "1.0")), ("1234.slurm.sshjob", ("slurm", "1234")),
-                                          ("7.pool.sshjob", ("pool", "7")), ("1234_2.sshjob", (None, "1234_2"))])
-def test_host_names_of_jobs(host, parsed):
+@pytest.mark.parametrize("host, parsed", [("1.0.sshjob", (None, "1.0", "auto")),
+                                          ("1234.slurm.sshjob", ("slurm", "1234", "auto")),
+                                          ("7.pool.sshjob", ("pool", "7", "auto")),
+                                          ("1234_2.sshjob", (None, "1234_2", "auto")),
+                                          ("analysis--1.0.sshjob", (None, "1.0", "analysis")),
+                                          ("none--1234.slurm.sshjob", ("slurm", "1234", "none")),
+                                          ("my--box--7.pool.sshjob", ("pool", "7", "my--box")),
+                                          ("4242--1.0.sshjob", (None, "1.0", "4242"))])
+def test_host_names_of_jobs_and_their_containers(host, parsed):
     assert sshjob.job_of_host(host) == parsed
+
+
+def test_the_container_and_environment_options():
+    opts = sshjob.parse_client_args(["-container", "none", "--job-env=script", "1.0"])
+    assert (opts.container, opts.job_env) == ("none", "script")
+    default = sshjob.parse_client_args(["1.0"])
+    assert (default.container, default.job_env) == ("auto", "payload")
+    request = sshjob.SessionRequest("1.0", container="box")
+    assert request.place() == {"container": "box", "job_env": "payload"}
+    for argv, sentence in ((["-job-env", "env", "1.0"], "-job-env is payload or script, not 'env'"),
+                           (["-container", " ", "1.0"], "-container needs a container's name or pid")):
+        with pytest.raises(sshjob.UsageError, match=sentence):
+            sshjob.parse_client_args(argv)
+
+
+def test_a_session_chooses_its_payload_by_name_or_pid():
+    first = sshjob.Payload(10, "100", "podman", "web", (["podman"], {}))
+    second = sshjob.Payload(20, "200", "user namespace", "sleep")
+    assert sshjob.choose_payload([first, second], "auto", "1.0") is first
+    assert sshjob.choose_payload([first, second], "20", "1.0") is second
+    assert sshjob.choose_payload([first, second], "web", "1.0") is first
+    assert sshjob.choose_payload([first, second], "none", "1.0") is None
+    assert sshjob.choose_payload([], "auto", "1.0") is None
+    with pytest.raises(sshjob.ContainerError, match=r"job 1.0 has no container db: podman container web \(pid 10\); "
+                                                    r"sleep in an unprivileged user namespace \(pid 20\)"):
+        sshjob.choose_payload([first, second], "db", "1.0")
+    with pytest.raises(sshjob.ContainerError, match="its processes all run on the node itself"):
+        sshjob.choose_payload([], "web", "1.0")
+
+
+def test_a_job_without_containers_has_no_payload():
+    assert sshjob.find_payloads(sshjob.Config(), [os.getpid()], lambda: None) == ([], [])
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=lambda p: p.split("/")[-3] if "pyenv" in p else "python")
+def test_the_sftp_server_with_openssh_s_sftp(python, tmp_path):
+    """serve_sftp, as a container without sftp-server gets it, driven by
+    the real sftp client (sftp -D runs a server program on its pipes)."""
+    root = tmp_path / "root"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "a.txt").write_text("hello\n")
+    os.symlink("a.txt", str(root / "dir" / "link"))
+    big = os.urandom(700000)
+    (tmp_path / "big.bin").write_bytes(big)
+    server = tmp_path / "server"
+    server.write_text("#!/bin/sh\ncd %s && exec %s -I -S -c %s\n" % (root, python, shlex.quote(
+        sshjob.source_of(sshjob.serve_sftp) + "serve_sftp()\n")))
+    server.chmod(0o755)
+    batch = tmp_path / "batch"
+    batch.write_text("ls -l dir\nget dir/a.txt %s/got.txt\nput %s/big.bin dir/big.bin\nget dir/big.bin %s/back.bin\n"
+                     "mkdir made\nrename dir/a.txt made/b.txt\nchmod 600 made/b.txt\nsymlink b.txt made/l\n"
+                     "rm dir/big.bin\nrmdir made\n" % (tmp_path, tmp_path, tmp_path))
+    result = subprocess.run(["sftp", "-D", str(server), "-b", str(batch)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("remote rmdir")  # the last line: made is not empty
+    assert result.stdout.count("sftp>") == 10 and " link\n" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "got.txt").read_text() == "hello\n" and (tmp_path / "back.bin").read_bytes() == big
+    assert (root / "made" / "b.txt").stat().st_mode & 0o777 == 0o600
+    assert os.readlink(str(root / "made" / "l")) == "b.txt" and not (root / "dir" / "big.bin").exists()
 
 
 # -- tickets and tokens ------------------------------------------------------------------
