@@ -3154,8 +3154,10 @@ class SessionHost:
             source = (payload.pid, process_stat(payload.pid)[2]) if payload else newest_long_lived(context.pids)
         if source:
             with contextlib.suppress(OSError):
-                context = context._replace(env=process_environment(source[0]),
-                                           workdir=os.readlink("/proc/%d/cwd" % source[0]))
+                env = process_environment(source[0])
+                if not payload:  # the script's bash functions, which a /bin/sh between them (dash) drops
+                    env = dict({k: v for k, v in context.env.items() if EXPORTED_FUNCTION.fullmatch(k)}, **env)
+                context = context._replace(env=env, workdir=os.readlink("/proc/%d/cwd" % source[0]))
                 return context, "%s; with the environment and directory of pid %d (%s)" % (where, *source)
         return context, where + "; with the environment and directory of the job's script"
 

@@ -21,6 +21,7 @@ import tempfile
 import termios
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -457,9 +458,10 @@ def make_pool(base):
 # -- containers: rootless and rootful podman, images made here from busybox-static ----------------------------
 
 BUSYBOX = "/bin/busybox"  # Debian's busybox-static: one static program, so an image needs nothing else
-IMAGE, NO_SHELL_IMAGE = "localhost/sshjob-test:busybox", "localhost/sshjob-test:noshell"
 APPLETS = ("sh", "ls", "ps", "cat", "echo", "id", "hostname", "pwd", "sleep", "env", "mkdir", "stty", "readlink",
-           "grep", "head", "wc", "touch", "true")
+           "grep", "head", "wc", "touch", "true", "nc", "timeout")
+_VERSION = "%08x" % (zlib.crc32(" ".join(APPLETS).encode()))  # a storage made by an older make_rootfs is not reused
+IMAGE, NO_SHELL_IMAGE = "localhost/sshjob-test:busybox-" + _VERSION, "localhost/sshjob-test:noshell-" + _VERSION
 PODMAN_RUN = ["podman", "--runtime", "runc", "run", "--rm", "--network", "none"]  # what this machine's podman needs
 ROOTFUL_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]  # within this VM's hard limits
 

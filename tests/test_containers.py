@@ -39,6 +39,7 @@ from conftest import (
     state_of,
     wait_for,
     wait_for_container,
+    x_display,
 )
 
 sys.path.insert(0, ROOT)
@@ -73,12 +74,12 @@ def unique():
     return "sshjob-test-" + uuid.uuid4().hex[:8]
 
 
-def podman_job(pool, image=IMAGE, command=COMMAND, user=ALICE, options=()):
+def podman_job(pool, image=IMAGE, command=COMMAND, user=ALICE, options=(), network="none"):
     """(job, container name, the container's first pid) of a job that runs a container."""
     name = unique()
     env = podman_env(user)
     submit = ["--env", "XDG_RUNTIME_DIR=" + env["XDG_RUNTIME_DIR"]] if env else []
-    job = pool.running_job(*PODMAN_RUN, *options, "--name", name, image, *command,
+    job = pool.running_job(*PODMAN_RUN[:-1], network, *options, "--name", name, image, *command,
                            user=None if user == "root" else user, options=submit)
     return job, name, wait_for_container(user, name)
 
@@ -185,6 +186,26 @@ def test_root_enters_its_own_rootful_container(pool):
     result = pool.sshjob("client", job, "hostname; id -u; cat /etc/os-release")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "%s\n0\nNAME=\"sshjob test image\"\nVARIANT=busybox\n" % container_hostname(pid)
+
+
+def test_x11_reaches_a_container_on_the_node_s_network_and_one_sentence_says_why_not_elsewhere(pool):
+    """X11 forwarding listens on the node's loopback: a container on the
+    node's network reaches it, one with a network of its own cannot."""
+    check = 'echo "$DISPLAY"; d=${DISPLAY#localhost:}; timeout 3 nc localhost $((6000 + ${d%.*})) </dev/null; ' \
+            'echo "nc $?"'
+    with x_display() as display:
+        xauth = os.path.join(pool.workdir(ALICE), "xauth")
+        env = {"DISPLAY": display, "XAUTHORITY": xauth}
+        shared, _, _ = podman_job(pool, network="host")
+        result = pool.sshjob("client", "-X", shared, check, user=ALICE, env=env)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        forwarded, status = result.stdout.split("\n")[:2]
+        assert forwarded.startswith("localhost:") and status != "nc 1", result.stdout  # connected
+        private, name, pid = podman_job(pool)
+        result = pool.sshjob("client", "-X", private, check, user=ALICE, env=env)
+        assert result.stdout.endswith("nc 1\n"), result.stdout  # refused: nothing listens on its own loopback
+        assert result.stderr.startswith("sshjob: podman container %s (pid %d) has a network of its own, so the X11 "
+                                        "display that ssh forwards (DISPLAY=localhost:" % (name, pid)), result.stderr
 
 
 # -- the job's environment, container or not -----------------------------------------------------------------
