@@ -498,10 +498,25 @@ def podman_env(user):
 
 
 def podman(user, *args, timeout=120):
+    """`podman ARGS` as `user`, resetting the user's podman once if a machine restart left it stale.
+
+    A rootless podman whose pause process is gone while its database still
+    holds running containers (a machine restarted, a CI machine made from a
+    used one) refuses every command until `podman system migrate`.
+    """
+    said = run_podman(user, list(args), timeout)
+    if said.returncode != 0 and "podman system migrate" in said.stderr:
+        with machine_lock("podman-migrate-" + user):
+            run_podman(user, ["system", "migrate"], timeout)
+        said = run_podman(user, list(args), timeout)
+    return said
+
+
+def run_podman(user, args, timeout):
     env = podman_env(user)
     if user == "root":
-        return run(["podman"] + list(args), env=dict(os.environ, **env), timeout=timeout, cwd="/")
-    return as_user(user, ["podman"] + list(args), env=env, timeout=timeout)
+        return run(["podman"] + args, env=dict(os.environ, **env), timeout=timeout, cwd="/")
+    return as_user(user, ["podman"] + args, env=env, timeout=timeout)
 
 
 def podman_image(user, name, shell=True):
