@@ -1895,9 +1895,10 @@ def podman_payloads(config, runs, run_as):
     return containers, orphans
 
 
-def ask_podman(control, run_as, words, what, timeout=PODMAN_WAIT):
+def ask_podman(control, run_as, words, what, timeout=PODMAN_WAIT, tolerate=None):
     """What podman says on stdout when run as the job's owner (`control`:
-    see Payload) with `words`, to do `what`; ContainerError if it fails."""
+    see Payload) with `words`, to do `what`; ContainerError if it fails,
+    unless each error it names contains `tolerate`."""
     argv, env = control
     try:
         done = subprocess.run(argv + list(words), env=env, cwd="/", stdin=subprocess.DEVNULL,
@@ -1907,7 +1908,8 @@ def ask_podman(control, run_as, words, what, timeout=PODMAN_WAIT):
         raise ContainerError("podman did not %s within %.0f s" % (what, timeout)) from None
     except OSError as e:
         raise ContainerError("podman cannot run on this node (%s)" % describe(e)) from None
-    if done.returncode:
+    errors = [line for line in done.stderr.splitlines() if "Error:" in line]
+    if done.returncode and not (tolerate and errors and all(tolerate in line for line in errors)):
         said = done.stderr.strip().splitlines() or ["exit status %d" % done.returncode]
         raise ContainerError("podman cannot %s: %s" % (what, said[-1]))
     return done.stdout
@@ -1924,7 +1926,7 @@ def podman_containers(control, run_as):
     found = []
     shape = "[{{json .State.Pid}},{{json .Name}},{{json .Config.CreateCommand}}]"
     for line in ask_podman(control, run_as, ["inspect", "--type", "container", "--format", shape] + ids,
-                           what).splitlines():
+                           what, tolerate="no such container").splitlines():  # one gone since ps
         with contextlib.suppress(ValueError):
             pid, name, created = json.loads(line)
             if isinstance(pid, int) and pid > 0 and isinstance(name, str) and isinstance(created, list):
@@ -5651,7 +5653,11 @@ def bridge(desk):
 
 
 def pass_socket(channel, sock):
-    channel.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+    """Send `sock` over the Unix socket `channel`.  The byte that carries it
+    is a newline: a client that reads it as data instead of taking the
+    socket (see hand_over) reads an empty line, which SSH allows before the
+    server's version."""
+    channel.sendmsg([b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
 
 
 class TicketDesk:
@@ -6640,6 +6646,15 @@ def run_proxy(config_path, argv):
     if len(argv) != 2:
         raise UsageError("usage: sshjob proxy HOST USER (the Host block of sshjob ssh-config runs it)")
     host, user = argv
+    try:
+        return proxy(config_path, host, user)
+    except SshjobError as e:
+        if not is_unix_socket(1):
+            remember_proxy_failure(host, e)
+        raise
+
+
+def proxy(config_path, host, user):
     scheduler, job_id, container = job_of_host(host)
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
@@ -6654,13 +6669,126 @@ def run_proxy(config_path, argv):
                 job, ticket.user, ticket.user, ticket.user, host))
         sock, hostkey = site.connect_ssh(request, ticket)
         remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
-        with sock, socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as ssh:
-            pass_socket(ssh, sock)
     except BaseException:
         site.close()  # no session: its Slurm step goes too
         raise
-    log.debug("handed ssh the connection to job %s", job)
-    return 0  # the site is not closed: a Slurm step lives on with the session, and ssh waits for us to exit
+    with sock:
+        hand_over(sock, "job %s" % job)
+    return 0  # the site is not closed: a Slurm step lives on with the session
+
+
+PROXY_LOG = "proxy.log"  # in sshjob_home(): why the last connections failed, for clients that hide stderr
+
+PROXY_LOG_LINES = 100
+
+
+def remember_proxy_failure(host, error):
+    """Keep why a connection failed where its user can read it: paramiko
+    discards a ProxyCommand's stderr, and asyncssh reads it as the server's
+    bytes, so their users see only that the SSH banner never came."""
+    path = os.path.join(sshjob_home(), PROXY_LOG)
+    with contextlib.suppress(OSError), locked(path + ".lock"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[-(PROXY_LOG_LINES - 1):]
+        except FileNotFoundError:
+            lines = []
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_atomically(path, "\n".join(lines + ["%s %s: sshjob: %s" % (stamp, host, error)]) + "\n")
+
+
+# How long a client that read the passed socket's carrier as data may stay
+# silent before the proxy relays for it (OpenSSH closes its end at once).
+SILENT_CLIENT = 1.0
+
+
+def hand_over(sock, what):
+    """Give the ssh client that runs the proxy its connection to the job.
+
+    OpenSSH (ProxyUseFdpass) takes a passed socket, and then nothing is in
+    the data path; other clients (paramiko, asyncssh, JetBrains') read the
+    Host block's ProxyCommand too, but expect it to carry the bytes on its
+    stdin and stdout.  The proxy does not guess the client from the kind of
+    descriptor it was given: it passes the socket when its stdout is a Unix
+    socket, lets ssh go on (OpenSSH waits for the proxy to exit before it
+    takes the socket), and relays unless the socket was taken."""
+    if not is_unix_socket(1):
+        log.debug("relaying the connection to %s (the client's stdout is no socket)", what)
+        return relay_stdio(sock)
+    with socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        pass_socket(client, sock)
+        if os.fork():
+            log.debug("passed the connection to %s", what)
+            return 0  # ssh goes on when we exit
+        taken = taken_by_client(client)
+    if not taken:
+        relay_stdio(sock)
+    os._exit(0)
+
+
+def is_unix_socket(fd):
+    try:
+        with socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_UNIX
+    except OSError:
+        return False
+
+
+def taken_by_client(client):
+    """Whether the client took the passed socket: OpenSSH receives it, then
+    closes its end (EOF); a client that speaks SSH itself sends its version
+    instead, or, if it waits for the server's, reads the carrier and stays
+    silent."""
+    read_at = None
+    while True:
+        readable, _ = wait_for([client], timeout=0.05)
+        if readable:
+            try:
+                return not client.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return True  # gone: nobody to relay for
+        if read_at is None and unread_bytes(client) == 0:
+            read_at = time.monotonic()
+        if read_at is not None and time.monotonic() - read_at > SILENT_CLIENT:
+            return False
+
+
+def unread_bytes(sock):
+    """Bytes sent on `sock` that its peer has not read yet (0 where the system cannot tell)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+def relay_stdio(sock):
+    """Carry a connection's bytes over stdin and stdout until both directions end."""
+
+    def inbound():
+        with contextlib.suppress(OSError):
+            for data in iter(lambda: sock.recv(256 * 1024), b""):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(1, view):]
+        end_output(1)
+
+    sock.settimeout(None)
+    receiving = threading.Thread(target=inbound, daemon=True)
+    receiving.start()
+    with contextlib.suppress(OSError):
+        for data in iter(lambda: os.read(0, 256 * 1024), b""):
+            sock.sendall(data)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    receiving.join()
+    return 0
+
+
+def end_output(fd):
+    """Say end of file on `fd`: a socket's write half is shut, anything else closed."""
+    with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.shutdown(socket.SHUT_WR)
+    os.close(fd)
 
 
 def ssh_config_block(config_path):

@@ -133,8 +133,8 @@ def start():
     stop()
     write_config(host)
     start_munge()
-    for daemon in ("slurmctld", "slurmd"):
-        result = run(["/usr/sbin/" + daemon])
+    for daemon in ("slurmctld", "slurmd"):  # -c: no jobs of a machine that restarted under a running Slurm
+        result = run(["/usr/sbin/" + daemon] + (["-c"] if daemon == "slurmctld" else []))
         if result.returncode != 0:
             raise SlurmError("%s did not start: %s" % (daemon, result.stdout))
     wait(lambda: node_state(host) not in ("", "unknown", "unknown*"), "slurmd to register", 60)

@@ -370,3 +370,41 @@ def test_a_job_s_container_as_an_ssh_host(hosts, images):
     finally:
         hosts.sshjob("rm", job, user=ALICE)
         podman(ALICE, "rm", "--force", "--time", "0", name)
+
+
+CLIENTS = open(os.path.join(os.path.dirname(__file__), "ssh_clients.py")).read()  # noqa: SIM115
+
+
+def other_client(kind, host, command):
+    """`command` in `host` through a client that is not OpenSSH (tests/ssh_clients.py), as alice."""
+    return as_user(ALICE, [USER_PYTHON, "-W", "ignore", "-c", CLIENTS, kind, host, command], timeout=90)
+
+
+@pytest.mark.parametrize("kind", ["paramiko", "asyncssh", "socketpair"])
+def test_clients_that_are_not_openssh_get_the_bytes_relayed(hosts, job, kind):
+    """paramiko and asyncssh run the Host block's ProxyCommand on pipes; a
+    third client runs it on a socket pair and never takes a passed socket:
+    the proxy relays for all of them, with the job's host key pinned."""
+    name, workdir = job
+    result = other_client(kind, name + ".sshjob", "pwd; echo $FOO; exit 3")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.splitlines() == [workdir, "bar"]
+    big = other_client(kind, name + ".sshjob", "head -c 3000000 /dev/zero | od -An -c | tail -2")
+    assert big.returncode == 0 and "\\0" in big.stdout, big.stderr
+    refused = other_client(kind, "987654.0.sshjob", "true")
+    assert refused.returncode != 0
+    if kind == "socketpair":  # the ProxyCommand's stderr is the client's
+        assert "sshjob: job 987654" in refused.stderr
+    else:  # paramiko discards it, asyncssh reads it as the server's: the proxy keeps it for the user
+        log = read_text(os.path.join(home_of(ALICE), ".local", "share", "sshjob", "proxy.log"))
+        openssh = as_user(ALICE, ["ssh", "987654.0.sshjob", "true"]).stderr.splitlines()[0]
+        assert openssh.startswith("sshjob: job 987654.0 ")
+        assert log.splitlines()[-1].split(" ", 2)[2] == "987654.0.sshjob: " + openssh
+
+
+def test_openssh_still_takes_the_socket_and_nothing_stays_in_the_data_path(hosts, job):
+    name, _ = job
+    result = as_user(ALICE, ["ssh", name + ".sshjob", "sleep 1; ps -o args= -u $(id -u)"])
+    assert result.returncode == 0, result.stderr
+    proxies = [line for line in run(["ps", "-o", "args=", "-u", ALICE]).stdout.splitlines() if " proxy " in line]
+    assert proxies == []
