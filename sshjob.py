@@ -6641,26 +6641,40 @@ def job_of_host(host):
     return (site, job, container or "auto") if site in SITES else (None, name, container or "auto")
 
 
+PROXY_USAGE = "usage: sshjob proxy [--relay] [--key TYPE:BASE64] HOST USER (a Host block of sshjob ssh-config runs it)"
+
+
 def run_proxy(config_path, argv):
-    """`sshjob proxy HOST USER`: the ProxyCommand of the Host block."""
-    if len(argv) != 2:
-        raise UsageError("usage: sshjob proxy HOST USER (the Host block of sshjob ssh-config runs it)")
+    """`sshjob proxy [--relay] [--key KEY] HOST USER`: the ProxyCommand of
+    the Host block.  A laptop's block (ssh-config --via) runs it on the
+    login node through the user's ssh: --relay, as ssh's stdout there is no
+    client that takes sockets, and --key, the laptop's public key, which the
+    ticket is for."""
+    relay, key = False, None
+    while argv[:1] in (["--relay"], ["--key"]):
+        if argv[0] == "--relay":
+            relay, argv = True, argv[1:]
+        elif len(argv) > 1:
+            key, argv = parse_public_key(argv[1].replace(":", " ", 1)), argv[2:]
+        else:
+            break
+    if len(argv) != 2 or argv[0].startswith("-"):
+        raise UsageError(PROXY_USAGE)
     host, user = argv
     try:
-        return proxy(config_path, host, user)
+        return proxy(config_path, host, user, key, relay)
     except SshjobError as e:
-        if not is_unix_socket(1):
+        if relay or not is_unix_socket(1):
             remember_proxy_failure(host, e)
         raise
 
 
-def proxy(config_path, host, user):
+def proxy(config_path, host, user, key, relay):
     scheduler, job_id, container = job_of_host(host)
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
-    key = persistent_key(config)
-    request = SessionRequest(job_id, key=read_public_key(key), transport="openssh", shells=offered_shells(None),
-                             container=container,
+    request = SessionRequest(job_id, key=key or read_public_key(persistent_key(config)), transport="openssh",
+                             shells=offered_shells(None), container=container,
                              holder=token_hex(32))  # no holder is ever shown: a random one stands for its hash
     try:
         ticket = site.ticket(request)
@@ -6673,8 +6687,28 @@ def proxy(config_path, host, user):
         site.close()  # no session: its Slurm step goes too
         raise
     with sock:
-        hand_over(sock, "job %s" % job)
+        if relay:
+            log.debug("relaying the connection to job %s", job)
+            relay_stdio(sock)
+        else:
+            hand_over(sock, "job %s" % job)
     return 0  # the site is not closed: a Slurm step lives on with the session
+
+
+def run_known_hosts(config_path, argv):
+    """`sshjob known-hosts HOST`: the host key that the proxy pinned for
+    HOST, as a known_hosts line: a laptop's KnownHostsCommand.  The proxy
+    pins the key before it relays a byte, so the laptop's ssh, which asks
+    when the job's sshd shows its key, gets the key of this connection."""
+    if len(argv) != 1:
+        raise UsageError("usage: sshjob known-hosts HOST (a laptop's Host block runs it)")
+    job_of_host(argv[0])
+    try:
+        with open(os.path.join(sshjob_home(), "known_hosts")) as f:
+            sys.stdout.write("".join(line for line in f if line.split(" ", 1)[0] == argv[0]))
+    except FileNotFoundError:
+        pass
+    return 0
 
 
 PROXY_LOG = "proxy.log"  # in sshjob_home(): why the last connections failed, for clients that hide stderr
@@ -6762,7 +6796,11 @@ def unread_bytes(sock):
 
 
 def relay_stdio(sock):
-    """Carry a connection's bytes over stdin and stdout until both directions end."""
+    """Carry a connection's bytes over stdin and stdout until both directions
+    end, or the client ends the relay as it ends the session (OpenSSH with
+    SIGHUP, paramiko with SIGTERM): that is no failure to speak of."""
+    for number in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
 
     def inbound():
         with contextlib.suppress(OSError):
@@ -6814,14 +6852,92 @@ def ssh_config_block(config_path):
     ]) + "\n"
 
 
+LAPTOP_BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts, through %s (sshjob ssh-config --via) >>>"
+
+
+def laptop_block(config_path, login, key, identity, ssh):
+    """The Host block for the user's laptop: its ssh reaches a job through
+    the user's own ssh to `login`, where the proxy relays (ProxyCommand) and
+    says which host key the job has (KnownHostsCommand, OpenSSH 8.5 and
+    later).  The ticket is for the laptop's public key `key`: its private
+    half never leaves the laptop.  The laptop needs nothing but OpenSSH."""
+    here = [sys.executable, os.path.abspath(sys.argv[0])]
+    here += ["--config", os.path.abspath(config_path)] if config_path else []
+
+    def on_login(*words):
+        """A command line that the laptop's ssh runs on `login`: quoted for
+        the login shell, and again for the laptop's only where it must be
+        (Windows runs a ProxyCommand without a shell)."""
+        line = " ".join(shlex.quote(word) for word in here + list(words[:-1])).replace("%", "%%")
+        line += " " + words[-1]
+        if re.search(r"[^\w@%+=:,./ -]", line):
+            line = shlex.quote(line)
+        return "%s -T -a -x -o ClearAllForwardings=yes %s %s" % (ssh, login, line)
+
+    return "\n".join([
+        LAPTOP_BLOCK_BEGIN % login,
+        "Host *%s" % HOST_SUFFIX,
+        "    User %s" % pwd.getpwuid(os.getuid()).pw_name,
+        "    ProxyCommand %s" % on_login("proxy", "--relay", "--key", key.replace(" ", ":"), "%h %r"),
+        "    KnownHostsCommand %s" % on_login("known-hosts", "%H"),
+        "    IdentityFile %s" % identity,
+        "    IdentitiesOnly yes",
+        "    UserKnownHostsFile none",
+        "    GlobalKnownHostsFile none",
+        "    StrictHostKeyChecking yes",
+        "    CheckHostIP no",
+        "    UpdateHostKeys no",
+        "Host *",
+        BLOCK_END,
+    ]) + "\n"
+
+
+def laptop_key(text):
+    """The laptop's public key, given as the key or as a file holding it."""
+    if os.path.isfile(text):
+        try:
+            with open(text) as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError("cannot read the public key in %s (%s)" % (text, e.strerror)) from None
+    try:
+        return parse_public_key(text.strip())
+    except TicketInvalid:
+        raise UsageError("--key takes your laptop's public key (its ~/.ssh/id_ed25519.pub, the file or the "
+                         "line in it), not %r" % text[:40]) from None
+
+
 def run_ssh_config(config_path, argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog="sshjob ssh-config", description="Print the Host block that makes jobs ssh hosts (ssh 1.0.sshjob).")
     parser.add_argument("--install", action="store_true",
                         help="add it to ~/.ssh/config, or bring the block there up to date")
+    parser.add_argument("--via", metavar="LOGIN",
+                        help="print the block for your laptop instead, which reaches jobs through ssh LOGIN "
+                             "(the login node's name in the laptop's ~/.ssh/config)")
+    parser.add_argument("--key", metavar="PUBLIC_KEY", help="with --via: the laptop's public key (a file or the line)")
+    parser.add_argument("--identity", default="~/.ssh/id_ed25519", metavar="PATH",
+                        help="with --via: the laptop's private key, as the laptop names it (default: %(default)s)")
+    parser.add_argument("--ssh", default="/usr/bin/ssh", metavar="PATH",
+                        help="with --via: the laptop's ssh, an absolute path (default: %(default)s; Windows: "
+                             "C:/Windows/System32/OpenSSH/ssh.exe)")
     args = parser.parse_args(argv)
     config_path = config_path or os.environ.get("SSHJOB_CONFIG")
+    if args.via:
+        if args.install:
+            raise UsageError("--via prints the block for your laptop: paste it into the laptop's ~/.ssh/config "
+                             "(leave out --install)")
+        if not args.key:
+            raise UsageError("--via needs the laptop's public key: --key id_ed25519.pub (copied from the laptop) "
+                             "or --key 'ssh-ed25519 AAAA...'")
+        if not re.match(r"^[\w.@-]+$", args.via):
+            raise UsageError("--via takes the login node's host name, as the laptop's ssh knows it, not %r" % args.via)
+        if not os.path.isabs(args.ssh.replace("\\", "/")) and not re.match(r"^[A-Za-z]:[/\\]", args.ssh):
+            raise UsageError("--ssh takes the laptop's ssh as an absolute path (OpenSSH runs KnownHostsCommand "
+                             "only so), not %r" % args.ssh)
+        sys.stdout.write(laptop_block(config_path, args.via, laptop_key(args.key), args.identity, args.ssh))
+        return 0
     block = ssh_config_block(config_path)
     if not args.install:
         sys.stdout.write(block)
@@ -7206,7 +7322,9 @@ roles:
   schedd                           the job queue daemon
   starter                          the execute node daemon
   ssh-config [--install]           the Host block that makes jobs ssh hosts: ssh 1.0.sshjob
+  ssh-config --via LOGIN --key PUB the Host block for your laptop, through LOGIN
   proxy HOST USER                  that block's ProxyCommand
+  known-hosts HOST                 a job's pinned host key (a laptop's KnownHostsCommand)
   bridge DESK                      ssh's ProxyCommand (the client starts it)
   slurm-step                       a session's step on a Slurm node (srun starts it)
 
@@ -7235,7 +7353,7 @@ def dispatch(config_path, debug, role, rest):
         return run_client(config_path, rest)
     simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
               "init": run_init, "token": run_token, "status": run_status, "ssh-config": run_ssh_config,
-              "proxy": run_proxy}
+              "proxy": run_proxy, "known-hosts": run_known_hosts}
     if role in simple:
         return simple[role](config_path, rest)
     if role in JOB_ACTIONS:

@@ -213,6 +213,28 @@ def ssh_host_figures(args, scratch, plain, env, job, who):
     for argv in (ours, peer):
         subprocess.run(argv[:-1] + ["-O", "exit", argv[-1]], env=env, **who, stderr=subprocess.DEVNULL)
     shutil.rmtree(control, ignore_errors=True)
+    relay_figures(args, scratch, plain, env, job, who, config)
+
+
+def relay_figures(args, scratch, plain, env, job, who, config):
+    """The proxy relaying (clients that are not OpenSSH; a laptop's block)
+    against its passing the socket, and against plain ssh -J."""
+    relayed = os.path.join(scratch, "ssh_config_relay")
+    with open(config) as f, open(relayed, "w") as out:
+        out.write(f.read().replace("ProxyUseFdpass yes", "ProxyUseFdpass no").replace(" proxy ", " proxy --relay "))
+    passed, relay = ["ssh", "-F", config, job + ".sshjob"], ["ssh", "-F", relayed, job + ".sshjob"]
+    hop = " ".join(shlex.quote(a) for a in plain[:-1]) + " -W %h:%p " + plain[-1]
+    jump = plain[:-1] + ["-o", "ProxyCommand=" + hop, plain[-1]]
+    timed(relay + ["true"], 2, env=env, **who)
+    ours, peer = timed_pair(relay + ["true"], passed + ["true"], args.runs, env=env, **who)
+    row("ssh JOB.sshjob true, relayed", ms(ours), "socket passed", ms(peer), "ms", "report")
+    ours, peer = timed_pair(relay + ["true"], jump + ["true"], args.runs, env=env, **who)
+    row("ssh JOB.sshjob true, relayed", ms(ours), "plain ssh -J", ms(peer), "ms", "report")
+    quoted = lambda argv: " ".join(shlex.quote(a) for a in argv)  # noqa: E731
+    for name, peer_argv in (("socket passed", passed), ("plain ssh -J", jump)):
+        ours, peer = throughput_pair(quoted(relay + ["cat > /dev/null"]), quoted(peer_argv + ["cat > /dev/null"]),
+                                     args.gib, env=env, **who)
+        row("throughput %d GiB, relayed" % args.gib, ours * 1024, name, peer * 1024, "MiB/s", "report")
 
 
 def slurm_figures(args, scratch, plain, env, who):

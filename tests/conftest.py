@@ -24,6 +24,7 @@ import time
 import zlib
 
 import pytest
+import slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALICE, BOB = "sshjob-alice", "sshjob-bob"
@@ -560,3 +561,72 @@ def remove_containers(user, prefix="sshjob-test-"):
 def images(users):
     """The test images in alice's rootless storage: busybox, and one without a shell."""
     return {"busybox": podman_image(ALICE, IMAGE), "noshell": podman_image(ALICE, NO_SHELL_IMAGE, shell=False)}
+
+
+# -- Slurm ---------------------------------------------------------------------------------------------
+
+
+class Cluster:
+    """The running Slurm, and the built pyz as its users run it."""
+
+    def __init__(self, base, host):
+        self.base = base
+        self.host = host
+        self.pyz = os.path.join(base, "sshjob.pyz")
+        self.dir = tempfile.mkdtemp(prefix="slurm-", dir=base)
+        os.chmod(self.dir, 0o755)
+
+    def env(self, user, extra=None):
+        variables = {"PATH": os.environ["PATH"], "HOME": pwd.getpwnam(user).pw_dir, "SHELL": "/bin/sh",
+                     "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        variables.update(extra or {})
+        return variables
+
+    def argv(self, *args, user=ALICE, env=None, scheduler="--scheduler=slurm"):
+        assignments = ["%s=%s" % item for item in self.env(user, env).items() if item[1] is not None]
+        role = [args[0], scheduler] if scheduler and args[0] == "client" else [args[0]]
+        return ["runuser", "-u", user, "--", "env", "-i"] + assignments + [USER_PYTHON, self.pyz] + role + list(
+            args[1:])
+
+    def sshjob(self, *args, user=ALICE, env=None, scheduler="--scheduler=slurm", timeout=60, **kwargs):
+        kwargs.setdefault("cwd", "/")
+        return run(self.argv(*args, user=user, env=env, scheduler=scheduler), timeout=timeout, **kwargs)
+
+    def workdir(self, user=ALICE):
+        path = tempfile.mkdtemp(prefix="work-", dir=self.dir)
+        record = pwd.getpwnam(user)
+        os.chown(path, record.pw_uid, record.pw_gid)
+        return path
+
+    def sbatch(self, *options, user=ALICE, workdir=None, script="sleep 600", env=None):
+        workdir = workdir or self.workdir(user)
+        result = run(["runuser", "-u", user, "--", "sbatch", "--parsable", "-D", workdir, "-o", "/dev/null"]
+                     + list(options) + ["--wrap", script], cwd="/", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip().split(";")[0]
+
+    def state(self, job):
+        return run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip().splitlines()
+
+    def running(self, *options, **kwargs):
+        job = self.sbatch(*options, **kwargs)
+        self.wait_running(job)
+        return job
+
+    def wait_running(self, job, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            states = self.state(job)
+            if states and all(s == "RUNNING" for s in states):
+                return
+            time.sleep(0.2)
+        raise AssertionError("Slurm job %s did not start (%s)" % (job, self.state(job)))
+
+
+@pytest.fixture(scope="module")
+def cluster(base, users):
+    missing = slurm.missing_programs()
+    assert not missing, "Slurm is not installed (%s): apt-get install slurmctld slurmd slurm-client munge" % missing
+    host = slurm.start()
+    yield Cluster(base, host)
+    slurm.stop()

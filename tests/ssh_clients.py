@@ -24,13 +24,25 @@ def paramiko_config(host):
     return config.lookup(host)
 
 
-def paramiko_pinned():
+def paramiko_pinned(config):
+    """The Host block's pinned keys: its KnownHostsCommand's (a laptop's
+    block), else its UserKnownHostsFile's."""
+    import shlex
+
     import paramiko
+
+    def known_keys(hostname):
+        command = config.get("knownhostscommand")
+        if command:
+            said = subprocess.run(shlex.split(command.replace("%H", hostname)), stdout=subprocess.PIPE,
+                                  universal_newlines=True).stdout
+            entries = [paramiko.hostkeys.HostKeyEntry.from_line(line) for line in said.splitlines()]
+            return {entry.key.get_name(): entry.key for entry in entries if entry}
+        return paramiko.HostKeys(config["userknownhostsfile"].strip('"')).lookup(hostname) or {}
 
     class Pinned(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client, hostname, key):
-            known = paramiko.HostKeys(self.known_hosts).lookup(hostname) or {}
-            if known.get(key.get_name()) != key:
+            if known_keys(hostname).get(key.get_name()) != key:
                 raise paramiko.SSHException("the host key of %s is not the one the proxy pinned" % hostname)
 
     return Pinned()
@@ -41,10 +53,8 @@ def paramiko_command(host, command, sock=None):
     import paramiko
 
     config = paramiko_config(host)
-    policy = paramiko_pinned()
-    policy.known_hosts = config["userknownhostsfile"].strip('"')
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(policy)
+    client.set_missing_host_key_policy(paramiko_pinned(config))
     client.connect(config["hostname"], username=config.get("user", os.environ["USER"]),
                    key_filename=config["identityfile"][0].strip('"'), look_for_keys=False, allow_agent=False,
                    sock=sock or paramiko.ProxyCommand(config["proxycommand"]))
