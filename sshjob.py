@@ -6,8 +6,11 @@ argument picks the role (ROLES, below, gives each one's arguments):
 
     client, cp          the user's way into a job: condor_ssh_to_job's command
                         line (run_client) and files both ways (run_cp)
-    ssh-config, proxy   jobs as ssh hosts for every ssh tool: the Host block
-                        (run_ssh_config) and its ProxyCommand (run_proxy)
+    ssh-config, proxy, known-hosts
+                        jobs as ssh hosts for every ssh tool, on this machine
+                        or a laptop: the Host block (run_ssh_config), its
+                        ProxyCommand (run_proxy) and a laptop's
+                        KnownHostsCommand (run_known_hosts)
     bridge              what ssh runs as the client's ProxyCommand, without
                         this module: it passes ssh the connection that the
                         client's ticket desk made (bridge)
@@ -6662,14 +6665,14 @@ def run_proxy(config_path, argv):
         raise UsageError(PROXY_USAGE)
     host, user = argv
     try:
-        return proxy(config_path, host, user, key, relay)
+        return proxy_connection(config_path, host, user, key, relay)
     except SshjobError as e:
         if relay or not is_unix_socket(1):
             remember_proxy_failure(host, e)
         raise
 
 
-def proxy(config_path, host, user, key, relay):
+def proxy_connection(config_path, host, user, key, relay):
     scheduler, job_id, container = job_of_host(host)
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)

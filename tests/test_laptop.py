@@ -180,20 +180,25 @@ def test_ssh_scp_rsync_and_a_dynamic_forward_from_the_laptop(login, laptop):
     assert down.returncode == 0, down.stderr
     assert read(os.path.join(laptop.home, "out", "r.txt")) == "result\n"
     served, socks = free_port(), free_port()  # VS Code's way to its server: a -D forward
-    server = subprocess.Popen(laptop.argv(["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-D", str(socks), host]))
+    said = os.path.join(laptop.dir, "forward.err")
+    with open(said, "w") as errors:
+        forward = subprocess.Popen(laptop.argv(["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-D", str(socks),
+                                                host]), stderr=errors)
     try:
-        as_user(ALICE, ["sh", "-c", "cd %s && setsid %s -m http.server %d --bind 127.0.0.1 >/dev/null 2>&1 &"
-                        % (workdir, USER_PYTHON, served)])
+        started = as_user(ALICE, ["sh", "-c", "cd %s && setsid %s -m http.server %d --bind 127.0.0.1 >/dev/null "
+                                  "2>&1 < /dev/null &" % (workdir, USER_PYTHON, served)])
+        assert started.returncode == 0, started.stderr
 
         def fetched():
+            assert forward.poll() is None, "ssh -D ended: %s" % read(said)
             got = laptop.run(["curl", "-s", "--max-time", "5", "--socks5-hostname", "127.0.0.1:%d" % socks,
-                                 "http://127.0.0.1:%d/out/r.txt" % served])
+                              "http://127.0.0.1:%d/out/r.txt" % served])
             return got.stdout == "result\n"
 
-        wait_for(fetched, timeout=30, what="the job's web server through the laptop's -D forward")
+        wait_for(fetched, timeout=60, what="the job's web server through the laptop's -D forward")
     finally:
-        server.terminate()
-        server.wait()
+        forward.terminate()
+        forward.wait()
         run(["pkill", "-f", "http.server %d" % served])
 
 
