@@ -23,6 +23,9 @@ argument picks the role (ROLES, below, gives each one's arguments):
                         run_init, run_token)
     slurm-step          a session's step on a Slurm node (run_slurm_step,
                         which slurm_boot starts there)
+    new, allocation     allocations on demand: find or submit, wait, enter
+                        (run_new), and the allocation's batch script, which
+                        holds it until it is idle (run_allocation)
 
 The sections, in order: each uses only those above it, but the command line
 at the end (tests/test_units.py holds the module to that):
@@ -45,6 +48,8 @@ at the end (tests/test_units.py holds the module to that):
     Sites                   the client's one seam to a batch system
     The client
     Files: sshjob cp
+    Allocations on demand   sshjob new PROFILE: find or submit, wait, enter;
+                            the allocation's batch script, which gives it back
     Jobs as ssh hosts
     Queue commands
     Pools
@@ -1663,6 +1668,14 @@ class Config:
     def names(self, key):
         return [name.strip() for name in self[key].split(",") if name.strip()]
 
+    def profile_options(self, name):
+        """The settings of profile `name` ([profile NAME]), or None."""
+        section = "profile " + name
+        return dict(self._file.items(section)) if self._file.has_section(section) else None
+
+    def profile_names(self):
+        return sorted(section[len("profile "):] for section in self._file.sections() if section.startswith("profile "))
+
     def schedd(self, name=None):
         """How to reach the schedd called `name` (default: the pool's own)."""
         if name is None or name == self["schedd_name"]:
@@ -1771,6 +1784,42 @@ def find_sftp_server(config):
     if config["sftp_server"]:
         return config["sftp_server"]
     return next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), "/bin/false")
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def duration(text, bare=1):
+    """Seconds in "90s", "20m", "4h", "1d", or a bare number of `bare`
+    seconds; None if `text` is none of these."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not match:
+        return None
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "": bare}[match.group(2)]
+
+
+def sshjob_home():
+    """The user's private sshjob directory: the persistent key and known_hosts
+    of jobs as ssh hosts, the waiters of allocations."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    path = os.path.join(base, "sshjob")
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise ConfigError("cannot make %s for the key and known hosts of jobs as ssh hosts (%s): set HOME, or "
+                          "XDG_DATA_HOME, to a directory of yours" % (path, e.strerror)) from None
+    return path
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on `path` (made if missing): ssh may run several proxies at once, an editor several
+    clients."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # ---------------------------------------------------------------------------
@@ -4748,18 +4797,43 @@ def start_guardian(tag, tmp):
 JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
 
 
+def private_node_directory():
+    """The user's own private directory in this node's temporary directory
+    (made if missing), or None where a link or another user's is there."""
+    import tempfile
+    base = os.path.join(tempfile.gettempdir(), "sshjob-%d" % os.getuid())
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return base
+
+
+def session_activity(job):
+    """The file whose time says when a session of Slurm job `job` last ended
+    on this node: an allocation's idle clock (run_allocation) starts there,
+    so that no session is missed between two of its looks."""
+    base = private_node_directory()
+    return base and os.path.join(base, "activity-%s" % job)
+
+
+def mark_session_end(job):
+    path = session_activity(job)
+    if path:
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            os.utime(path)
+
+
 def job_key_directory(job, started):
     """Where the host key of Slurm job `job`, which started at `started`,
     is kept on this node for its later sessions: under a directory of the
     user's own in the temporary directory, private, not a link.  None where
     there is no such directory.  Keys of jobs whose last session is over a
     week old go."""
-    import tempfile
-    base = os.path.join(tempfile.gettempdir(), "sshjob-%d" % os.getuid())
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(base, 0o700)
-    info = os.lstat(base)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077 or not job:
+    base = private_node_directory()
+    if not base or not job:
         return None
     with contextlib.suppress(OSError):
         for entry in os.scandir(base):
@@ -5030,6 +5104,7 @@ def run_slurm_step(config_path):
     finally:
         if step:  # the guardian would too, but a cgroup may end it with the step
             shutil.rmtree(step.tmp, ignore_errors=True)
+            mark_session_end(step.job_id)
 
 
 # ---------------------------------------------------------------------------
@@ -5114,6 +5189,14 @@ class Site:
         """The rows of `sshjob q`, a header first: (ID, OWNER, STATE, NODE,
         COMMAND); this user's jobs, or everyone's."""
         raise NotImplementedError
+
+    def allocations(self, profile):
+        """The user's live allocations of profile `profile` (sshjob new), oldest first."""
+        raise UsageError("allocations on demand (sshjob new) need Slurm: a %s site has none yet" % self.name)
+
+    def submit_allocation(self, profile, workdir):
+        """A new allocation of `profile` (a Profile), its sessions in `workdir`: its job."""
+        raise UsageError("allocations on demand (sshjob new) need Slurm: a %s site has none yet" % self.name)
 
     def close(self):
         """End what the site started for the job and no session holds."""
@@ -5226,7 +5309,9 @@ class PoolSite(Site):
         return table
 
 
-SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")
+SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")  # sbatch only for sshjob new
+
+ALLOCATION_PREFIX = "sshjob-new-"  # the name of an allocation's job (sshjob new): this and the profile's name
 
 TASK_EXITED = re.compile(r"task \d+: Exited with exit code|\*\*\* STEP .* CANCELLED")
 
@@ -5376,7 +5461,10 @@ class SlurmSite(Site):
             raise JobGone("job %s will never run in Slurm (%s): %s" % (self.spec, reason, SLURM_NEVER[reason]))
         if state != "RUNNING":
             self.pending = True  # -auto-retry asks again: with scontrol alone until it runs
-            raise NotRunning("job %s is %s in Slurm (%s)" % (self.spec, state.lower(), reason))
+            expected = job.get("StartTime", "") if state == "PENDING" else ""
+            expected = ", expected to start at %s" % expected.replace("T", " ") if expected[:1].isdigit() else ""
+            why = ", ".join(word for word in (reason if reason != "None" else "", expected[2:]) if word)
+            raise NotRunning("job %s is %s in Slurm%s" % (self.spec, state.lower(), " (%s)" % why if why else ""))
         return job
 
     def pick_node(self, job):
@@ -5433,15 +5521,46 @@ class SlurmSite(Site):
     def queue(self, everyone=False):
         """The user's Slurm jobs (everyone's)."""
         options = [] if everyone else ["--user", pwd.getpwuid(os.getuid()).pw_name]
-        output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%j|%o", *options)
+        output = run_slurm("", "squeue", "--noheader", "--format=%i|%u|%T|%N|%r|%j|%k|%o", *options)
         rows = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
         for line in output.splitlines():
-            job, user, state, nodes, reason, name, command = (line.split("|", 6) + [""] * 7)[:7]
+            job, user, state, nodes, reason, name, comment, command = (line.split("|", 7) + [""] * 8)[:8]
             if command in ("", "(null)"):  # sbatch --wrap: Slurm keeps no command, only the job's name
                 command = "(%s)" % name
+            if name.startswith(ALLOCATION_PREFIX):  # sshjob new's: its holder says its sessions and idle clock
+                command = comment if comment.startswith("sshjob new ") else "sshjob new %s" % name[
+                    len(ALLOCATION_PREFIX):]
             note = "  [%s]" % reason if state == "PENDING" and reason not in ("", "None") else ""
             rows.append((job, user, state.lower(), nodes or "-", command + note))
         return rows
+
+    def allocations(self, profile):
+        me = pwd.getpwuid(os.getuid()).pw_name
+        output = run_slurm("", "squeue", "--noheader", "--user", me, "--name", ALLOCATION_PREFIX + profile,
+                           "--states=PENDING,CONFIGURING,RUNNING,SUSPENDED,REQUEUED,RESIZING", "--format=%i")
+        return sorted(output.split(), key=int)
+
+    def submit_allocation(self, profile, workdir):
+        """sbatch with this module as the batch script (`sshjob allocation`)."""
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="sshjob-") as tmp:
+            script = os.path.join(tmp, "sshjob-allocation")
+            body = self.source.split(b"\n", 1)[1] if self.source.startswith(b"#!") else self.source
+            with open(script, "wb") as f:
+                f.write(b"#!/usr/bin/env python3\n" + body)
+            argv = [slurm_command("sbatch"), "--parsable", "--job-name=" + ALLOCATION_PREFIX + profile.name,
+                    "--output=/dev/null", "--error=/dev/null", "--chdir=" + workdir] + profile.options + [
+                script, "allocation", profile.name, "none" if profile.idle is None else "%d" % profile.idle]
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      universal_newlines=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                raise Unreachable("Slurm's sbatch did not answer within a minute") from None
+        if done.returncode != 0:
+            said = [line.split("error:", 1)[-1].strip() for line in done.stderr.splitlines() if line.strip()]
+            raise Refused("Slurm refuses an allocation of profile %s: %s" % (
+                profile.name, said[-1] if said else "sbatch failed (exit status %d)" % done.returncode))
+        return done.stdout.strip().split(";")[0]
 
     def close(self):
         for step in list(self.steps):
@@ -6555,6 +6674,311 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------
+# Allocations on demand: `sshjob new PROFILE`, `ssh PROFILE.new.sshjob`.  A
+# profile ([profile NAME] in the configuration) names the scheduler's
+# resource options and how long an allocation may stay idle.  `new` finds
+# the user's live allocation of that profile by its job name and owner,
+# through the scheduler (a second login node finds it too), or submits one,
+# waits for it saying why, and enters it as the client does.  The
+# allocation's batch script is this module (the `allocation` role): it holds
+# the allocation, and gives it back `idle` after its last session ended, so
+# no daemon on the login node is needed and a vanished laptop cannot keep
+# an allocation past its idle time.
+# ---------------------------------------------------------------------------
+
+# A profile's name is an ssh host label (PROFILE.new.sshjob) that no job id and no container prefix can be taken for.
+PROFILE_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+
+DEFAULT_IDLE = "30m"
+
+ALLOCATION_CHECK = 5  # seconds between the holder's looks at the allocation's sessions
+
+END_WARNING = 300  # seconds before its time limit that the allocation's open sessions are warned
+
+# Options of the holder job that are the holder's to choose: a profile that names one is refused.
+HOLDER_OPTIONS = {
+    "--wrap": "the allocation's batch script is sshjob's",
+    "-a": "an allocation is one job, not an array", "--array": "an allocation is one job, not an array",
+    "-H": "an allocation must run when it can", "--hold": "an allocation must run when it can",
+    "-o": "the allocation's output is sshjob's", "--output": "the allocation's output is sshjob's",
+    "-e": "the allocation's output is sshjob's", "--error": "the allocation's output is sshjob's",
+    "-i": "the allocation's input is sshjob's", "--input": "the allocation's input is sshjob's",
+    "-J": "the allocation's name is how sshjob finds it again",
+    "--job-name": "the allocation's name is how sshjob finds it again",
+    "--export": "sessions need the job's environment (leave --export out)",
+    "--parsable": "sshjob reads sbatch's answer itself", "-W": "sshjob waits for the allocation itself",
+    "--wait": "sshjob waits for the allocation itself", "--test-only": "an allocation must be submitted",
+    "-D": "a session's directory is where `sshjob new` runs",
+    "--chdir": "a session's directory is where `sshjob new` runs",
+}
+
+Profile = collections.namedtuple("Profile", "name options idle")
+
+
+def idle_time(text, profile):
+    """Seconds of a profile's `idle` (a bare number is minutes); None for none."""
+    text = text.strip().lower()
+    if text in ("none", "never"):
+        return None
+    seconds = duration(text, bare=60)
+    if seconds is None:
+        raise ConfigError("idle = %r of profile %s is not a duration: e.g. 20m, 90s, 4h, or none" % (text, profile))
+    return seconds
+
+
+def check_profile_name(name):
+    if not PROFILE_NAME.fullmatch(name):
+        raise UsageError("%r is not a profile name: lower-case letters, digits and single dashes, starting with "
+                         "a letter (it is an ssh host name: NAME.new.sshjob)" % name)
+
+
+def holder_option_problem(options):
+    """Why the profile's `options` cannot be the holder job's, or None.  A
+    word that is no option is a value only right after an option that has
+    none of its own (-c 8, not --mem=4G 8)."""
+    takes = False
+    for word in options:
+        name = word.split("=", 1)[0]
+        if not word.startswith("-"):
+            if not takes:
+                return "%r, which is no option: a profile gives options only (the batch script is sshjob's)" % word
+            takes = False
+            continue
+        takes = "=" not in word
+        if name in HOLDER_OPTIONS:
+            return "%s: %s" % (name, HOLDER_OPTIONS[name])
+        if name[:2] != "--" and len(name) > 2 and name[:2] in HOLDER_OPTIONS:  # -afoo, -Jname
+            return "%s: %s" % (name[:2], HOLDER_OPTIONS[name[:2]])
+    return None
+
+
+def find_profile(config, name, options=None):
+    """The profile `name`: the configuration's, or one made on the command
+    line from `options` (a string of the scheduler's options)."""
+    check_profile_name(name)
+    settings = config.profile_options(name)
+    if options is None and settings is None:
+        known = config.profile_names()
+        raise UsageError("there is no profile %r in %s (%s); or give its options: sshjob new --options '...' %s"
+                         % (name, config.path or "the configuration",
+                            "its profiles: " + ", ".join(known) if known else "it has none", name))
+    settings = dict(settings or {})
+    if options is not None:
+        settings["options"] = options
+    try:
+        words = shlex.split(settings.get("options", ""))
+    except ValueError as e:
+        raise ConfigError("the options of profile %s do not parse: %s" % (name, e)) from None
+    problem = holder_option_problem(words)
+    if problem:
+        raise UsageError("profile %s cannot ask for %s" % (name, problem))
+    return Profile(name, words, idle_time(settings.get("idle", DEFAULT_IDLE), name))
+
+
+def describe_duration(seconds):
+    return "%d min" % round(seconds / 60.0) if seconds >= 120 else "%d s" % seconds
+
+
+# -- the client's side ---------------------------------------------------------
+
+
+def allocation_of(site, profile, workdir):
+    """(job, whether it was just submitted): the user's live allocation of
+    `profile`, or a new one.  A lock keeps an editor's several clients on
+    this machine from submitting one each; a second login node's race is
+    settled by keeping the oldest."""
+    with locked(os.path.join(sshjob_home(), ".new-%s.lock" % profile.name)):
+        jobs = site.allocations(profile.name)
+        if jobs:
+            return jobs[0], False
+        job = site.submit_allocation(profile, workdir)
+    oldest = (site.allocations(profile.name) or [job])[0]
+    if oldest != job:
+        site.remove(job)
+        return oldest, False
+    return job, True
+
+
+class Waiter:
+    """This process's wait for a pending allocation, as a shared lock on a
+    file of the user's: when a waiter gives up (Ctrl-C, its ssh client gone)
+    the pending job is removed only if no other waiter holds the lock (an
+    editor waits in several processes at once)."""
+
+    def __init__(self, job):
+        self.path = os.path.join(sshjob_home(), ".waiting-%s" % job)
+        self.lock = open(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # noqa: SIM115
+        fcntl.flock(self.lock, fcntl.LOCK_SH)
+
+    def done(self, *_):
+        """The allocation runs: waiting is over."""
+        if self.lock:
+            self.lock.close()
+            self.lock = None
+
+    def last_to_give_up(self):
+        """Whether no one else waits: then this waiter removes the job."""
+        if not self.lock:
+            return False
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        finally:
+            self.done()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        return True
+
+
+def give_up_pending(site, job, waiter):
+    """The caller stopped waiting for allocation `job`: remove it if it is
+    still pending and nobody else waits for it."""
+    with contextlib.suppress(SshjobError, OSError):
+        if waiter.last_to_give_up() and site.state(job) in ("pending", "idle"):
+            site.remove(job)
+            sys.stderr.write("sshjob: allocation %s removed: it had not started, and nobody else waits for it\n"
+                             % job)
+
+
+NEW_USAGE = """\
+usage: sshjob new [--options OPTIONS] [--scheduler pool|slurm] [-transport t] PROFILE [command...]
+
+Enter the allocation of PROFILE: the one that runs for you, or a new one
+(wait for it, saying why).  Without a command, an interactive shell.  The
+allocation is given back `idle` after its last session ended (sshjob rm
+PROFILE gives it back now).  PROFILE is a [profile NAME] section of the
+configuration; --options makes one on the command line.
+"""
+
+
+def run_new(config_path, argv):
+    """`sshjob new PROFILE [command]`: allocate (or reuse), wait, enter."""
+    options, scheduler, transport = None, None, "auto"
+    while argv[:1] and argv[0].startswith("-"):
+        flag, argv = argv[0], argv[1:]
+        if flag in ("-h", "--help", "-help"):
+            sys.stdout.write(NEW_USAGE)
+            return 0
+        if flag not in ("--options", "--scheduler", "-scheduler", "-transport", "--transport") or not argv:
+            raise UsageError("unknown option %r, or its value is missing\n%s" % (flag, NEW_USAGE.splitlines()[0]))
+        value, argv = argv[0], argv[1:]
+        if flag == "--options":
+            options = value
+        elif flag.endswith("scheduler"):
+            scheduler = value
+        else:
+            transport = value
+    if not argv:
+        raise UsageError("name a profile: %s" % NEW_USAGE.splitlines()[0])
+    config, site, _ = find_site(config_path, ClientOptions(job="", scheduler=scheduler))
+    profile = find_profile(config, argv[0], options)
+    job, fresh = allocation_of(site, profile, os.getcwd())
+    if fresh:
+        sys.stderr.write("sshjob: submitted allocation %s for profile %s\n" % (job, profile.name))
+    waiter = Waiter(job)
+    opts = ClientOptions(job=job, command=argv[1:], auto_retry=True, scheduler=site.name, transport=transport)
+    try:
+        return enter_job(config_path, opts, on_ticket=waiter.done)
+    except (Interrupted, KeyboardInterrupt):
+        give_up_pending(site, job, waiter)
+        raise
+    finally:
+        waiter.done()
+
+
+def give_back(config_path, name):
+    """`sshjob rm PROFILE`: give the user's allocation of PROFILE back now."""
+    check_profile_name(name)
+    _, site, _ = find_site(config_path, ClientOptions(job=""))
+    jobs = site.allocations(name)
+    if not jobs:
+        raise NotFound("you have no allocation of profile %s" % name)
+    for job in jobs:
+        site.remove(job)
+        print("Allocation %s (profile %s) given back." % (job, name))
+    return 0
+
+
+# -- the holder, inside the allocation -----------------------------------------
+
+
+def run_allocation(config_path, argv):
+    """`sshjob allocation PROFILE IDLE`: the allocation's batch script.  It
+    holds the allocation while sessions come and go, says its state in the
+    job's comment (which `q` shows), warns open sessions before the time
+    limit, and ends, which gives the allocation back, `idle` seconds after
+    the last session ended (IDLE "none": at the time limit)."""
+    if len(argv) != 2:
+        raise UsageError("usage: sshjob allocation PROFILE IDLE (an allocation's batch script; sshjob new submits it)")
+    profile, idle = argv[0], None if argv[1] == "none" else float(argv[1])
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        raise UsageError("sshjob allocation runs as an allocation's batch script (sshjob new submits it)")
+    ends = slurm_end_time(job)
+    quiet_since, said, warned = time.time(), None, False
+    while True:
+        sessions = slurm_sessions(job)
+        now = time.time()
+        quiet_since = None if sessions else max(quiet_since or now, last_session_end(job))
+        state = "%d session(s)" % len(sessions) if sessions else "idle since %s" % time.strftime(
+            "%H:%M:%S", time.localtime(quiet_since))
+        state += "; given back %s" % ("at the time limit" if idle is None else "after %s idle" % describe_duration(
+            idle))
+        if state != said:
+            with contextlib.suppress(SshjobError):
+                run_slurm(job, "scontrol", "update", "JobId=" + job, "Comment=sshjob new %s: %s" % (profile, state))
+            said = state
+        if quiet_since is not None and idle is not None and now - quiet_since >= idle:
+            return 0
+        if sessions and ends and not warned and ends - now <= END_WARNING:
+            warn_sessions(job, "sshjob: allocation %s (profile %s) ends at %s, its time limit: save your work"
+                          % (job, profile, time.strftime("%H:%M", time.localtime(ends))))
+            warned = True
+        time.sleep(ALLOCATION_CHECK)
+
+
+def slurm_sessions(job):
+    """The steps of `job` that are sessions: all but its batch and extern steps."""
+    steps = run_slurm(job, "squeue", "--noheader", "--steps", "--jobs", job, "--format=%i").split()
+    return [step for step in steps if step.split(".")[-1] not in ("batch", "extern", "interactive")]
+
+
+def last_session_end(job):
+    try:
+        return os.stat(session_activity(job) or "").st_mtime
+    except OSError:
+        return 0.0
+
+
+def slurm_end_time(job):
+    """When `job` reaches its time limit, in seconds since the epoch, or None."""
+    jobs = slurm_jobs(job)
+    end = jobs[0].get("EndTime", "") if jobs else ""
+    try:
+        return time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def warn_sessions(job, message):
+    """Write `message` on the terminals of the job's sessions on this node."""
+    terminals = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if process_environment(int(entry)).get("SLURM_JOB_ID") == job:
+                target = os.readlink("/proc/%s/fd/0" % entry)
+                if target.startswith("/dev/pts/"):
+                    terminals.add(target)
+    for terminal in terminals:
+        with contextlib.suppress(OSError), open(terminal, "w") as f:
+            f.write("\r\n%s\r\n" % message)
+
+
+# ---------------------------------------------------------------------------
 # Jobs as ssh hosts: `ssh 1.0.sshjob`, for every ssh tool.  One Host block
 # (sshjob ssh-config) makes each name under .sshjob a job, and under
 # .slurm.sshjob a Slurm job.  Its ProxyCommand, `sshjob proxy %h %r`, gets a
@@ -6568,32 +6992,12 @@ HOST_SUFFIX = ".sshjob"
 
 CONTAINER_SEPARATOR = "--"  # between a container's name and the job in a host name: analysis--1.0.sshjob
 
+NEW_SITE = "new"  # PROFILE.new.sshjob: the user's allocation of PROFILE (sshjob new)
+
 
 BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts (sshjob ssh-config --install) >>>"
 
 BLOCK_END = "# <<< sshjob <<<"
-
-
-def sshjob_home():
-    """The user's private sshjob directory (the persistent key, known_hosts)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    path = os.path.join(base, "sshjob")
-    try:
-        os.makedirs(path, 0o700, exist_ok=True)
-        if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o700)
-    except OSError as e:
-        raise ConfigError("cannot make %s for the key and known hosts of jobs as ssh hosts (%s): set HOME, or "
-                          "XDG_DATA_HOME, to a directory of yours" % (path, e.strerror)) from None
-    return path
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock on `path` (made if missing): ssh may run several proxies at once."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def persistent_key(config):
@@ -6641,7 +7045,7 @@ def job_of_host(host):
                          "CONTAINER--1.0.sshjob)" % host)
     container, _, name = host[:-len(HOST_SUFFIX)].rpartition(CONTAINER_SEPARATOR)
     job, _, site = name.rpartition(".")
-    return (site, job, container or "auto") if site in SITES else (None, name, container or "auto")
+    return (site, job, container or "auto") if site in SITES or site == NEW_SITE else (None, name, container or "auto")
 
 
 PROXY_USAGE = "usage: sshjob proxy [--relay] [--key TYPE:BASE64] HOST USER (a Host block of sshjob ssh-config runs it)"
@@ -6674,13 +7078,25 @@ def run_proxy(config_path, argv):
 
 def proxy_connection(config_path, host, user, key, relay):
     scheduler, job_id, container = job_of_host(host)
+    waiter = None
+    if scheduler == NEW_SITE:  # the allocation of a profile: found or made, and waited for, saying why on stderr
+        job_id, waiter = allocation_for_proxy(config_path, job_id)
+        scheduler = None
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
     request = SessionRequest(job_id, key=key or read_public_key(persistent_key(config)), transport="openssh",
                              shells=offered_shells(None), container=container,
                              holder=token_hex(32))  # no holder is ever shown: a random one stands for its hash
     try:
-        ticket = site.ticket(request)
+        if waiter:
+            try:
+                ticket = wait_for_ticket(site, request, auto_retry=True)
+            except (Interrupted, KeyboardInterrupt):
+                give_up_pending(site, job, waiter)
+                raise
+            waiter.done()
+        else:
+            ticket = site.ticket(request)
         if user != ticket.user:
             raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
                 job, ticket.user, ticket.user, ticket.user, host))
@@ -6696,6 +7112,16 @@ def proxy_connection(config_path, host, user, key, relay):
         else:
             hand_over(sock, "job %s" % job)
     return 0  # the site is not closed: a Slurm step lives on with the session
+
+
+def allocation_for_proxy(config_path, profile_name):
+    """(job, Waiter) of the user's allocation of a profile, for PROFILE.new.sshjob."""
+    config, site, _ = find_site(config_path, ClientOptions(job=""))
+    profile = find_profile(config, profile_name)
+    job, fresh = allocation_of(site, profile, os.path.expanduser("~"))
+    if fresh:
+        sys.stderr.write("sshjob: submitted allocation %s for profile %s\n" % (job, profile.name))
+    return "%s:%s" % (site.name, job), Waiter(job)
 
 
 def run_known_hosts(config_path, argv):
@@ -7068,6 +7494,8 @@ def run_action(action, config_path, argv):
     parser = argparse.ArgumentParser(prog="sshjob " + action)
     parser.add_argument("jobs", nargs="+", metavar="JOB")
     args = parser.parse_args(argv)
+    if action == "rm" and len(args.jobs) == 1 and PROFILE_NAME.fullmatch(args.jobs[0]):
+        return give_back(config_path, args.jobs[0])
     schedd = schedd_of(config_path)
     for text in args.jobs:
         parse_job_id(text)
@@ -7255,9 +7683,6 @@ def run_init(config_path, argv):
     return 0
 
 
-DURATION = re.compile(r"(\d+)([smhd]?)")
-
-
 def run_token(config_path, argv):
     import argparse
     parser = argparse.ArgumentParser(
@@ -7279,10 +7704,10 @@ def run_token(config_path, argv):
             tokens.revoke(args.subject)
             print("Every token of %s issued until now is revoked." % args.subject)
             return 0
-        match = DURATION.fullmatch(args.expires)
-        if not match:
+        lifetime = duration(args.expires)
+        if lifetime is None:
             raise UsageError("--expires %r is not a duration such as 3600, 90m, 12h or 30d" % args.expires)
-        lifetime = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        lifetime = int(lifetime)
         if args.subject == "starter":
             if not args.name:
                 raise UsageError("a starter's token speaks for one starter: add --name and the starter's "
@@ -7317,6 +7742,8 @@ roles:
   status [--json]                  the pool's starters: slots, last heard from, problems
   rm | suspend | continue | vacate | hold | release JOB...
   submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
+  new [--options O] PROFILE [cmd]  enter your allocation of PROFILE, made if you have none (Slurm)
+  rm PROFILE                       give that allocation back now
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
   init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
   token create --for USER | --for starter --name NAME   an identity token for them
@@ -7330,6 +7757,7 @@ roles:
   known-hosts HOST                 a job's pinned host key (a laptop's KnownHostsCommand)
   bridge DESK                      ssh's ProxyCommand (the client starts it)
   slurm-step                       a session's step on a Slurm node (srun starts it)
+  allocation PROFILE IDLE          an allocation's batch script (sshjob new submits it)
 
 The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
 %s.
@@ -7356,7 +7784,7 @@ def dispatch(config_path, debug, role, rest):
         return run_client(config_path, rest)
     simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
               "init": run_init, "token": run_token, "status": run_status, "ssh-config": run_ssh_config,
-              "proxy": run_proxy, "known-hosts": run_known_hosts}
+              "proxy": run_proxy, "known-hosts": run_known_hosts, "new": run_new, "allocation": run_allocation}
     if role in simple:
         return simple[role](config_path, rest)
     if role in JOB_ACTIONS:

@@ -1,0 +1,199 @@
+"""End to end: allocations on demand, `sshjob new PROFILE` (issue 24).
+
+Against the tests' real single-node Slurm, as ordinary users: a profile in
+the configuration sshjob reads; `new` submits the allocation (its batch
+script is sshjob), waits saying why, enters it; a second `new`, `ssh
+PROFILE.new.sshjob` and another $HOME land in the same job; the allocation
+is given back when idle, and what its sessions left running ends with it;
+Ctrl-C while it waits removes it unless another client still waits."""
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+from conftest import ALICE, BOB, Terminal, run, wait_for
+
+pytestmark = pytest.mark.xdist_group("slurm")
+
+WHOLE_NODE = "32"  # the tests' Slurm node has 32 CPUs: a job of them all makes the next one wait
+
+
+@pytest.fixture(scope="module")
+def site(cluster):
+    """The cluster, with a configuration of profiles that alice and bob read."""
+    config = os.path.join(cluster.dir, "new.conf")
+    with open(config, "w") as f:
+        f.write("[sshjob]\nscheduler = slurm\n\n"
+                "[profile quick]\noptions = -c 1 --time=00:20:00\nidle = 15s\n\n"
+                "[profile short]\noptions = -c 1 --time=00:02:00\nidle = none\n\n"
+                "[profile nowhere]\noptions = --partition=nosuchpartition\n\n"
+                "[profile wrapped]\noptions = -c 1 --wrap 'sleep 1'\n")
+    os.chmod(config, 0o644)
+    cluster.config = config
+    yield cluster
+    run(["scancel", "--user", ALICE])
+    run(["scancel", "--user", BOB])
+
+
+def new(site, *args, user=ALICE, home=None, cwd="/", **kwargs):
+    env = {"SSHJOB_CONFIG": site.config}
+    if home:
+        env["HOME"] = home
+    return site.sshjob("new", *args, user=user, env=env, scheduler=None, cwd=cwd, timeout=120, **kwargs)
+
+
+def started(site, *args, user=ALICE, errors=None):
+    """`sshjob new ARGS`, running in a session of its own (Ctrl-C goes to its group)."""
+    argv = site.argv("new", *args, user=user, env={"SSHJOB_CONFIG": site.config}, scheduler=None)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, cwd="/", universal_newlines=True,
+                            start_new_session=True)
+
+
+def allocations(user=ALICE, name="quick"):
+    said = run(["squeue", "--noheader", "--user", user, "--name", "sshjob-new-" + name, "--format=%i %T"]).stdout
+    return [line.split() for line in said.splitlines()]
+
+
+def filled(site):
+    """A job of bob's that takes the whole node: the next job waits (Resources)."""
+    job = site.sbatch("-c", WHOLE_NODE, user=BOB)
+    site.wait_running(job)
+    return job
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_new_enters_reuses_and_gives_back_when_idle(site):
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    workdir = site.workdir()
+    first = new(site, "quick", "echo $SLURM_JOB_ID; pwd; exit 3", cwd=workdir)
+    assert first.returncode == 3, first.stderr
+    job, where = first.stdout.split()
+    assert where == workdir
+    assert "submitted allocation %s for profile quick" % job in first.stderr
+    again = new(site, "quick", "echo $SLURM_JOB_ID")
+    assert (again.returncode, again.stdout) == (0, job + "\n"), again.stderr
+    assert "submitted" not in again.stderr
+    config = os.path.join(site.dir, "alice-ssh-config")
+    block = site.sshjob("ssh-config", env={"SSHJOB_CONFIG": site.config}, scheduler=None)
+    with open(config, "w") as f:
+        f.write(block.stdout)
+    os.chmod(config, 0o644)
+    by_name = run(["runuser", "-u", ALICE, "--", "ssh", "-F", config, "quick.new.sshjob", "echo $SLURM_JOB_ID"],
+                  cwd="/")
+    assert by_name.stdout == job + "\n", by_name.stderr
+    queue = site.sshjob("q", env={"SSHJOB_CONFIG": site.config}, scheduler=None)
+    assert "sshjob new quick: " in queue.stdout and "given back after 15 s idle" in queue.stdout, queue.stdout
+    wait_for(lambda: not allocations(), timeout=90, what="the idle allocation to be given back")
+
+
+def test_another_home_finds_the_allocation_and_another_user_does_not(site):
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    first = new(site, "quick", "echo $SLURM_JOB_ID")
+    assert first.returncode == 0, first.stderr
+    home = tempfile.mkdtemp(prefix="second-login-home-")  # empty: no state of the first login's
+    record = pwd.getpwnam(ALICE)
+    os.chown(home, record.pw_uid, record.pw_gid)
+    try:
+        second = new(site, "quick", "echo $SLURM_JOB_ID", home=home)
+        assert second.stdout == first.stdout and "submitted" not in second.stderr, second.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    bobs = new(site, "quick", "echo $SLURM_JOB_ID; id -un", user=BOB)
+    assert bobs.returncode == 0, bobs.stderr
+    assert bobs.stdout.split() != [first.stdout.strip(), BOB] and bobs.stdout.split()[1] == BOB
+    gave = site.sshjob("rm", "quick", env={"SSHJOB_CONFIG": site.config}, scheduler=None)
+    assert gave.returncode == 0 and gave.stdout == "Allocation %s (profile quick) given back.\n" % first.stdout.strip()
+    wait_for(lambda: not allocations(), what="alice's allocation to go")
+    assert allocations(BOB), "bob's allocation is his, and stays"
+    run(["scancel", "--user", BOB, "--name", "sshjob-new-quick"])
+
+
+def test_a_pending_allocation_says_why_and_opens_when_it_runs(site):
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    filler = filled(site)
+    errors = os.path.join(site.dir, "pending.err")
+    with open(errors, "w") as sink:
+        client = started(site, "quick", "echo ran in $SLURM_JOB_ID", errors=sink)
+    try:
+        wait_for(lambda: "is pending in Slurm (Resources" in read(errors), timeout=60, what="the reason it waits")
+        assert "waiting (" in read(errors)
+        run(["scancel", filler])
+        out, _ = client.communicate(timeout=90)
+        assert client.returncode == 0, read(errors)
+        assert out.startswith("ran in ")
+    finally:
+        client.kill()
+        run(["scancel", filler])
+
+
+def test_ctrl_c_while_pending_removes_it_only_when_nobody_else_waits(site):
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    filler = filled(site)
+    logs = [os.path.join(site.dir, "waiter-%d.err" % n) for n in (1, 2)]
+    try:
+        with open(logs[0], "w") as first_log:
+            first = started(site, "quick", "true", errors=first_log)
+        wait_for(lambda: "waiting (" in read(logs[0]), timeout=60, what="the first client to wait")
+        with open(logs[1], "w") as second_log:
+            second = started(site, "quick", "true", errors=second_log)
+        wait_for(lambda: "waiting (" in read(logs[1]), timeout=60, what="the second client to wait")
+        job = allocations()[0][0]
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(timeout=30) == 130
+        assert "removed" not in read(logs[0])
+        assert allocations() == [[job, "PENDING"]]  # the second client still waits for it
+        os.killpg(second.pid, signal.SIGINT)
+        assert second.wait(timeout=30) == 130
+        assert "allocation %s removed: it had not started, and nobody else waits for it" % job in read(logs[1])
+        wait_for(lambda: not allocations(), what="the pending allocation to go")
+    finally:
+        run(["scancel", filler])
+
+
+def test_open_sessions_are_warned_before_the_time_limit(site):
+    """A profile with a two-minute limit: its session hears, on its terminal,
+    that the allocation ends soon (the warning comes five minutes ahead)."""
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-short"])
+    terminal = Terminal(site.argv("new", "short", user=ALICE, env={"SSHJOB_CONFIG": site.config}, scheduler=None))
+    try:
+        terminal.expect("$", timeout=60)
+        terminal.expect("its time limit: save your work", timeout=30)
+        terminal.send("exit\r")
+    finally:
+        terminal.close()
+        run(["scancel", "--user", ALICE, "--name", "sshjob-new-short"])
+
+
+def test_bad_profiles_and_refusals_are_one_sentence_each(site):
+    env = {"SSHJOB_CONFIG": site.config}
+    said = {}
+    for args in (["nosuch"], ["GPU_1"], ["wrapped"], ["nowhere"], ["--options", "--array=1-3", "adhoc"]):
+        result = site.sshjob("new", *args, "true", env=env, scheduler=None)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        said[args[-1]] = result.stderr
+    assert said["nosuch"].startswith("sshjob: there is no profile 'nosuch' in %s (its profiles: nowhere, quick, "
+                                     "short, wrapped)" % site.config)
+    assert "'GPU_1' is not a profile name" in said["GPU_1"]
+    assert said["wrapped"] == "sshjob: profile wrapped cannot ask for --wrap: the allocation's batch script is " \
+                              "sshjob's\n"
+    assert said["nowhere"].startswith("sshjob: Slurm refuses an allocation of profile nowhere: ")
+    assert "partition" in said["nowhere"].lower()
+    assert "cannot ask for --array" in said["adhoc"]
+    none = site.sshjob("rm", "short", env=env, scheduler=None)
+    assert (none.returncode, none.stderr) == (1, "sshjob: you have no allocation of profile short\n")
+
+
+def test_a_profile_made_on_the_command_line(site):
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-scratch"])
+    result = new(site, "--options", "--time=00:05:00 -c 2", "scratch", "echo $SLURM_CPUS_ON_NODE")
+    assert (result.returncode, result.stdout) == (0, "2\n"), result.stderr
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-scratch"])
