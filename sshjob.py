@@ -4796,6 +4796,8 @@ def start_guardian(tag, tmp):
 
 JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
 
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
 
 def private_node_directory():
     """The user's own private directory in this node's temporary directory
@@ -4816,6 +4818,30 @@ def session_activity(job):
     so that no session is missed between two of its looks."""
     base = private_node_directory()
     return base and os.path.join(base, "activity-%s" % job)
+
+
+def held_marker(job, step):
+    """The file that says step `step` of `job` holds what a session left running, and no session."""
+    base = private_node_directory()
+    return base and step and os.path.join(base, "held-%s.%s" % (job, step))
+
+
+def become_subreaper():
+    """Whether this process is now its descendants' reaper (Linux 3.4):
+    what they leave running when their parent exits stays its own."""
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def any_children():
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def mark_session_end(job):
@@ -4863,6 +4889,7 @@ class NodeStep:
         self.keep = job_key_directory(self.job_id, request.get("started"))
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
         start_guardian(self.tag, self.tmp)
+        self.subreaper = become_subreaper()  # after the guardian, which must not be ours to wait for
         self.making = self.host_key = None  # made while the job's context is read: an OpenSSH session needs it
         if request.get("transport") != "builtin":
             with contextlib.suppress(MissingProgram):  # transport() says so, and chooses the built-in one
@@ -5073,6 +5100,32 @@ class NodeStep:
         return self.host.run_builtin(self.context, channel, session, self.shells,
                                      accepted=lambda: send_msg(channel, {"ok": True}))
 
+    def hold_leftovers(self):
+        """Stay, as the step, while what the session left running lives
+        (tmux, nohup, an editor's server): the step's subreaper, it keeps
+        them in the step, where Slurm suspends and ends them with the job,
+        as a pool keeps them in the job.  srun's pipes are let go first, so
+        that the client's srun sees the session's end; a marker says that
+        the step holds no session (an allocation's idle clock)."""
+        if not self.subreaper or not any_children():
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        marker = held_marker(self.job_id, os.environ.get("SLURM_STEP_ID", ""))
+        if marker:
+            with contextlib.suppress(OSError):
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        try:
+            with contextlib.suppress(ChildProcessError):
+                while True:
+                    os.waitpid(-1, 0)
+        finally:
+            if marker:
+                with contextlib.suppress(OSError):
+                    os.unlink(marker)
+
     def serve(self, channel):
         self.transport_name, self.why = self.transport()
         if self.transport_name == "openssh":
@@ -5094,7 +5147,10 @@ def run_slurm_step(config_path):
         if request.get("op") != "session":
             raise ProtocolError("a step's first message must ask for a session")
         step = NodeStep(config, request)
-        return step.serve(channel)
+        status = step.serve(channel)
+        mark_session_end(step.job_id)
+        step.hold_leftovers()
+        return status
     except Exception as e:  # whatever it is, the client hears it as one sentence
         error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
         with contextlib.suppress(OSError):
@@ -5104,7 +5160,6 @@ def run_slurm_step(config_path):
     finally:
         if step:  # the guardian would too, but a cgroup may end it with the step
             shutil.rmtree(step.tmp, ignore_errors=True)
-            mark_session_end(step.job_id)
 
 
 # ---------------------------------------------------------------------------
@@ -6940,9 +6995,11 @@ def run_allocation(config_path, argv):
 
 
 def slurm_sessions(job):
-    """The steps of `job` that are sessions: all but its batch and extern steps."""
+    """The steps of `job` that are sessions: all but its batch and extern steps, and those that hold
+    only what a session left running (NodeStep.hold_leftovers) on this node."""
     steps = run_slurm(job, "squeue", "--noheader", "--steps", "--jobs", job, "--format=%i").split()
-    return [step for step in steps if step.split(".")[-1] not in ("batch", "extern", "interactive")]
+    return [step for step in steps if step.split(".")[-1] not in ("batch", "extern", "interactive")
+            and not os.path.exists(held_marker(job, step.split(".")[-1]) or "")]
 
 
 def last_session_end(job):

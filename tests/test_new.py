@@ -78,7 +78,7 @@ def test_new_enters_reuses_and_gives_back_when_idle(site):
     job, where = first.stdout.split()
     assert where == workdir
     assert "submitted allocation %s for profile quick" % job in first.stderr
-    again = new(site, "quick", "echo $SLURM_JOB_ID")
+    again = new(site, "quick", "echo $SLURM_JOB_ID; setsid sleep 4321 < /dev/null > /dev/null 2>&1 &")
     assert (again.returncode, again.stdout) == (0, job + "\n"), again.stderr
     assert "submitted" not in again.stderr
     config = os.path.join(site.dir, "alice-ssh-config")
@@ -91,7 +91,10 @@ def test_new_enters_reuses_and_gives_back_when_idle(site):
     assert by_name.stdout == job + "\n", by_name.stderr
     queue = site.sshjob("q", env={"SSHJOB_CONFIG": site.config}, scheduler=None)
     assert "sshjob new quick: " in queue.stdout and "given back after 15 s idle" in queue.stdout, queue.stdout
+    assert run(["pgrep", "-u", ALICE, "-f", "^sleep 4321"]).returncode == 0  # left running: lives in the job
     wait_for(lambda: not allocations(), timeout=90, what="the idle allocation to be given back")
+    wait_for(lambda: run(["pgrep", "-u", ALICE, "-f", "^sleep 4321"]).returncode == 1, timeout=30,
+             what="what a session left running to end with the allocation, which it did not keep")
 
 
 def test_another_home_finds_the_allocation_and_another_user_does_not(site):

@@ -313,6 +313,32 @@ def test_scancel_ends_double_forked_session_processes_and_suspend_stops_them(clu
             os.kill(pid, signal.SIGKILL)
 
 
+def test_what_a_session_leaves_running_lives_on_with_the_job(cluster):
+    """tmux started in one session is there for the next (as in a pool),
+    stops when Slurm suspends the job and ends with it."""
+    job = cluster.running()
+    socket_dir = "/tmp/tmux-%d" % pwd.getpwnam(ALICE).pw_uid
+    first = cluster.sshjob("client", job, "tmux new -d -s keep 'sleep 7771'; echo started")
+    assert (first.returncode, first.stdout) == (0, "started\n"), first.stderr
+    try:
+        server = pids_of("sleep 7771")
+        assert server, "the session's tmux ended with the session"
+        later = cluster.sshjob("client", "-transport", "builtin", job,
+                               "tmux send-keys -t keep 'echo typed-later' Enter; sleep 0.5; "
+                               "tmux capture-pane -p -t keep | grep -c typed-later")
+        assert later.returncode == 0 and later.stdout.strip() in ("1", "2"), later.stdout + later.stderr
+        run(["scontrol", "suspend", job])
+        wait_for(lambda: state_of(server[0]) == "T", 10, "the session's leftovers to stop with the job")
+        run(["scontrol", "resume", job])
+        wait_for(lambda: state_of(server[0]) in ("R", "S"), 10, "the leftovers to continue with the job")
+        run(["scancel", job])
+        wait_for(lambda: not pids_of("sleep 7771"), 20, "the leftovers to end with the job")
+    finally:
+        for pid in pids_of("sleep 7771"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
 # -- the program reaches the node by itself -------------------------------------------
 
 
