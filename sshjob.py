@@ -217,6 +217,8 @@ PIDS_VAR = "_SSHJOB_JOB_PIDS"
 
 SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only
 
+TALLY_VAR = "SSHJOB_SESSIONS"  # a pool job's file of its live sessions (SessionHost.count_sessions)
+
 PACKAGES = {
     "ssh": "openssh-client",
     "scp": "openssh-client",
@@ -1215,12 +1217,14 @@ def open_log(path, mode="a"):
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), mode)
 
 
-def write_atomically(path, text):
+def write_atomically(path, text, mode=0o600):
     """Replace a file of the daemon's own in one step."""
     import tempfile
     fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
             f.write(text)
         os.replace(temporary, path)
     except BaseException:
@@ -3039,9 +3043,10 @@ class SessionHost:
     sshd gets no terminal for an ordinary user (`terminal_problem`)."""
 
     def __init__(self, config, files, host_key, family=None, become=lambda: None, file_owner=None,
-                 terminals=None, sshd_log=None, terminal_problem=None, memory=None):
+                 terminals=None, sshd_log=None, terminal_problem=None, memory=None, tally=None):
         self.config = config
         self.memory = memory  # a file that names the payload that the job's sessions last entered
+        self.tally = tally  # a file that says how many sessions live and when the last one ended, for the job
         self.files = files
         self.host_key = host_key
         self.family = family
@@ -3242,6 +3247,15 @@ class SessionHost:
             self.family.leaders.append(proc)
         with self.changed:
             self.sessions.add(proc)
+            self.count_sessions()
+
+    def count_sessions(self):
+        """Say in the tally file, which the job may read (an allocation's
+        holder does), how many sessions live and when the last one ended."""
+        if self.tally:
+            with contextlib.suppress(OSError):
+                write_atomically(self.tally, json.dumps({"live": len(self.sessions), "ended": time.time()}),
+                                 mode=0o644)
 
     def end(self, proc, sdir=None):
         """Wait for a session's process; then it is gone, and its files."""
@@ -3252,6 +3266,7 @@ class SessionHost:
             self.family.leaders.remove(proc)  # reaped: its pid may be anyone's soon
         with self.changed:
             self.sessions.discard(proc)
+            self.count_sessions()
             self.changed.notify_all()
         log.debug("a session ended (pid %d)", proc.pid)
 
@@ -4057,7 +4072,7 @@ class Job:
             env.setdefault("LOGNAME", self.owner.pw_name)
             env.setdefault("PATH", os.defpath)
             env.update({TAG_VAR: tag, "SSHJOB_JOB_ID": self.name, "SSHJOB_NODE": socket.gethostname(),
-                        "SSHJOB_NODE_INDEX": str(self.node)})
+                        "SSHJOB_NODE_INDEX": str(self.node), TALLY_VAR: os.path.join(self.dir, "sessions")})
             # The job's shell says on a pipe (its stderr, until the job's command has its own) why it could not
             # start, if it could not: its working directory, its output files.
             self.why, says = os.pipe()
@@ -4077,7 +4092,9 @@ class Job:
         self.family.leaders.append(self.process)
         self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
                                 self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"),
-                                self.starter.pty_problem, os.path.join(self.dir, "payload"))
+                                self.starter.pty_problem, os.path.join(self.dir, "payload"),
+                                os.path.join(self.dir, "sessions"))
+        self.host.count_sessions()
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
     def discard(self):
@@ -5247,11 +5264,11 @@ class Site:
 
     def allocations(self, profile):
         """The user's live allocations of profile `profile` (sshjob new), oldest first."""
-        raise UsageError("allocations on demand (sshjob new) need Slurm: a %s site has none yet" % self.name)
+        raise UsageError("allocations on demand (sshjob new) are not made for a %s site" % self.name)
 
     def submit_allocation(self, profile, workdir):
         """A new allocation of `profile` (a Profile), its sessions in `workdir`: its job."""
-        raise UsageError("allocations on demand (sshjob new) need Slurm: a %s site has none yet" % self.name)
+        raise UsageError("allocations on demand (sshjob new) are not made for a %s site" % self.name)
 
     def close(self):
         """End what the site started for the job and no session holds."""
@@ -5352,6 +5369,34 @@ class PoolSite(Site):
     def remove(self, job):
         self.schedd.call({"op": "rm", "job": job})
 
+    def allocations(self, profile):
+        me = pwd.getpwuid(os.getuid()).pw_name
+        return [row["id"] for row in self.rows() if row["owner"] == me and allocation_profile(row["cmd"]) == profile
+                and row["state"] in ACTIVE_STATES + ("idle",)]
+
+    def submit_allocation(self, profile, workdir):
+        """A pool job whose command is this module's `allocation` role, on
+        --nodes nodes, with --env variables: a pool's profile knows no others."""
+        nodes, env = 1, {"PATH": os.environ.get("PATH", os.defpath)}
+        words = list(profile.options)
+        while words:
+            word = words.pop(0)
+            name, _, value = word.partition("=")
+            if name in ("--nodes", "-N", "--env") and not value and words:
+                value = words.pop(0)
+            if name in ("--nodes", "-N") and value.isdigit() and int(value) > 0:
+                nodes = int(value)
+            elif name == "--env" and "=" in value:
+                env[value.partition("=")[0]] = value.partition("=")[2]
+            else:
+                raise UsageError("profile %s: a pool's allocation takes --nodes N and --env NAME=VALUE, not %r"
+                                 % (profile.name, word))
+        cmd = [sys.executable, os.path.abspath(sys.argv[0]), "allocation", profile.name,
+               "none" if profile.idle is None else "%ds" % profile.idle]
+        reply = self.schedd.call({"op": "submit", "cmd": cmd, "env": env, "workdir": workdir, "count": 1,
+                                  "nodes": nodes, "output": "/dev/null", "error": "/dev/null"})
+        return job_name(reply["cluster"], 0)
+
     def queue(self, everyone=False):
         table = [("ID", "OWNER", "STATE", "NODE", "COMMAND")]
         for row in self.rows(everyone):
@@ -5359,9 +5404,16 @@ class PoolSite(Site):
             if state == "completed":
                 state = "completed (%s)" % row["exit_status"]
             command = " ".join(shlex.quote(a) for a in row["cmd"])
+            if allocation_profile(row["cmd"]):
+                command = "sshjob new %s" % allocation_profile(row["cmd"])
             table.append((row["id"], row["owner"], state, row["starter"] or "-",
                           command + ("  [%s]" % row["note"] if row["note"] else "")))
         return table
+
+
+def allocation_profile(cmd):
+    """The profile of a pool job that is an allocation (sshjob new), else None."""
+    return cmd[-2] if len(cmd) >= 3 and cmd[-3] == "allocation" else None
 
 
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")  # sbatch only for sshjob new
@@ -6455,6 +6507,17 @@ def session_end(news):
     return field(news, "status", int)
 
 
+def sent(sock, kind, payload):
+    """Whether a frame reached the job.  A session that has ended, its last
+    frames on their way, no longer reads what the client sends: the client
+    goes on reading, to the exit frame."""
+    try:
+        send_frame(sock, kind, payload)
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+
+
 def relay_to_job(sock, interactive, streams):
     """The client's half: stdin to the job, its output to stdout and stderr
     (`streams`, three fds), window changes on a terminal; returns the remote
@@ -6480,14 +6543,14 @@ def relay_to_job(sock, interactive, streams):
                     write_all(stdout if kind == STDOUT else stderr, payload)
                 elif source == stdin:
                     data = os.read(stdin, MAX_CHUNK)
-                    send_frame(sock, STDIN if data else STDIN_EOF, data)
-                    if not data:
+                    if not data or not sent(sock, STDIN if data else STDIN_EOF, data):
                         inputs.remove(stdin)
+                        sent(sock, STDIN_EOF, b"")
                 else:
                     os.read(wakeup_read, 512)
                     if resized:
                         del resized[:]
-                        send_frame(sock, RESIZE, WINSIZE.pack(*window_size(stdin)))
+                        sent(sock, RESIZE, WINSIZE.pack(*window_size(stdin)))
     finally:
         if interactive:
             signal.set_wakeup_fd(-1)
@@ -6960,30 +7023,42 @@ def give_back(config_path, name):
 
 
 def run_allocation(config_path, argv):
-    """`sshjob allocation PROFILE IDLE`: the allocation's batch script.  It
-    holds the allocation while sessions come and go, says its state in the
-    job's comment (which `q` shows), warns open sessions before the time
-    limit, and ends, which gives the allocation back, `idle` seconds after
-    the last session ended (IDLE "none": at the time limit)."""
-    if len(argv) != 2:
+    """`sshjob allocation PROFILE IDLE`: the allocation's batch script (a
+    pool job's command).  It holds the allocation while sessions come and
+    go, says its state (in a Slurm job's comment, which `q` shows), warns
+    open sessions before the time limit, and ends, which gives the
+    allocation back, `idle` seconds after the last session ended (IDLE
+    "none": at the time limit)."""
+    if len(argv) != 2 or not (argv[1] == "none" or duration(argv[1]) is not None):
         raise UsageError("usage: sshjob allocation PROFILE IDLE (an allocation's batch script; sshjob new submits it)")
-    profile, idle = argv[0], None if argv[1] == "none" else float(argv[1])
+    profile, idle = argv[0], None if argv[1] == "none" else duration(argv[1])
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
+    if job:
+        ends = slurm_end_time(job)
+        census = lambda: (len(slurm_sessions(job)), last_session_end(job))  # noqa: E731
+        publish = lambda state: run_slurm(job, "scontrol", "update", "JobId=" + job,  # noqa: E731
+                                          "Comment=sshjob new %s: %s" % (profile, state))
+    elif os.environ.get(TALLY_VAR):
+        job, ends, publish = os.environ.get("SSHJOB_JOB_ID", "?"), None, lambda state: None
+        census = functools.partial(pool_sessions, os.environ[TALLY_VAR])
+    else:
         raise UsageError("sshjob allocation runs as an allocation's batch script (sshjob new submits it)")
-    ends = slurm_end_time(job)
+    return hold_allocation(job, profile, idle, ends, census, publish)
+
+
+def hold_allocation(job, profile, idle, ends, census, publish):
     quiet_since, said, warned = time.time(), None, False
     while True:
-        sessions = slurm_sessions(job)
+        sessions, last_end = census()
         now = time.time()
-        quiet_since = None if sessions else max(quiet_since or now, last_session_end(job))
-        state = "%d session(s)" % len(sessions) if sessions else "idle since %s" % time.strftime(
+        quiet_since = None if sessions else max(quiet_since or now, last_end)
+        state = "%d session(s)" % sessions if sessions else "idle since %s" % time.strftime(
             "%H:%M:%S", time.localtime(quiet_since))
         state += "; given back %s" % ("at the time limit" if idle is None else "after %s idle" % describe_duration(
             idle))
         if state != said:
             with contextlib.suppress(SshjobError):
-                run_slurm(job, "scontrol", "update", "JobId=" + job, "Comment=sshjob new %s: %s" % (profile, state))
+                publish(state)
             said = state
         if quiet_since is not None and idle is not None and now - quiet_since >= idle:
             return 0
@@ -6992,6 +7067,16 @@ def run_allocation(config_path, argv):
                           % (job, profile, time.strftime("%H:%M", time.localtime(ends))))
             warned = True
         time.sleep(ALLOCATION_CHECK)
+
+
+def pool_sessions(tally):
+    """(live sessions, when the last one ended) of this pool job, as its starter tallies them."""
+    try:
+        with open(tally) as f:
+            said = json.load(f)
+        return int(said["live"]), float(said["ended"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0.0
 
 
 def slurm_sessions(job):
@@ -7074,6 +7159,15 @@ def persistent_key(config):
     return path
 
 
+def pinned_keys(config_path):
+    """sshjob's known_hosts for the jobs of one configuration: job names are
+    a pool's own, and another pool's job 1.0 has another key."""
+    import hashlib
+    if not config_path:
+        return os.path.join(sshjob_home(), "known_hosts")
+    return os.path.join(sshjob_home(), "known_hosts-%s" % hashlib.sha256(config_path.encode()).hexdigest()[:16])
+
+
 def remember_host_key(path, host, key):
     """Pin `key` as the one host key of `host` in sshjob's known_hosts.  The
     schedd or the Slurm step vouches for it; the key the name had before
@@ -7137,8 +7231,7 @@ def proxy_connection(config_path, host, user, key, relay):
     scheduler, job_id, container = job_of_host(host)
     waiter = None
     if scheduler == NEW_SITE:  # the allocation of a profile: found or made, and waited for, saying why on stderr
-        job_id, waiter = allocation_for_proxy(config_path, job_id)
-        scheduler = None
+        scheduler, job_id, waiter = allocation_for_proxy(config_path, job_id)
     opts = parse_client_args([job_id]).replace(scheduler=scheduler)
     config, site, job = find_site(config_path, opts)
     request = SessionRequest(job_id, key=key or read_public_key(persistent_key(config)), transport="openssh",
@@ -7158,7 +7251,7 @@ def proxy_connection(config_path, host, user, key, relay):
             raise Refused("job %s runs as %s: connect as %s (ssh %s@%s, or User in the Host block)" % (
                 job, ticket.user, ticket.user, ticket.user, host))
         sock, hostkey = site.connect_ssh(request, ticket)
-        remember_host_key(os.path.join(sshjob_home(), "known_hosts"), host, hostkey)
+        remember_host_key(pinned_keys(config_path and os.path.abspath(config_path)), host, hostkey)
     except BaseException:
         site.close()  # no session: its Slurm step goes too
         raise
@@ -7172,13 +7265,13 @@ def proxy_connection(config_path, host, user, key, relay):
 
 
 def allocation_for_proxy(config_path, profile_name):
-    """(job, Waiter) of the user's allocation of a profile, for PROFILE.new.sshjob."""
+    """(site name, job, Waiter) of the user's allocation of a profile, for PROFILE.new.sshjob."""
     config, site, _ = find_site(config_path, ClientOptions(job=""))
     profile = find_profile(config, profile_name)
     job, fresh = allocation_of(site, profile, os.path.expanduser("~"))
     if fresh:
         sys.stderr.write("sshjob: submitted allocation %s for profile %s\n" % (job, profile.name))
-    return "%s:%s" % (site.name, job), Waiter(job)
+    return site.name, job, Waiter(job)
 
 
 def run_known_hosts(config_path, argv):
@@ -7190,7 +7283,7 @@ def run_known_hosts(config_path, argv):
         raise UsageError("usage: sshjob known-hosts HOST (a laptop's Host block runs it)")
     job_of_host(argv[0])
     try:
-        with open(os.path.join(sshjob_home(), "known_hosts")) as f:
+        with open(pinned_keys(config_path and os.path.abspath(config_path))) as f:
             sys.stdout.write("".join(line for line in f if line.split(" ", 1)[0] == argv[0]))
     except FileNotFoundError:
         pass
@@ -7328,7 +7421,8 @@ def ssh_config_block(config_path):
         "    ProxyUseFdpass yes",
         "    IdentityFile %s" % openssh_quoted(os.path.join(home, "id_ed25519")),
         "    IdentitiesOnly yes",
-        "    UserKnownHostsFile %s" % openssh_quoted(os.path.join(home, "known_hosts"), percent_expanded=None),
+        "    UserKnownHostsFile %s" % openssh_quoted(pinned_keys(config_path and os.path.abspath(config_path)),
+                                                 percent_expanded=None),
         "    GlobalKnownHostsFile /dev/null",
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",

@@ -87,9 +87,10 @@ def asyncssh_command(host, command):
 
     config = os.path.expanduser("~/.ssh/config")
 
+    known = paramiko_config(host)["userknownhostsfile"].strip('"')
+
     def pinned(name, address, port):
         # asyncssh's known_hosts as a callable: read when the key is checked
-        known = os.path.expanduser("~/.local/share/sshjob/known_hosts")
         return asyncssh.read_known_hosts(known).match(name, "", None)
 
     async def run():

@@ -205,7 +205,8 @@ def test_ssh_scp_rsync_and_a_dynamic_forward_from_the_laptop(login, laptop):
 def test_the_job_s_host_key_is_pinned_on_the_laptop(login, laptop):
     job = login.running_job("sleep", "900", user=ALICE, workdir=login.workdir(ALICE))
     assert laptop.run(["ssh", job + ".sshjob", "true"]).returncode == 0
-    pinned = laptop.run(["ssh", "login", USER_PYTHON, login.pyz, "known-hosts", job + ".sshjob"]).stdout.split()
+    pinned = laptop.run(["ssh", "login", USER_PYTHON, login.pyz, "--config", login.config, "known-hosts",
+                         job + ".sshjob"]).stdout.split()
     keys = [read(path).split()[:2] for path in
             run(["sh", "-c", "ls %s/execute/*/hostkey/*.pub" % login.dir]).stdout.split()]
     assert pinned[0] == job + ".sshjob" and pinned[1:3] in keys

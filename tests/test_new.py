@@ -1,6 +1,6 @@
 """End to end: allocations on demand, `sshjob new PROFILE` (issue 24).
 
-Against the tests' real single-node Slurm, as ordinary users: a profile in
+Against the tests' real single-node Slurm and a real pool, as ordinary users: a profile in
 the configuration sshjob reads; `new` submits the allocation (its batch
 script is sshjob), waits saying why, enters it; a second `new`, `ssh
 PROFILE.new.sshjob` and another $HOME land in the same job; the allocation
@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import ALICE, BOB, Terminal, run, wait_for
+from conftest import ALICE, BOB, INTERPRETERS, Pool, Terminal, run, wait_for
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -200,3 +200,50 @@ def test_a_profile_made_on_the_command_line(site):
     result = new(site, "--options", "--time=00:05:00 -c 2", "scratch", "echo $SLURM_CPUS_ON_NODE")
     assert (result.returncode, result.stdout) == (0, "2\n"), result.stderr
     run(["scancel", "--user", ALICE, "--name", "sshjob-new-scratch"])
+
+
+# -- on a pool -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool(base, users):
+    pool = Pool(base, INTERPRETERS[-1], "new")
+    with open(pool.config, "a") as f:
+        f.write("\n[profile dev]\noptions = --env FOO=bar\nidle = 8s\n\n[profile wide]\noptions = --nodes 2\n"
+                "\n[profile odd]\noptions = --partition=gpu\n")
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def pool_allocations(pool, user=ALICE):
+    rows = [line.split() for line in pool.sshjob("q", user=user).stdout.splitlines()[1:]]
+    return [row[0] for row in rows if row[-2:] == ["new", "dev"] and row[1] == user]
+
+
+def test_new_on_a_pool_enters_reuses_gives_back_and_is_an_ssh_host(pool):
+    workdir = pool.workdir(ALICE)
+    first = pool.sshjob("new", "dev", "echo $SSHJOB_JOB_ID $FOO; pwd; exit 4", user=ALICE, cwd=workdir)
+    assert first.returncode == 4, first.stderr
+    job = first.stdout.split()[0]
+    assert first.stdout.split()[1:] == ["bar", workdir]
+    assert pool_allocations(pool) == [job]
+    again = pool.sshjob("new", "dev", "echo $SSHJOB_JOB_ID", user=ALICE)
+    assert again.stdout == job + "\n" and "submitted" not in again.stderr, again.stderr
+    config = os.path.join(pool.dir, "alice-ssh-config")
+    with open(config, "w") as f:
+        f.write(pool.sshjob("ssh-config", user=ALICE).stdout)
+    os.chmod(config, 0o644)
+    by_name = run(["runuser", "-u", ALICE, "--", "ssh", "-F", config, "dev.new.sshjob", "echo $SSHJOB_JOB_ID"],
+                  cwd="/")
+    assert by_name.stdout == job + "\n", by_name.stderr
+    wait_for(lambda: not pool_allocations(pool), timeout=60, what="the idle pool allocation to be given back")
+    assert pool.sshjob("new", "dev", "true", user=BOB).returncode == 0  # bob's own
+    mine, bobs = pool_allocations(pool), pool_allocations(pool, BOB)
+    assert not mine and len(bobs) == 1
+    gave = pool.sshjob("rm", "dev", user=BOB)
+    assert gave.stdout == "Allocation %s (profile dev) given back.\n" % bobs[0], gave.stderr
+    refused = pool.sshjob("new", "odd", "true", user=ALICE)
+    assert refused.returncode == 2
+    assert refused.stderr == "sshjob: profile odd: a pool's allocation takes --nodes N and --env NAME=VALUE, not " \
+                             "'--partition=gpu'\n"

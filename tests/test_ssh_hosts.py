@@ -54,6 +54,12 @@ def wait_for_port(port, timeout=20):
     raise AssertionError("nothing listens on port %d" % port)
 
 
+def pin_file(name, user=ALICE):
+    """The file of pinned host keys that the Host block names for job `name`."""
+    said = as_user(user, ["ssh", "-G", name + ".sshjob"]).stdout.splitlines()
+    return next(line.split(" ", 1)[1] for line in said if line.startswith("userknownhostsfile "))
+
+
 @pytest.fixture(scope="module")
 def hosts(base, users):
     """A root-run pool; alice and bob with the Host block in their ~/.ssh/config."""
@@ -112,8 +118,9 @@ def test_ssh_by_name_runs_inside_the_job_with_a_pinned_host_key(hosts, job):
     node = as_user(ALICE, ["ssh", name + ".0.sshjob", "echo node-form"])
     assert (cluster.stdout, node.stdout) == ("cluster-form\n", "node-form\n"), cluster.stderr + node.stderr
     share = os.path.join(home_of(ALICE), ".local", "share", "sshjob")
-    assert {os.stat(os.path.join(share, f)).st_mode & 0o777 for f in ("id_ed25519", "known_hosts")} == {0o600}
-    with open(os.path.join(share, "known_hosts")) as f:
+    assert os.path.dirname(pin_file(name)) == share  # one file of pins for the jobs of the pool's configuration
+    assert {os.stat(path).st_mode & 0o777 for path in (os.path.join(share, "id_ed25519"), pin_file(name))} == {0o600}
+    with open(pin_file(name)) as f:
         known = [line.split() for line in f if line.startswith(name + ".sshjob ")]
     keys = [open(p).read().split()[:2] for p in  # noqa: SIM115
             subprocess.run(["sh", "-c", "ls %s/execute/*/hostkey/*.pub" % hosts.dir], stdout=subprocess.PIPE,
@@ -127,7 +134,7 @@ def test_a_name_keeps_one_host_key_the_one_its_job_has_now(hosts, users):
     """A job run again (vacated) has a new host key; its old one, which the
     job's owner could read, is trusted for the name no longer."""
     name = hosts.running_job("sleep", "900", user=ALICE, workdir=hosts.workdir(ALICE))
-    known_hosts = os.path.join(home_of(ALICE), ".local", "share", "sshjob", "known_hosts")
+    known_hosts = pin_file(name)
 
     def pinned():
         with open(known_hosts) as f:
