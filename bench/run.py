@@ -271,8 +271,32 @@ def slurm_figures(args, scratch, plain, env, who):
                                          **who)
             row("Slurm: throughput %d GiB, %s" % (args.gib, path), ours * 1024, "plain ssh", peer * 1024, "MiB/s",
                 target)
+        new_figures(args, env, who, srun)
     finally:
         slurm.stop()
+
+
+def new_figures(args, env, who, srun):
+    """sshjob new to a prompt, against salloc + srun --pty bash typed by hand (a node free)."""
+    options = "-c 1 --time=00:10:00"
+    new = [args.python, PYZ, "new", "--options", options, "bench"]
+    give_back = ["scancel", "--user", env.get("USER", "root"), "--name", "sshjob-new-bench"]
+    salloc = ["salloc", "-c", "1", "--time=00:10:00", "srun", "--pty", "bash"]
+    cold, by_hand = [], []
+    for _ in range(max(3, args.runs // 3)):
+        cold.append(first_prompt(new, env, runs=1, **who))
+        subprocess.run(give_back, env=env, **who, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        by_hand.append(first_prompt(salloc, env, runs=1, **who))
+    row("Slurm: new PROFILE to a prompt, first", ms(statistics.median(cold)), "salloc + srun --pty bash",
+        ms(statistics.median(by_hand)), "ms", "report")
+    subprocess.run(new + ["true"], env=env, **who, check=True, stdout=subprocess.DEVNULL)
+    job = subprocess.run(["squeue", "-h", "--name", "sshjob-new-bench", "-o", "%i"], env=env, **who,
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout.split()[0]
+    again = first_prompt(new, env, runs=max(3, args.runs // 3), **who)
+    step = first_prompt(srun + ["--pty", "bash"], env, runs=max(3, args.runs // 3), **who)
+    row("Slurm: new PROFILE to a prompt, reused (job %s)" % job, ms(again), "srun --overlap --pty bash", ms(step),
+        "ms", "report")
+    subprocess.run(give_back, env=env, **who, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def bench_user(name, scratch, key):
