@@ -18,6 +18,8 @@ argument picks the role (ROLES, below, gives each one's arguments):
     submit, q, status, rm, suspend, continue, vacate, hold, release
                         the user's handles on a pool's queue (run_submit, run_q,
                         run_status, run_action)
+    warm                the user's agents of Slurm jobs, the warm path of
+                        later sessions (run_warm; JobAgent on the node)
     pool, demo, init, token
                         personal and multi-host pools (run_pool, run_demo,
                         run_init, run_token)
@@ -1624,6 +1626,7 @@ DEFAULTS = {
     "ship_program": "true",
     "slurm_direct": "true",
     "allow_agent_forwarding": "false",
+    "warm_idle": "10m",
 }
 
 
@@ -3025,6 +3028,12 @@ class JobContext(collections.namedtuple("JobContext",
             self.name, self.node, inside, " ".join(str(pid) for pid in self.pids))
 
 
+def write_tally(path, live):
+    """Say in a file that the job may read (an allocation's holder does) how
+    many of its sessions live, and since when."""
+    write_atomically(path, json.dumps({"live": live, "ended": time.time()}), mode=0o644)
+
+
 class SessionHost:
     """The node's side of every session, wherever the job lives: the pool's
     starter and a Slurm step each have one, as OpenSSH's session.c serves
@@ -3046,7 +3055,7 @@ class SessionHost:
                  terminals=None, sshd_log=None, terminal_problem=None, memory=None, tally=None):
         self.config = config
         self.memory = memory  # a file that names the payload that the job's sessions last entered
-        self.tally = tally  # a file that says how many sessions live and when the last one ended, for the job
+        self.tally = tally  # told how many sessions live whenever that changes (an allocation's idle clock)
         self.files = files
         self.host_key = host_key
         self.family = family
@@ -3250,12 +3259,9 @@ class SessionHost:
             self.count_sessions()
 
     def count_sessions(self):
-        """Say in the tally file, which the job may read (an allocation's
-        holder does), how many sessions live and when the last one ended."""
         if self.tally:
             with contextlib.suppress(OSError):
-                write_atomically(self.tally, json.dumps({"live": len(self.sessions), "ended": time.time()}),
-                                 mode=0o644)
+                self.tally(len(self.sessions))
 
     def end(self, proc, sdir=None):
         """Wait for a session's process; then it is gone, and its files."""
@@ -4093,7 +4099,7 @@ class Job:
         self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
                                 self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"),
                                 self.starter.pty_problem, os.path.join(self.dir, "payload"),
-                                os.path.join(self.dir, "sessions"))
+                                functools.partial(write_tally, os.path.join(self.dir, "sessions")))
         self.host.count_sessions()
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
@@ -4551,6 +4557,10 @@ DIRECT_PENDING = 64  # connections a step reads secrets from at once; past that 
 
 DIRECT_SECRET_WAIT = 0.5  # seconds a connection to a step's listener has to bring the secret
 
+WARM_WAIT = 1.0  # seconds a client gives a job's agent (the warm path) to answer before it goes the cold way
+
+WARM_KEY = re.compile(r"[\w.-]{1,64}")  # what names a job's agent in the user's warm records: the client's job
+
 
 def slurm_boot():
     """What srun runs on the node, as `python3 -I -S -c SOURCE PROGRAM DIGEST`:
@@ -4853,12 +4863,42 @@ def become_subreaper():
         return False
 
 
-def any_children():
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    return True
+def mark_held(marker, held):
+    if not marker:
+        return
+    with contextlib.suppress(OSError):
+        if held:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        else:
+            os.unlink(marker)
+
+
+def leftover_children(sessions):
+    """Whether this process has children other than the sessions' own
+    processes (`sessions`, Popen objects, which their threads reap): what
+    the sessions left running, reparented to the step, its subreaper.
+    Those that ended are reaped here, by pid."""
+    own = {proc.pid for proc in sessions}
+    alive = False
+    for pid in children_of(os.getpid()):
+        if pid in own:
+            continue
+        if process_state(pid) == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        else:
+            alive = True
+    return alive
+
+
+def children_of(pid):
+    """The pids of `pid`'s children, as /proc tells them."""
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/%d/task" % pid):
+            with contextlib.suppress(OSError), open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                found += [int(child) for child in f.read().split()]
+    return found
 
 
 def mark_session_end(job):
@@ -4886,6 +4926,113 @@ def job_key_directory(job, started):
                 else:
                     os.unlink(entry.path)  # what the job's sessions last entered (SessionHost.memory)
     return os.path.join(base, "hostkey-%s-%s" % (job, re.sub(r"\W", "", started or "")))
+
+
+def warm_record(key):
+    """Where the user's record of a job's agent (the warm path) is: in the
+    user's private sshjob directory, which the login nodes share with the
+    compute nodes where home directories are shared."""
+    directory = os.path.join(sshjob_home(), "warm")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    return os.path.join(directory, "slurm-%s.json" % key)
+
+
+class JobAgent:
+    """A job's agent on a node: the warm path's node side.  The step of a
+    job's first session there stays after it, and serves the owner's later
+    sessions itself, over TLS with a certificate of its own: no srun, no new
+    interpreter, no new job context.  What admits a connection is a secret
+    that only the owner can read: the agent writes it, with its address and
+    its certificate's fingerprint, into a record in the owner's private
+    sshjob directory, where the client looks first (on any login node that
+    shares the home directory).  Every entry is logged in the owner's
+    private directory on the node.  The agent goes with its step: when the
+    job ends, warm_idle after the last session, or when asked (sshjob warm
+    stop); a client that finds it gone goes the cold way."""
+
+    def __init__(self, step, key, idle):
+        self.step, self.idle_time = step, idle
+        self.path = warm_record(key)
+        self.secret = token_hex(32)
+        self.last = time.monotonic()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("", 0))
+        self.listener.listen(DIRECT_BACKLOG)
+        self.log_path = os.path.join(private_node_directory() or step.tmp, "agent-%s.log" % step.job_id)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        """Make the certificate (after the first session has started: it
+        costs tens of milliseconds), say where the agent is, then serve."""
+        step = self.step
+        try:
+            cert, key, fingerprint = make_certificate(os.path.join(step.tmp, "agent"), lambda: find_program(
+                step.config, "openssl", "node " + step.node))
+            self.tls = server_tls_context(cert, key)
+            client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+            host = (client and address_facing(client)) or socket.gethostbyname(step.node)
+            write_atomically(self.path, json.dumps({
+                "job": step.job_id, "name": step.name, "node": step.node, "host": host,
+                "port": self.listener.getsockname()[1], "fingerprint": fingerprint, "secret": self.secret,
+                "pid": os.getpid()}))
+        except (OSError, SshjobError, subprocess.CalledProcessError) as e:
+            self.note("no warm path: %s" % describe(e))
+            return
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return  # stopped
+            threading.Thread(target=self.enter, args=(sock, peer), daemon=True).start()
+
+    def enter(self, sock, peer):
+        """One connection: the secret, then a session as the client asks."""
+        import hmac
+        try:
+            sock.settimeout(IO_TIMEOUT)
+            tls = self.tls.wrap_socket(sock, server_side=True)
+            request = recv_msg(tls, "a client")
+            if not hmac.compare_digest(str(request.get("secret", "")).encode(), self.secret.encode()):
+                self.note("refused a connection from %s: no secret" % peer[0])
+                tls.close()
+                return
+            self.last = time.monotonic()
+            if request.get("op") == "stop":
+                send_msg(tls, {"ok": True})
+                self.note("stopped, as %s asked" % peer[0])
+                self.stop()
+                return
+            if request.get("op") != "session":
+                raise ProtocolError("expected a session's request")
+            self.note("warm entry: user %s, job %s, %s transport, from %s" % (
+                self.step.owner.pw_name, self.step.name, field(request, "transport", str, "auto"), peer[0]))
+            tls.settimeout(None)
+            self.step.serve_warm(tls, request)
+        except Exception as e:  # whatever it is, the client hears it as one sentence, and the agent serves on
+            error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
+            self.note("a warm session failed: %s" % error)
+            with contextlib.suppress(OSError, NameError):
+                send_msg(tls, error_reply(error))
+        finally:
+            sock.close()
+
+    def idle(self):
+        return time.monotonic() - self.last > self.idle_time
+
+    def note(self, text):
+        with contextlib.suppress(OSError), open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                                        os.O_NOFOLLOW, 0o600), "a") as f:
+            f.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
+
+    def stop(self):
+        """Listen no more, and take the record away unless another agent's is there now."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with contextlib.suppress(OSError, ValueError), open(self.path) as f:
+            if json.load(f).get("secret") == self.secret:
+                os.unlink(self.path)
 
 
 class NodeStep:
@@ -4920,10 +5067,13 @@ class NodeStep:
         self.terminal_problem, terminals = sshd_terminals()
         self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals,
                                 terminal_problem=self.terminal_problem,
-                                memory=self.keep and self.keep + ".payload")
-        self.context, self.where = self.host.place(JobContext(
-            self.name, self.owner, env if env is not None else dict(os.environ), workdir, pids, self.tag, self.node,
-            field(request, "index", int, 0)), request)
+                                memory=self.keep and self.keep + ".payload",
+                                tally=lambda live: mark_session_end(self.job_id))
+        self.job_context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ), workdir,
+                                      pids, self.tag, self.node, field(request, "index", int, 0))
+        self.context, self.where = self.host.place(self.job_context, request)
+        self.keying = threading.Lock()  # the first OpenSSH session of the step makes the host key
+        self.agent = None
 
     def start_host_key(self):
         """The job's host key on this node, as its earlier sessions had it:
@@ -4956,24 +5106,28 @@ class NodeStep:
             if not os.path.isfile(self.host_key + ".pub"):
                 self.host_key = os.path.join(made, "ssh_host_ed25519_key")
 
-    def transport(self):
+    def transport(self, request=None, context=None):
         """(transport, why), as for a pool's job: no TLS is needed, Slurm
-        carries the built-in transport."""
+        carries the built-in transport (and TLS the warm path's)."""
+        request, context = request or self.request, context or self.context
         problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
-        terminal_problem = self.host.terminal_problem_of(self.context) if self.request.get("interactive") is True \
-            else None
-        return choose_transport(self.request, self.owner.pw_uid, problem, terminal_problem)
+        terminal_problem = self.host.terminal_problem_of(context) if request.get("interactive") is True else None
+        return choose_transport(request, self.owner.pw_uid, problem, terminal_problem)
 
-    def prepare_sshd(self):
+    def prepare_sshd(self, request=None, context=None):
         """(the session's files, the public host key)."""
-        key = parse_public_key(field(self.request, "key", str))
-        making = self.making if self.host_key else self.start_host_key()
-        try:
-            sshd_version(find_program(self.config, "sshd", "node " + self.node))  # found while the key is made
-        finally:
-            self.finish_host_key(making)
+        request = request or self.request
+        key = parse_public_key(field(request, "key", str))
+        with self.keying:
+            making = self.making if self.host_key else self.start_host_key()
+            self.making = None
+            try:
+                sshd_version(find_program(self.config, "sshd", "node " + self.node))  # found while the key is made
+            finally:
+                self.finish_host_key(making)
         self.host.host_key = self.host_key
-        sdir = self.host.prepare_sshd(self.context, key, self.shells)
+        shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        sdir = self.host.prepare_sshd(context or self.context, key, shells)
         with open(self.host_key + ".pub") as f:
             return sdir, parse_public_key(f.read())
 
@@ -5117,31 +5271,72 @@ class NodeStep:
         return self.host.run_builtin(self.context, channel, session, self.shells,
                                      accepted=lambda: send_msg(channel, {"ok": True}))
 
-    def hold_leftovers(self):
-        """Stay, as the step, while what the session left running lives
-        (tmux, nohup, an editor's server): the step's subreaper, it keeps
-        them in the step, where Slurm suspends and ends them with the job,
-        as a pool keeps them in the job.  srun's pipes are let go first, so
-        that the client's srun sees the session's end; a marker says that
-        the step holds no session (an allocation's idle clock)."""
-        if not self.subreaper or not any_children():
+    def serve_warm(self, tls, request):
+        """A later session through the job's agent (the warm path): as a
+        cold step serves its first, but on the agent's TLS connection, which
+        both ends unwrap for sshd (ssh authenticates both ends), and with no
+        srun, no new interpreter and no new job context."""
+        context, where = self.host.place(self.job_context, request)
+        transport, why = self.transport(request, context)
+        reply = {"ok": True, "transport": transport, "why": why, "user": self.owner.pw_name, "node": self.node,
+                 "where": where, "warm": True}
+        if transport == "openssh":
+            sdir, hostkey = self.prepare_sshd(request, context)
+            send_msg(tls, dict(reply, hostkey=hostkey))
+            with tls.unwrap() as sock:
+                self.host.start_sshd(context, sdir, sock)
+            return
+        send_msg(tls, reply)
+        session = recv_msg(tls, "the client")
+        if session.get("op") != "builtin":
+            raise ProtocolError("expected the built-in session's request")
+        shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        self.host.run_builtin(context, tls, session, shells, accepted=lambda: send_msg(tls, {"ok": True}))
+
+    def start_agent(self):
+        """The job's agent on this node, if the client asks for one and no
+        other step of the job here is it already."""
+        key = self.request.get("warm")
+        idle = duration(self.config["warm_idle"] or "0") or 0
+        if not (self.subreaper and idle > 0 and isinstance(key, str) and WARM_KEY.fullmatch(key)):
+            return
+        try:
+            self.agent = JobAgent(self, key, idle)
+        except (OSError, SshjobError, subprocess.CalledProcessError) as e:
+            log.debug("no warm path for job %s: %s", self.name, describe(e))
+
+    def linger(self):
+        """After its first session the step stays: as the job's agent on
+        this node while sessions come through it and for warm_idle after
+        the last, and, the step's subreaper, while what sessions left
+        running lives (tmux, nohup, an editor's server), which so stays in
+        the step, where Slurm suspends and ends it with the job, as a pool
+        keeps it in the job.  srun's pipes are let go first, so that the
+        client's srun sees the first session's end; a marker says when the
+        step holds no session (an allocation's idle clock)."""
+        if not self.subreaper:
             return
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
         marker = held_marker(self.job_id, os.environ.get("SLURM_STEP_ID", ""))
-        if marker:
-            with contextlib.suppress(OSError):
-                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         try:
-            with contextlib.suppress(ChildProcessError):
-                while True:
-                    os.waitpid(-1, 0)
+            while True:
+                live = bool(self.host.sessions)
+                mark_held(marker, not live)
+                if live and self.agent:
+                    self.agent.last = time.monotonic()
+                if self.agent and not live and self.agent.idle():
+                    self.agent.stop()
+                    self.agent = None
+                if not live and not self.agent and not leftover_children(set(self.host.sessions)):
+                    return
+                time.sleep(0.2)
         finally:
-            if marker:
-                with contextlib.suppress(OSError):
-                    os.unlink(marker)
+            if self.agent:
+                self.agent.stop()
+            mark_held(marker, False)
 
     def serve(self, channel):
         self.transport_name, self.why = self.transport()
@@ -5164,9 +5359,9 @@ def run_slurm_step(config_path):
         if request.get("op") != "session":
             raise ProtocolError("a step's first message must ask for a session")
         step = NodeStep(config, request)
+        step.start_agent()
         status = step.serve(channel)
-        mark_session_end(step.job_id)
-        step.hold_leftovers()
+        step.linger()
         return status
     except Exception as e:  # whatever it is, the client hears it as one sentence
         error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
@@ -5524,10 +5719,52 @@ class SlurmSite(Site):
         self.spec, _, self.node = match.groups()
         return self.spec
 
+    def warm_key(self):
+        """What names this job (and node) in the user's records of agents."""
+        key = self.spec + ("." + self.node if self.node else "")
+        return key if WARM_KEY.fullmatch(key) else None
+
+    def warm_step(self, request, quiet=False):
+        """A step through the job's agent (the warm path), where the user's
+        record names one that answers; else None, and the cold way goes on.
+        A record whose agent is gone (its port closed, another certificate,
+        the secret refused) goes too; one that does not answer in time stays
+        (its job may be suspended, and Slurm says so on the cold way)."""
+        key = self.warm_key()
+        if not key or not duration(self.config["warm_idle"] or "0"):
+            return None
+        path = warm_record(key)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            step = WarmStep(self, record)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        try:
+            step.begin(request)
+        except (OSError, SshjobError) as e:
+            step.close()
+            if not quiet:
+                log.debug("job %s's agent on %s does not answer (%s): the cold way", self.spec,
+                          record.get("node"), describe(e))
+            if isinstance(e, (ConnectionRefusedError, Refused, ProtocolError)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return None
+        log.debug("the warm path: job %s's agent on %s", self.spec, record["node"])
+        self.target = (record["job"], record["node"], "")
+        return step
+
     def ticket(self, request):
         """What the job is and how to reach it, with the session's step
-        started; NotRunning while the job is not running."""
+        started (through the job's agent where one answers: the warm path);
+        NotRunning while the job is not running."""
         self.request = request
+        warm = self.warm_step(request)
+        if warm:
+            self.fresh.append(warm)
+            return Ticket(self.spec, warm.reply["user"], warm.reply["node"], warm.reply["transport"],
+                          warm.reply["why"], warm)
         step = None
         if self.node is None and self.spec.isdigit() and not self.pending:
             step = SlurmStep(self, None)  # srun starts while scontrol reads the job: its first node is the one
@@ -5598,8 +5835,10 @@ class SlurmSite(Site):
         if step is not None:
             self.fresh.remove(step)
         else:
-            step = SlurmStep(self, self.target[1])
-            step.begin(self.request._replace(transport=transport))
+            step = self.warm_step(self.request._replace(transport=transport))
+            if step is None:
+                step = SlurmStep(self, self.target[1])
+                step.begin(self.request._replace(transport=transport))
         if step.reply["transport"] != transport:
             raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
         return step
@@ -5709,7 +5948,7 @@ class SlurmStep:
                                         shells=request.shells, job=self.site.spec,
                                         direct=self.site.config.flag("slurm_direct"),
                                         batch_host=self.site.batch_host, started=self.site.started,
-                                        index=self.site.index))
+                                        index=self.site.index, warm=self.site.warm_key()))
             self.reply = raise_for_reply(recv_msg(self.channel, "the step on node %s" % self.site.target[1]))
             log.debug("the session in job %s runs %s", self.site.spec, self.reply.get("where", "on the node"))
         except (OSError, ProtocolError):
@@ -5820,6 +6059,46 @@ class SlurmStep:
 SITES = {site.name: site for site in (PoolSite, SlurmSite)}
 ANY_JOB_ID = re.compile("(?:(?:%s):)?(?:%s)" % ("|".join(SITES), "|".join(
     "(?:%s)" % site.job_pattern for site in SITES.values())))
+
+
+class WarmStep:
+    """A session through a job's agent, from the client's side: TLS to the
+    agent at the address of the user's record, its certificate pinned, the
+    record's secret first; then the session goes as through a cold step."""
+
+    def __init__(self, site, record):
+        self.site = site
+        self.record = record
+        self.where = (str(record["host"]), int(record["port"]))
+        self.channel = None
+        site.steps.append(self)
+
+    def begin(self, request):
+        sock = socket.create_connection(self.where, timeout=WARM_WAIT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.channel = pinned_tls_connection(sock, str(self.record["fingerprint"]),
+                                             "job %s's agent" % self.site.spec)
+        send_msg(self.channel, dict(request.place(), op="session", secret=self.record["secret"], key=request.key,
+                                    transport=request.transport, interactive=request.interactive,
+                                    shells=request.shells, job=self.site.spec))
+        self.channel.settimeout(IO_TIMEOUT)
+        self.reply = raise_for_reply(recv_msg(self.channel, "job %s's agent" % self.site.spec))
+
+    def connect(self):
+        """The connection, out of its TLS: sshd authenticates both ends."""
+        sock = without_tls(self.channel)
+        sock.settimeout(None)
+        return sock
+
+    def failure(self):
+        return Unreachable("job %s's agent on %s closed the connection" % (self.site.spec, self.record["node"]))
+
+    def close(self):
+        if self in self.site.steps:
+            self.site.steps.remove(self)
+        if self.channel:
+            with contextlib.suppress(OSError):
+                self.channel.close()
 
 
 def find_site(config_path, opts):
@@ -7618,6 +7897,41 @@ def print_table(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
+def run_warm(config_path, argv):
+    """`sshjob warm list`, `sshjob warm stop JOB`: the user's agents of jobs
+    (the warm path), as `ssh -O` handles a ControlMaster."""
+    if argv[:1] == ["list"] and len(argv) == 1:
+        directory = os.path.dirname(warm_record("x"))
+        rows = [("JOB", "NODE", "ADDRESS")]
+        for name in sorted(os.listdir(directory)):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                with open(os.path.join(directory, name)) as f:
+                    record = json.load(f)
+                rows.append((name[len("slurm-"):-len(".json")], record["node"], "%s:%d" % (
+                    record["host"], record["port"])))
+        print_table(rows)
+        return 0
+    if argv[:1] != ["stop"] or len(argv) != 2:
+        raise UsageError("usage: sshjob warm list | sshjob warm stop JOB")
+    opts = parse_client_args([argv[1]]).replace(scheduler="slurm" if ":" not in argv[1] else None)
+    _, site, _ = find_site(config_path, opts)
+    key = site.warm_key() if isinstance(site, SlurmSite) else None
+    try:
+        with open(warm_record(key or "-")) as f:
+            record = json.load(f)
+        step = WarmStep(site, record)
+        sock = socket.create_connection(step.where, timeout=WARM_WAIT)
+        with pinned_tls_connection(sock, str(record["fingerprint"]), "job %s's agent" % argv[1]) as tls:
+            send_msg(tls, {"op": "stop", "secret": record["secret"]})
+            raise_for_reply(recv_msg(tls, "job %s's agent" % argv[1]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise NotFound("job %s has no agent of yours that answers (sshjob warm list names them)" % argv[1]) from None
+    finally:
+        site.close()
+    print("Job %s's agent on %s stopped." % (argv[1], record["node"]))
+    return 0
+
+
 def run_status(config_path, argv):
     import argparse
     parser = argparse.ArgumentParser(prog="sshjob status", description="The pool's starters and their problems.")
@@ -7895,6 +8209,7 @@ roles:
   submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
   new [--options O] PROFILE [cmd]  enter your allocation of PROFILE, made if you have none (Slurm)
   rm PROFILE                       give that allocation back now
+  warm list | warm stop JOB        your jobs' agents, which make later sessions fast (Slurm)
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
   init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
   token create --for USER | --for starter --name NAME   an identity token for them
@@ -7935,7 +8250,8 @@ def dispatch(config_path, debug, role, rest):
         return run_client(config_path, rest)
     simple = {"submit": run_submit, "q": run_q, "pool": run_pool, "demo": run_demo, "cp": run_cp,
               "init": run_init, "token": run_token, "status": run_status, "ssh-config": run_ssh_config,
-              "proxy": run_proxy, "known-hosts": run_known_hosts, "new": run_new, "allocation": run_allocation}
+              "proxy": run_proxy, "known-hosts": run_known_hosts, "new": run_new, "allocation": run_allocation,
+              "warm": run_warm}
     if role in simple:
         return simple[role](config_path, rest)
     if role in JOB_ACTIONS:

@@ -335,6 +335,14 @@ def make_user(name, shell="/bin/bash"):
             subprocess.run(["useradd", "--create-home", "--shell", shell, name], check=True)
 
 
+def command_line(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(gone)"
+
+
 class Pool:
     """A personal pool started with `sshjob pool start`, driven through the pyz."""
 
@@ -361,10 +369,11 @@ class Pool:
         if self.started:
             self.sshjob("pool", "stop", "--dir", self.dir)
             self.started = False
-            deadline = time.time() + 10
+            deadline = time.time() + 30  # a job's podman container gets podman stop's 5 s, and more on a busy machine
             while self.processes_inside() and time.time() < deadline:
                 time.sleep(0.1)
-            assert self.processes_inside() == [], "processes outlived the pool"
+            left = {pid: command_line(pid) for pid in self.processes_inside()}
+            assert left == {}, "processes outlived the pool"
 
     def processes_inside(self):
         """Pids of processes whose working directory is in the pool's
