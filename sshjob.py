@@ -4559,6 +4559,14 @@ DIRECT_SECRET_WAIT = 0.5  # seconds a connection to a step's listener has to bri
 
 WARM_WAIT = 1.0  # seconds a client gives a job's agent (the warm path) to answer before it goes the cold way
 
+WARM_PENDING = 64  # connections a job's agent takes at once before they bring the secret; more are closed
+
+WARM_SECRET_WAIT = 3.0  # seconds a connection to a job's agent has for TLS and the secret
+
+SIOCGIFCONF = 0x8912  # netdevice(7): a node's addresses, each in a struct ifreq of IFREQ_SIZE bytes
+
+IFREQ_SIZE = 40 if struct.calcsize("P") == 8 else 32
+
 WARM_KEY = re.compile(r"[\w.-]{1,64}")  # what names a job's agent in the user's warm records: the client's job
 
 
@@ -4764,6 +4772,21 @@ def slurm_job_context(job_id, own_step):
     return (pids,) + (first or (None, None))
 
 
+def node_addresses():
+    """This node's IPv4 addresses, loopback last: where a client on another
+    host may reach a listener bound to them all."""
+    import array
+    size = 8192
+    buffer = array.array("B", bytes(size))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        said = fcntl.ioctl(probe.fileno(), SIOCGIFCONF, struct.pack("iL", size, buffer.buffer_info()[0]))
+    length = struct.unpack("iL", said)[0]
+    data = buffer.tobytes()[:length]
+    step = IFREQ_SIZE
+    addresses = [socket.inet_ntoa(data[at + 20:at + 24]) for at in range(0, length - step + 1, step)]
+    return sorted(set(addresses), key=lambda address: (address.startswith("127."), addresses.index(address)))
+
+
 def address_facing(peer):
     """This node's address on the way to `peer` (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -4960,6 +4983,7 @@ class JobAgent:
         self.listener.bind(("", 0))
         self.listener.listen(DIRECT_BACKLOG)
         self.log_path = os.path.join(private_node_directory() or step.tmp, "agent-%s.log" % step.job_id)
+        self.unproven = threading.BoundedSemaphore(WARM_PENDING)  # connections yet to bring the secret
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self):
@@ -4971,9 +4995,11 @@ class JobAgent:
                 step.config, "openssl", "node " + step.node))
             self.tls = server_tls_context(cert, key)
             client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
-            host = (client and address_facing(client)) or socket.gethostbyname(step.node)
+            facing = client and address_facing(client)
+            hosts = [facing] if facing else []
+            hosts += [address for address in node_addresses() if address not in hosts]
             write_atomically(self.path, json.dumps({
-                "job": step.job_id, "name": step.name, "node": step.node, "host": host,
+                "job": step.job_id, "name": step.name, "node": step.node, "hosts": hosts,
                 "port": self.listener.getsockname()[1], "fingerprint": fingerprint, "secret": self.secret,
                 "pid": os.getpid()}))
         except (OSError, SshjobError, subprocess.CalledProcessError) as e:
@@ -4984,19 +5010,25 @@ class JobAgent:
                 sock, peer = self.listener.accept()
             except OSError:
                 return  # stopped
+            if not self.unproven.acquire(blocking=False):
+                sock.close()  # a flood: its client goes the cold way
+                continue
             threading.Thread(target=self.enter, args=(sock, peer), daemon=True).start()
 
     def enter(self, sock, peer):
         """One connection: the secret, then a session as the client asks."""
         import hmac
+        proven, tls = False, None
         try:
-            sock.settimeout(IO_TIMEOUT)
+            sock.settimeout(WARM_SECRET_WAIT)
             tls = self.tls.wrap_socket(sock, server_side=True)
             request = recv_msg(tls, "a client")
             if not hmac.compare_digest(str(request.get("secret", "")).encode(), self.secret.encode()):
                 self.note("refused a connection from %s: no secret" % peer[0])
-                tls.close()
                 return
+            proven = True
+            self.unproven.release()
+            tls.settimeout(IO_TIMEOUT)
             self.last = time.monotonic()
             if request.get("op") == "stop":
                 send_msg(tls, {"ok": True})
@@ -5009,13 +5041,17 @@ class JobAgent:
                 self.step.owner.pw_name, self.step.name, field(request, "transport", str, "auto"), peer[0]))
             tls.settimeout(None)
             self.step.serve_warm(tls, request)
-        except Exception as e:  # whatever it is, the client hears it as one sentence, and the agent serves on
+        except Exception as e:  # the owner's client hears it as one sentence, anyone else nothing; the agent serves on
             error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
-            self.note("a warm session failed: %s" % error)
-            with contextlib.suppress(OSError, NameError):
-                send_msg(tls, error_reply(error))
+            self.note("a warm session failed: %s" % error if proven else "closed a connection from %s: %s" % (
+                peer[0], error))
+            if proven:
+                with contextlib.suppress(OSError):
+                    send_msg(tls, error_reply(error))
         finally:
-            sock.close()
+            if not proven:
+                self.unproven.release()
+            (tls or sock).close()
 
     def idle(self):
         return time.monotonic() - self.last > self.idle_time
@@ -6061,6 +6097,34 @@ ANY_JOB_ID = re.compile("(?:(?:%s):)?(?:%s)" % ("|".join(SITES), "|".join(
     "(?:%s)" % site.job_pattern for site in SITES.values())))
 
 
+def first_to_answer(hosts, port, timeout):
+    """A connection to `port` on the first of `hosts` to take one, all tried
+    at once (a client on another host reaches a node by another address
+    than one on the node does); ConnectionRefusedError if none does."""
+    trying = {}
+    for host in hosts:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex((host, port)) in (0, errno.EINPROGRESS):
+            trying[sock] = host
+        else:
+            sock.close()
+    deadline = time.monotonic() + timeout
+    try:
+        while trying and time.monotonic() < deadline:
+            for sock in wait_for([], list(trying), deadline - time.monotonic())[1]:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    del trying[sock]
+                    sock.setblocking(True)
+                    return sock
+                del trying[sock]
+                sock.close()
+    finally:
+        for sock in trying:
+            sock.close()
+    raise ConnectionRefusedError(errno.ECONNREFUSED, "no answer at %s, port %d" % (", ".join(hosts), port))
+
+
 class WarmStep:
     """A session through a job's agent, from the client's side: TLS to the
     agent at the address of the user's record, its certificate pinned, the
@@ -6069,13 +6133,14 @@ class WarmStep:
     def __init__(self, site, record):
         self.site = site
         self.record = record
-        self.where = (str(record["host"]), int(record["port"]))
+        self.hosts, self.port = [str(host) for host in record["hosts"]], int(record["port"])
         self.channel = None
         site.steps.append(self)
 
     def begin(self, request):
-        sock = socket.create_connection(self.where, timeout=WARM_WAIT)
+        sock = first_to_answer(self.hosts, self.port, WARM_WAIT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(WARM_WAIT)
         self.channel = pinned_tls_connection(sock, str(self.record["fingerprint"]),
                                              "job %s's agent" % self.site.spec)
         send_msg(self.channel, dict(request.place(), op="session", secret=self.record["secret"], key=request.key,
@@ -6083,6 +6148,7 @@ class WarmStep:
                                     shells=request.shells, job=self.site.spec))
         self.channel.settimeout(IO_TIMEOUT)
         self.reply = raise_for_reply(recv_msg(self.channel, "job %s's agent" % self.site.spec))
+        log.debug("the session in job %s runs %s", self.site.spec, self.reply.get("where", "on the node"))
 
     def connect(self):
         """The connection, out of its TLS: sshd authenticates both ends."""
@@ -7907,8 +7973,8 @@ def run_warm(config_path, argv):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 with open(os.path.join(directory, name)) as f:
                     record = json.load(f)
-                rows.append((name[len("slurm-"):-len(".json")], record["node"], "%s:%d" % (
-                    record["host"], record["port"])))
+                rows.append((name[len("slurm-"):-len(".json")], record["node"], "%s, port %d" % (
+                    " ".join(record["hosts"]), record["port"])))
         print_table(rows)
         return 0
     if argv[:1] != ["stop"] or len(argv) != 2:
@@ -7920,7 +7986,8 @@ def run_warm(config_path, argv):
         with open(warm_record(key or "-")) as f:
             record = json.load(f)
         step = WarmStep(site, record)
-        sock = socket.create_connection(step.where, timeout=WARM_WAIT)
+        sock = first_to_answer(step.hosts, step.port, WARM_WAIT)
+        sock.settimeout(WARM_WAIT)
         with pinned_tls_connection(sock, str(record["fingerprint"]), "job %s's agent" % argv[1]) as tls:
             send_msg(tls, {"op": "stop", "secret": record["secret"]})
             raise_for_reply(recv_msg(tls, "job %s's agent" % argv[1]))

@@ -178,17 +178,21 @@ def test_the_builtin_transport_and_several_sessions_at_once(cluster):
     assert outputs == ["session-%d\n" % i for i in range(3)]
 
 
+COLD = {"SSHJOB_WARM_IDLE": "0"}  # no agent of the job's (the warm path): every session goes the cold way
+
+
 def test_the_fast_path_and_the_pipe(cluster, tmp_path):
     job = cluster.running()
     data = "x" * 1000000
-    direct = cluster.sshjob("client", "-debug", job, "wc -c", input=data)
+    direct = cluster.sshjob("client", "-debug", job, "wc -c", input=data, env=COLD)
     assert direct.stdout.strip() == "1000000", direct.stderr
     assert "connected to the job's sshd directly" in direct.stderr
-    piped = cluster.sshjob("client", "-debug", job, "wc -c; exit 6", input=data, env={"SSHJOB_SLURM_DIRECT": "false"})
+    piped = cluster.sshjob("client", "-debug", job, "wc -c; exit 6", input=data,
+                           env=dict(COLD, SSHJOB_SLURM_DIRECT="false"))
     assert (piped.returncode, piped.stdout.strip()) == (6, "1000000"), piped.stderr
     assert "the session goes through srun's pipe" in piped.stderr
     assert "directly" not in piped.stderr
-    sftp = cluster.sshjob("client", "-ssh", "sftp", job, input="pwd\n", env={"SSHJOB_SLURM_DIRECT": "false"})
+    sftp = cluster.sshjob("client", "-ssh", "sftp", job, input="pwd\n", env=dict(COLD, SSHJOB_SLURM_DIRECT="false"))
     assert sftp.returncode == 0 and "Remote working directory" in sftp.stdout, sftp.stderr
 
 
@@ -464,7 +468,7 @@ def test_nothing_planted_beside_the_cached_module_runs(cluster):
     """The node runs only bytes whose hash it checked: a cache directory that
     others may write is not used, and a package planted there never runs."""
     job = cluster.running()
-    first = cluster.sshjob("client", "-debug", job, "true")
+    first = cluster.sshjob("client", "-debug", job, "true", env=COLD)
     assert first.returncode == 0, first.stderr
     cache = os.path.join(pwd.getpwnam(ALICE).pw_dir, ".cache", "sshjob")
     digest = [name for name in os.listdir(cache) if len(name) == 64]
@@ -476,7 +480,7 @@ def test_nothing_planted_beside_the_cached_module_runs(cluster):
             f.write("open(%r, 'w').close()\n" % marker)
         os.chmod(os.path.join(cache, name), 0o777)  # as if another user could write there
     try:
-        again = cluster.sshjob("client", "-debug", job, "echo still-fine")
+        again = cluster.sshjob("client", "-debug", job, "echo still-fine", env=COLD)
         assert again.stdout == "still-fine\n", again.stderr
         assert "run from memory (no private cache directory)" in again.stderr
         assert not os.path.exists(marker)
@@ -522,7 +526,7 @@ def test_another_user_flooding_the_direct_listener_stalls_no_session(cluster):
     try:
         for _ in range(3):
             started = time.monotonic()
-            result = cluster.sshjob("client", "-debug", job, "echo in")
+            result = cluster.sshjob("client", "-debug", job, "echo in", env=COLD)
             assert (result.returncode, result.stdout) == (0, "in\n"), result.stderr
             assert "connected to the job's sshd directly" in result.stderr
             assert time.monotonic() - started < 5
@@ -570,7 +574,9 @@ def test_a_session_lands_in_the_container_of_a_batch_job(cluster, images):
         marker = "sshjob-left-%s" % job
         left = cluster.sshjob("client", job, "sleep 999 </dev/null >/dev/null 2>&1 & echo $! > /tmp/%s" % marker)
         assert left.returncode == 0, left.stderr
-        wait_for(lambda: not copies_in(pid, "999"), 20, "what the session left in the container to end with it")
+        assert copies_in(pid, "999"), "what the session left in the container ended with the session"
+        assert cluster.sshjob("client", job, "true").returncode == 0
+        assert copies_in(pid, "999"), "what a session left in the container lives on, as the job's"
     finally:
         run(["scancel", job])
         podman(ALICE, "rm", "--force", "--time", "0", name)
