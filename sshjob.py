@@ -46,7 +46,8 @@ at the end (tests/test_units.py holds the module to that):
                             built-in session relayed as channel frames
     The schedd              a pool's queue, and who may enter which job
     The starter             a pool's node: Job, with a SessionHost per job
-    Slurm, on the node      NodeStep, with a SessionHost per step
+    Slurm, on the node      NodeStep, with a SessionHost per step; JobAgent, the
+                            warm path of later sessions
     Sites                   the client's one seam to a batch system
     The client
     Files: sshjob cp
