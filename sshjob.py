@@ -6682,7 +6682,7 @@ def read_public_key(key):
         return parse_public_key(f.read())
 
 
-def wait_for_ticket(site, request, auto_retry):
+def wait_for_ticket(site, request, auto_retry, abandoned=lambda: False):
     """A ticket for the job; with -auto-retry, wait while the job is not
     running yet, saying so, until it runs or never will (a held job will
     not run until someone releases it: that ends the wait with a sentence).
@@ -6710,7 +6710,10 @@ def wait_for_ticket(site, request, auto_retry):
                     last = now
                 said = str(e)
                 sys.stderr.flush()
-                time.sleep(2)
+                for _ in range(10):
+                    if abandoned():
+                        raise Interrupted(signal.SIGHUP) from None  # as ssh's hang-up would say
+                    time.sleep(0.2)
     except BaseException:
         if on_terminal and said:
             sys.stderr.write("\n")
@@ -7264,19 +7267,27 @@ def allocation_of(site, profile, workdir):
 
 
 class Waiter:
-    """This process's wait for a pending allocation, as a shared lock on a
-    file of the user's: when a waiter gives up (Ctrl-C, its ssh client gone)
-    the pending job is removed only if no other waiter holds the lock (an
-    editor waits in several processes at once)."""
+    """This process's wait for a pending allocation: a file of the user's
+    that it holds locked while it waits.  When a waiter gives up (Ctrl-C,
+    its ssh client gone) the pending job is removed only if no other
+    waiter's file is held (an editor waits in several processes at once,
+    and a second login node's waiters count too where home directories are
+    shared); `q` counts them."""
 
     def __init__(self, job):
-        self.path = os.path.join(sshjob_home(), ".waiting-%s" % job)
-        self.lock = open(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # noqa: SIM115
-        fcntl.flock(self.lock, fcntl.LOCK_SH)
+        self.job = job
+        name = ".waiting-%s.%d-%s" % (job, os.getpid(), token_hex(4))
+        making = os.path.join(sshjob_home(), ".making" + name)  # locked before waiters() can see it
+        self.lock = open(os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))  # noqa: SIM115
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.path = os.path.join(sshjob_home(), name)
+        os.rename(making, self.path)
 
     def done(self, *_):
-        """The allocation runs: waiting is over."""
+        """Waiting is over (the allocation runs, or this waiter gave up)."""
         if self.lock:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             self.lock.close()
             self.lock = None
 
@@ -7284,16 +7295,26 @@ class Waiter:
         """Whether no one else waits: then this waiter removes the job."""
         if not self.lock:
             return False
-        fcntl.flock(self.lock, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        finally:
+        with locked(os.path.join(sshjob_home(), ".waiting-%s.lock" % self.job)):
             self.done()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        return True
+            return waiters(self.job) == 0
+
+
+def waiters(job):
+    """How many of the user's clients wait for allocation `job` (files whose
+    waiter died go)."""
+    import glob
+    count = 0
+    for path in glob.glob(os.path.join(sshjob_home(), ".waiting-%s.*-*" % glob.escape(job))):
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(path)  # its waiter is gone
+        except BlockingIOError:
+            count += 1
+        except OSError:
+            pass
+    return count
 
 
 def give_up_pending(site, job, waiter):
@@ -7586,7 +7607,7 @@ def proxy_connection(config_path, host, user, key, relay):
     try:
         if waiter:
             try:
-                ticket = wait_for_ticket(site, request, auto_retry=True)
+                ticket = wait_for_ticket(site, request, auto_retry=True, abandoned=lambda: peer_gone(1))
             except (Interrupted, KeyboardInterrupt):
                 give_up_pending(site, job, waiter)
                 raise
@@ -7608,6 +7629,13 @@ def proxy_connection(config_path, host, user, key, relay):
         else:
             hand_over(sock, "job %s" % job)
     return 0  # the site is not closed: a Slurm step lives on with the session
+
+
+def peer_gone(fd):
+    """Whether the other end of `fd` (the ssh client, for the proxy) has gone."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def allocation_for_proxy(config_path, profile_name):
@@ -7953,7 +7981,12 @@ def run_q(config_path, argv):
                         help="whose queue: the pool's or Slurm's (default: as for client)")
     args = parser.parse_args(argv)
     _, site, _ = find_site(config_path, ClientOptions(job="", scheduler=args.scheduler))
-    print_table(site.queue(args.all))
+    rows = site.queue(args.all)
+    for number, row in enumerate(rows[1:], 1):
+        if row[4].startswith("sshjob new ") and row[2] in ("pending", "idle"):
+            count = waiters(row[0])
+            rows[number] = row[:4] + (row[4] + "; %d client(s) waiting" % count if count else row[4],)
+    print_table(rows)
     return 0
 
 

@@ -9,13 +9,14 @@ Ctrl-C while it waits removes it unless another client still waits."""
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 
 import pytest
-from conftest import ALICE, BOB, INTERPRETERS, Pool, Terminal, run, wait_for
+from conftest import ALICE, BOB, INTERPRETERS, Host, Pool, Terminal, run, wait_for
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -119,6 +120,33 @@ def test_another_home_finds_the_allocation_and_another_user_does_not(site):
     run(["scancel", "--user", BOB, "--name", "sshjob-new-quick"])
 
 
+def test_a_second_login_host_finds_the_same_allocation(site):
+    """Another network namespace, with its own view of the controller's
+    name and another $HOME: the allocation is found through Slurm."""
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    first = new(site, "quick", "echo $SLURM_JOB_ID")
+    assert first.returncode == 0, first.stderr
+    host = Host("login2")
+    names = "/etc/netns/" + host.name
+    home = tempfile.mkdtemp(prefix="login2-home-")
+    record = pwd.getpwnam(ALICE)
+    os.chown(home, record.pw_uid, record.pw_gid)
+    try:
+        os.makedirs(names)
+        with open(os.path.join(names, "hosts"), "w") as f:  # ip netns exec puts it over /etc/hosts there
+            f.write("127.0.0.1 localhost\n%s %s\n" % (host.outer, site.host))
+        argv = site.argv("new", "quick", "echo $SLURM_JOB_ID; hostname", user=ALICE,
+                         env={"SSHJOB_CONFIG": site.config, "HOME": home}, scheduler=None)
+        second = run(["ip", "netns", "exec", host.name] + argv, cwd="/", timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.split()[0] == first.stdout.strip() and "submitted" not in second.stderr
+    finally:
+        host.remove()
+        shutil.rmtree(names, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+
+
 def test_a_pending_allocation_says_why_and_opens_when_it_runs(site):
     run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
     filler = filled(site)
@@ -149,6 +177,9 @@ def test_ctrl_c_while_pending_removes_it_only_when_nobody_else_waits(site):
             second = started(site, "quick", "true", errors=second_log)
         wait_for(lambda: "waiting (" in read(logs[1]), timeout=60, what="the second client to wait")
         job = allocations()[0][0]
+        queue = site.sshjob("q", env={"SSHJOB_CONFIG": site.config}, scheduler=None).stdout
+        assert re.search(r"^%s .* pending .* sshjob new quick( +\[\w+\])?; 2 client\(s\) waiting$" % job, queue,
+                         re.M), queue
         os.killpg(first.pid, signal.SIGINT)
         assert first.wait(timeout=30) == 130
         assert "removed" not in read(logs[0])
@@ -157,6 +188,40 @@ def test_ctrl_c_while_pending_removes_it_only_when_nobody_else_waits(site):
         assert second.wait(timeout=30) == 130
         assert "allocation %s removed: it had not started, and nobody else waits for it" % job in read(logs[1])
         wait_for(lambda: not allocations(), what="the pending allocation to go")
+    finally:
+        run(["scancel", filler])
+
+
+def test_an_ssh_client_that_goes_away_while_pending_and_an_admin_s_scancel(site):
+    """VS Code gives up: its ssh dies while the proxy waits; the proxy sees
+    it gone and removes the pending allocation.  An admin removes another:
+    its client says so in one sentence."""
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    filler = filled(site)
+    config = os.path.join(site.dir, "pending-ssh-config")
+    with open(config, "w") as f:
+        f.write(site.sshjob("ssh-config", env={"SSHJOB_CONFIG": site.config}, scheduler=None).stdout)
+    os.chmod(config, 0o644)
+    errors = os.path.join(site.dir, "ssh-pending.err")
+    try:
+        with open(errors, "w") as sink:
+            ssh = subprocess.Popen(["runuser", "-u", ALICE, "--", "ssh", "-F", config, "quick.new.sshjob", "true"],
+                                   stderr=sink, cwd="/", start_new_session=True)
+        wait_for(lambda: "waiting (" in read(errors), timeout=60, what="the proxy to wait")
+        job = allocations()[0][0]
+        client = run(["pgrep", "-u", ALICE, "-f", "^ssh -F %s quick" % config]).stdout.split()
+        assert len(client) == 1
+        os.kill(int(client[0]), signal.SIGKILL)  # ssh alone: its ProxyCommand is left to notice
+        ssh.wait()
+        wait_for(lambda: not allocations(), timeout=20, what="the proxy to remove what nobody waits for")
+        assert run(["squeue", "-h", "-j", job]).stdout.strip() == ""
+        with open(errors, "w") as sink:
+            waiting = started(site, "quick", "true", errors=sink)
+        wait_for(lambda: "waiting (" in read(errors), timeout=60, what="the client to wait")
+        run(["scancel", allocations()[0][0]])  # as an admin would
+        assert waiting.wait(timeout=30) != 0
+        said = read(errors).splitlines()[-1]
+        assert said.startswith("sshjob: job ") and "has finished (CANCELLED)" in said, said
     finally:
         run(["scancel", filler])
 
