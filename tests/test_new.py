@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 
 import pytest
-from conftest import ALICE, BOB, INTERPRETERS, Host, Pool, Terminal, run, wait_for
+from conftest import ALICE, BOB, INTERPRETERS, USER_PYTHON, Host, Pool, Terminal, free_port, run, wait_for
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -118,6 +118,48 @@ def test_another_home_finds_the_allocation_and_another_user_does_not(site):
     wait_for(lambda: not allocations(), what="alice's allocation to go")
     assert allocations(BOB), "bob's allocation is his, and stays"
     run(["scancel", "--user", BOB, "--name", "sshjob-new-quick"])
+
+
+def test_vs_code_s_flow_lands_twice_in_one_allocation(site):
+    """As VS Code's Remote-SSH does it: a ControlMaster to PROFILE.new.sshjob,
+    a remote `bash -s` that starts its server in the job, a -D forward that
+    reaches it, the master dropped and made again: the same job."""
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+    config = os.path.join(site.dir, "vscode-ssh-config")
+    with open(config, "w") as f:
+        f.write(site.sshjob("ssh-config", env={"SSHJOB_CONFIG": site.config}, scheduler=None).stdout)
+    os.chmod(config, 0o644)
+    control = tempfile.mkdtemp(prefix="cm-")
+    shutil.chown(control, ALICE, ALICE)
+    ssh = ["runuser", "-u", ALICE, "--", "ssh", "-F", config, "-o", "ControlMaster=auto", "-o",
+           "ControlPath=%s/%%C" % control, "-o", "ControlPersist=60"]
+    served, socks = free_port(), free_port()
+    script = ("echo job=$SLURM_JOB_ID\ncd $HOME && setsid %s -m http.server %d --bind 127.0.0.1 "
+              "</dev/null >/dev/null 2>&1 &\necho started\n" % (USER_PYTHON, served))
+    try:
+        first = run(ssh + ["quick.new.sshjob", "bash -s"], input=script, cwd="/", timeout=120)
+        assert first.returncode == 0 and "started" in first.stdout, first.stderr
+        job = first.stdout.split()[0].split("=")[1]
+        forward = subprocess.Popen(ssh + ["-N", "-D", str(socks), "quick.new.sshjob"], cwd="/")
+        try:
+            def fetched():
+                got = run(["curl", "-s", "--max-time", "5", "--socks5-hostname", "127.0.0.1:%d" % socks,
+                           "http://127.0.0.1:%d/" % served])
+                return got.returncode == 0 and "Directory listing" in got.stdout
+
+            wait_for(fetched, timeout=60, what="the job's server through the -D forward")
+        finally:
+            forward.terminate()
+            forward.wait()
+        run(ssh + ["-O", "exit", "quick.new.sshjob"], cwd="/")
+        again = run(ssh + ["quick.new.sshjob", "echo job=$SLURM_JOB_ID"], cwd="/", timeout=120)
+        assert again.stdout == "job=%s\n" % job, again.stderr
+        assert [row[0] for row in allocations()] == [job]
+    finally:
+        run(ssh + ["-O", "exit", "quick.new.sshjob"], cwd="/")
+        run(["pkill", "-f", "http.server %d" % served])
+        shutil.rmtree(control, ignore_errors=True)
+        run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
 
 
 def test_a_second_login_host_finds_the_same_allocation(site):
