@@ -134,9 +134,12 @@ def test_vs_code_s_flow_lands_twice_in_one_allocation(site):
     ssh = ["runuser", "-u", ALICE, "--", "ssh", "-F", config, "-o", "ControlMaster=auto", "-o",
            "ControlPath=%s/%%C" % control, "-o", "ControlPersist=60"]
     served, socks = free_port(), free_port()
-    script = ("echo job=$SLURM_JOB_ID\ncd $HOME && setsid %s -m http.server %d --bind 127.0.0.1 "
+    script = ("echo job=$SLURM_JOB_ID\ncd $HOME\nsetsid %s -m http.server %d --bind 127.0.0.1 "
               "</dev/null >/dev/null 2>&1 &\necho started\n" % (USER_PYTHON, served))
     try:
+        master = run(ssh + ["quick.new.sshjob", "true"], cwd="/", timeout=120, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)  # the master lives on in the background, with these
+        assert master.returncode == 0
         first = run(ssh + ["quick.new.sshjob", "bash -s"], input=script, cwd="/", timeout=120)
         assert first.returncode == 0 and "started" in first.stdout, first.stderr
         job = first.stdout.split()[0].split("=")[1]
@@ -152,6 +155,9 @@ def test_vs_code_s_flow_lands_twice_in_one_allocation(site):
             forward.terminate()
             forward.wait()
         run(ssh + ["-O", "exit", "quick.new.sshjob"], cwd="/")
+        remade = run(ssh + ["quick.new.sshjob", "true"], cwd="/", timeout=120, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+        assert remade.returncode == 0
         again = run(ssh + ["quick.new.sshjob", "echo job=$SLURM_JOB_ID"], cwd="/", timeout=120)
         assert again.stdout == "job=%s\n" % job, again.stderr
         assert [row[0] for row in allocations()] == [job]
