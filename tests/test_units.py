@@ -86,7 +86,7 @@ def test_a_flooded_listener_admits_the_client_at_once(listener):
         sock = sshjob.NodeStep.await_client(channel, listener, secret, timeout=10)
         comer.join()
         assert sock is not None and answer == [sshjob.DIRECT_TAKEN]
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # well before the 10 s deadline, however busy the machine
         assert len(held) >= sshjob.DIRECT_BACKLOG
     sock.close()
 
@@ -96,7 +96,7 @@ def test_a_listener_that_gets_only_a_flood_gives_up_at_its_deadline(listener):
     started = time.monotonic()
     with flooded(listener), pytest.raises(sshjob.Unreachable, match="did not connect within 1 s"):
         sshjob.NodeStep.await_client(channel, listener, os.urandom(32), timeout=1)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3  # its deadline, not a stall
 
 
 def test_the_clients_choice_of_the_pipe_is_read_while_the_listener_is_busy(listener):
