@@ -403,6 +403,7 @@ MESSAGES = (
     ("relay_accept",  "starter",  "schedd",         "the starter's connection back, for a relay"),
     ("started",       "starter",  "schedd",         "news: a run started (its host key, pids, ssh problem)"),
     ("sessions_open", "starter",  "schedd",         "news: a run's command ended while sessions are open"),
+    ("sessions",      "starter",  "schedd",         "news: how many sessions a run has now (q says it)"),
     ("exited",        "starter",  "schedd",         "news: a run ended by itself (its status, and why)"),
     ("removed",       "starter",  "schedd",         "news: a run ended as rm asked"),
     ("vacated",       "starter",  "schedd",         "news: a run ended as vacate or hold asked"),
@@ -839,6 +840,11 @@ JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
 
 SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
 
+
+
+def allocation_profile(cmd):
+    """The profile of a pool job that is an allocation (sshjob new), else None."""
+    return cmd[-2] if len(cmd) >= 3 and cmd[-3] == "allocation" else None
 
 
 def parse_job_id(text):
@@ -1804,6 +1810,10 @@ def duration(text, bare=1):
     if not match:
         return None
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "": bare}[match.group(2)]
+
+
+def describe_duration(seconds):
+    return "%d min" % round(seconds / 60.0) if seconds >= 120 else "%d s" % seconds
 
 
 def sshjob_home():
@@ -3319,6 +3329,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 ACTIVE_STATES = ("starting", "running", "suspended")
 
+SESSIONS_NOTE = "sessions"  # a running job's note in the queue, as its starter's news says: "sessions: 2"
+
 MAX_SUBMIT = 10000  # node rows one submit may queue
 
 INTERACTIVE_PLACEHOLDER = 86400 * 7  # seconds of `sleep` in an interactive job without a command
@@ -3961,6 +3973,11 @@ class Schedd:
                                 ssh_problem=problem if isinstance(problem, str) else None)
         elif op == "sessions_open":
             self.update_row(row, note="its command exited; waiting for its ssh sessions to close")
+        elif op == "sessions" and row["state"] == "running" and (row["note"] or SESSIONS_NOTE).startswith(
+                SESSIONS_NOTE):
+            live = field(news, "live", int)
+            self.update_row(row, note=SESSIONS_NOTE + (": %d" % live if live else ": none since %s" % time.strftime(
+                "%H:%M:%S")))
         elif op == "exited" and row["state"] in ACTIVE_STATES:
             self.update_row(row, state="completed", exit_status=news.get("status"), hostkey=None, note=why)
         elif op == "failed":  # held, unless trying again elsewhere or later may help
@@ -4100,7 +4117,7 @@ class Job:
         self.host = SessionHost(self.starter.config, self.dir, self.host_key_path(), self.family, self.become,
                                 self.file_owner(), self.starter.terminals, os.path.join(self.dir, "sshd.log"),
                                 self.starter.pty_problem, os.path.join(self.dir, "payload"),
-                                functools.partial(write_tally, os.path.join(self.dir, "sessions")))
+                                self.count_sessions)
         self.host.count_sessions()
         log.info("job %s started as pid %d, user %s", self.name, self.process.pid, self.owner.pw_name)
 
@@ -4184,6 +4201,13 @@ class Job:
         suspend reach them too."""
         members = [pid for payload in payloads for pid, _ in payload_members(payload)]
         return [(pid, stat[1]) for pid, stat in ((pid, process_stat(pid)) for pid in members) if stat]
+
+    def count_sessions(self, live):
+        """Tell the job (an allocation's holder reads the tally) and the queue (q says it) how many sessions live."""
+        write_tally(os.path.join(self.dir, "sessions"), live)
+        if allocation_profile(self.cmd):
+            news = {"op": "sessions", "run": self.run, "gen": self.gen, "live": live}
+            threading.Thread(target=self.starter.report, args=(news,), daemon=True).start()
 
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
@@ -5637,16 +5661,20 @@ class PoolSite(Site):
             if state == "completed":
                 state = "completed (%s)" % row["exit_status"]
             command = " ".join(shlex.quote(a) for a in row["cmd"])
-            if allocation_profile(row["cmd"]):
-                command = "sshjob new %s" % allocation_profile(row["cmd"])
+            note = row["note"]
+            if allocation_profile(row["cmd"]):  # as a Slurm allocation's holder says it
+                command, note = "sshjob new %s" % allocation_profile(row["cmd"]), None
+                live = row["note"][len(SESSIONS_NOTE) + 2:] if (row["note"] or "").startswith(SESSIONS_NOTE) else ""
+                idle = duration(row["cmd"][-1])
+                if live:
+                    command += ": %s; given back %s" % (
+                        "%s session(s)" % live if live.isdigit() else "idle since " + live.split()[-1],
+                        "after %s idle" % describe_duration(idle) if idle is not None else "at its removal")
+                elif row["note"]:
+                    note = row["note"]
             table.append((row["id"], row["owner"], state, row["starter"] or "-",
-                          command + ("  [%s]" % row["note"] if row["note"] else "")))
+                          command + ("  [%s]" % note if note else "")))
         return table
-
-
-def allocation_profile(cmd):
-    """The profile of a pool job that is an allocation (sshjob new), else None."""
-    return cmd[-2] if len(cmd) >= 3 and cmd[-3] == "allocation" else None
 
 
 SLURM_PROGRAMS = ("srun", "scontrol", "squeue", "scancel")  # sbatch only for sshjob new
@@ -7244,10 +7272,6 @@ def find_profile(config, name, options=None):
     if problem:
         raise UsageError("profile %s cannot ask for %s" % (name, problem))
     return Profile(name, words, idle_time(settings.get("idle", DEFAULT_IDLE), name))
-
-
-def describe_duration(seconds):
-    return "%d min" % round(seconds / 60.0) if seconds >= 120 else "%d s" % seconds
 
 
 # -- the client's side ---------------------------------------------------------

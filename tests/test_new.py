@@ -330,7 +330,8 @@ def pool(base, users):
 
 def pool_allocations(pool, user=ALICE):
     rows = [line.split() for line in pool.sshjob("q", user=user).stdout.splitlines()[1:]]
-    return [row[0] for row in rows if row[-2:] == ["new", "dev"] and row[1] == user]
+    return [row[0] for row in rows if " ".join(row[4:]).startswith(("sshjob new dev:", "sshjob new dev")) and
+            row[4:7] in (["sshjob", "new", "dev"], ["sshjob", "new", "dev:"]) and row[1] == user]
 
 
 def test_new_on_a_pool_enters_reuses_gives_back_and_is_an_ssh_host(pool):
@@ -342,6 +343,8 @@ def test_new_on_a_pool_enters_reuses_gives_back_and_is_an_ssh_host(pool):
     assert pool_allocations(pool) == [job]
     again = pool.sshjob("new", "dev", "echo $SSHJOB_JOB_ID", user=ALICE)
     assert again.stdout == job + "\n" and "submitted" not in again.stderr, again.stderr
+    wait_for(lambda: re.search(r"^%s .* sshjob new dev: idle since [\d:]+; given back after 8 s idle$" % job,
+                               pool.sshjob("q", user=ALICE).stdout, re.M), what="q to show the idle clock")
     config = os.path.join(pool.dir, "alice-ssh-config")
     with open(config, "w") as f:
         f.write(pool.sshjob("ssh-config", user=ALICE).stdout)

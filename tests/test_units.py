@@ -211,7 +211,7 @@ def test_every_op_is_in_the_table_once_and_each_receiver_knows_its_own():
     ops = [op for op, _, _, _ in sshjob.MESSAGES]
     assert len(ops) == len(set(ops))
     assert sshjob.Schedd.OPS == sshjob.receives("schedd") >= set(sshjob.JOB_ACTIONS) | sshjob.Schedd.NEWS
-    assert {news for news, _, _ in sshjob.ENDINGS.values()} | {"started", "sessions_open",
+    assert {news for news, _, _ in sshjob.ENDINGS.values()} | {"started", "sessions_open", "sessions",
                                                                                         "failed"} == sshjob.Schedd.NEWS
     assert sshjob.receives("step") == {"builtin", "session", "pipe"}
 
