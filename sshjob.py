@@ -844,7 +844,19 @@ SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0
 
 def allocation_profile(cmd):
     """The profile of a pool job that is an allocation (sshjob new), else None."""
-    return cmd[-2] if len(cmd) >= 3 and cmd[-3] == "allocation" else None
+    return allocation_args(cmd)[0]
+
+
+def image_to_come(pids):
+    """Whether one of `pids` is an allocation's holder whose profile names an
+    image (sshjob new): its container is the job's payload, once it is up."""
+    return any(len(argv) >= 8 and allocation_args(argv)[0] for argv in map(process_argv, pids))
+
+
+def allocation_args(cmd):
+    """(profile, idle) of a pool job whose command is `sshjob allocation`, else (None, None)."""
+    at = cmd.index("allocation") if "allocation" in cmd[1:3] else -1
+    return (cmd[at + 1], cmd[at + 2]) if at > 0 and len(cmd) >= at + 3 else (None, None)
 
 
 def parse_job_id(text):
@@ -1860,6 +1872,8 @@ RUNTIME_HELPERS = ("conmon", "catatonit", "slirp4netns", "pasta", "fuse-overlayf
 PODMAN_VARIABLES = re.compile(r"XDG_\w+|CONTAINERS?_\w+|HOME|TMPDIR|PATH")  # where podman keeps its containers
 
 PODMAN_WAIT = 10.0  # seconds podman has to list the job owner's containers
+
+CONTAINER_START_WAIT = 10.0  # seconds a session waits for a job's `podman run` whose container is not up yet
 
 LONG_LIVED = 1.0  # seconds a job's process must have lived for its environment to be taken as the job's
 
@@ -3217,6 +3231,11 @@ class SessionHost:
         if env_from not in ("payload", "script"):
             raise UsageError("unknown -job-env %r: payload or script" % env_from)
         payloads, orphans = find_payloads(self.config, context.pids, self.become) if choice != "none" else ([], [])
+        deadline = time.monotonic() + CONTAINER_START_WAIT
+        while choice != "none" and not payloads and (orphans or image_to_come(context.pids)) and \
+                time.monotonic() < deadline:  # a container that is still starting
+            time.sleep(0.25)
+            payloads, orphans = find_payloads(self.config, context.pids, self.become)
         payload = choose_payload(payloads, choice, context.name)
         if payload is None and choice == "auto":
             context = context._replace(notice=self.payload_gone(context.name, orphans))
@@ -5649,7 +5668,8 @@ class PoolSite(Site):
                 raise UsageError("profile %s: a pool's allocation takes --nodes N and --env NAME=VALUE, not %r"
                                  % (profile.name, word))
         cmd = [sys.executable, os.path.abspath(sys.argv[0]), "allocation", profile.name,
-               "none" if profile.idle is None else "%ds" % profile.idle]
+               "none" if profile.idle is None else "%ds" % profile.idle] + (
+            [profile.image] + profile.podman if profile.image else [])
         reply = self.schedd.call({"op": "submit", "cmd": cmd, "env": env, "workdir": workdir, "count": 1,
                                   "nodes": nodes, "output": "/dev/null", "error": "/dev/null"})
         return job_name(reply["cluster"], 0)
@@ -5665,7 +5685,7 @@ class PoolSite(Site):
             if allocation_profile(row["cmd"]):  # as a Slurm allocation's holder says it
                 command, note = "sshjob new %s" % allocation_profile(row["cmd"]), None
                 live = row["note"][len(SESSIONS_NOTE) + 2:] if (row["note"] or "").startswith(SESSIONS_NOTE) else ""
-                idle = duration(row["cmd"][-1])
+                idle = duration(allocation_args(row["cmd"])[1])
                 if live:
                     command += ": %s; given back %s" % (
                         "%s session(s)" % live if live.isdigit() else "idle since " + live.split()[-1],
@@ -5962,7 +5982,8 @@ class SlurmSite(Site):
                 f.write(b"#!/usr/bin/env python3\n" + body)
             argv = [slurm_command("sbatch"), "--parsable", "--job-name=" + ALLOCATION_PREFIX + profile.name,
                     "--output=/dev/null", "--error=/dev/null", "--chdir=" + workdir] + profile.options + [
-                script, "allocation", profile.name, "none" if profile.idle is None else "%d" % profile.idle]
+                script, "allocation", profile.name, "none" if profile.idle is None else "%d" % profile.idle] + (
+                [profile.image] + profile.podman if profile.image else [])
             try:
                 done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       universal_newlines=True, timeout=60)
@@ -7007,6 +7028,8 @@ def download_tree(config_path, opts, path, local):
                     for member in archive:
                         archive.extract(as_data(member, name, links, shared), staging, set_attrs=True,
                                         **as_filtered(tarfile))
+                while incoming.read(65536):  # tar's padding after its end: unread, it would break the relay
+                    pass
             except Refused as e:
                 refusals.append(e)
             except (tarfile.TarError, OSError) as e:
@@ -7019,8 +7042,16 @@ def download_tree(config_path, opts, path, local):
             try:
                 status = enter_job(config_path, opts, (nothing.fileno(), write_end, 2),
                                    on_ticket=lambda ticket: owners.append(ticket.user))
-            finally:
+            except SshjobError:
                 os.close(write_end)
+                write_end = None
+                extractor.join()
+                if refusals or failures:  # the extractor stopped reading: that, not the broken relay, is why
+                    raise (refusals or failures)[0] from None
+                raise
+            finally:
+                if write_end is not None:
+                    os.close(write_end)
         extractor.join()
         if refusals:
             raise refusals[0]
@@ -7211,7 +7242,7 @@ HOLDER_OPTIONS = {
     "--chdir": "a session's directory is where `sshjob new` runs",
 }
 
-Profile = collections.namedtuple("Profile", "name options idle")
+Profile = collections.namedtuple("Profile", "name options idle image podman")  # podman: its command and run options
 
 
 def idle_time(text, profile):
@@ -7271,7 +7302,13 @@ def find_profile(config, name, options=None):
     problem = holder_option_problem(words)
     if problem:
         raise UsageError("profile %s cannot ask for %s" % (name, problem))
-    return Profile(name, words, idle_time(settings.get("idle", DEFAULT_IDLE), name))
+    image = settings.get("image", "").strip()
+    podman = [settings.get("podman", "podman"), settings.get("podman_options", "")] if image else []
+    try:
+        [shlex.split(text) for text in podman]
+    except ValueError as e:
+        raise ConfigError("the podman settings of profile %s do not parse: %s" % (name, e)) from None
+    return Profile(name, words, idle_time(settings.get("idle", DEFAULT_IDLE), name), image, podman)
 
 
 # -- the client's side ---------------------------------------------------------
@@ -7424,10 +7461,14 @@ def run_allocation(config_path, argv):
     open sessions before the time limit, and ends, which gives the
     allocation back, `idle` seconds after the last session ended (IDLE
     "none": at the time limit)."""
-    if len(argv) != 2 or not (argv[1] == "none" or duration(argv[1]) is not None):
-        raise UsageError("usage: sshjob allocation PROFILE IDLE (an allocation's batch script; sshjob new submits it)")
+    if len(argv) not in (2, 5) or not (argv[1] == "none" or duration(argv[1]) is not None):
+        raise UsageError("usage: sshjob allocation PROFILE IDLE [IMAGE PODMAN PODMAN_OPTIONS] (an allocation's "
+                         "batch script; sshjob new submits it)")
     profile, idle = argv[0], None if argv[1] == "none" else duration(argv[1])
     job = os.environ.get("SLURM_JOB_ID")
+    if len(argv) == 5:  # first: sessions wait for the container (image_to_come)
+        with run_container(profile, job or os.environ.get("SSHJOB_JOB_ID", "0"), *argv[2:]):
+            return run_allocation(config_path, argv[:2])
     if job:
         ends = slurm_end_time(job)
         census = lambda: (len(slurm_sessions(job)), last_session_end(job))  # noqa: E731
@@ -7439,6 +7480,22 @@ def run_allocation(config_path, argv):
     else:
         raise UsageError("sshjob allocation runs as an allocation's batch script (sshjob new submits it)")
     return hold_allocation(job, profile, idle, ends, census, publish)
+
+
+@contextlib.contextmanager
+def run_container(profile, job, image, podman, options):
+    """A container of the profile's image, the allocation's payload, while
+    the holder holds it: its sessions land inside (find_payloads)."""
+    name = "%s%s-%s" % (ALLOCATION_PREFIX, profile, re.sub(r"[^\w.-]", "-", job))
+    podman = shlex.split(podman)
+    container = subprocess.Popen(podman + ["run", "--rm", "--name", name] + shlex.split(options) + [
+        image, "sleep", "31536000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:  # the container's first process ignores SIGTERM, as a pid 1 does: podman stops it
+        subprocess.run(podman + ["stop", "--ignore", "--time", "1", name], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        container.wait()
 
 
 def hold_allocation(job, profile, idle, ends, census, publish):

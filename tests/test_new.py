@@ -12,11 +12,27 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 
 import pytest
-from conftest import ALICE, BOB, INTERPRETERS, USER_PYTHON, Host, Pool, Terminal, free_port, run, wait_for
+from conftest import (
+    ALICE,
+    BOB,
+    IMAGE,
+    INTERPRETERS,
+    PODMAN_RUN,
+    USER_PYTHON,
+    Host,
+    Pool,
+    Terminal,
+    free_port,
+    podman,
+    podman_env,
+    run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -305,6 +321,33 @@ def test_bad_profiles_and_refusals_are_one_sentence_each(site):
     assert "cannot ask for --array" in said["adhoc"]
     none = site.sshjob("rm", "short", env=env, scheduler=None)
     assert (none.returncode, none.stderr) == (1, "sshjob: you have no allocation of profile short\n")
+
+
+def test_a_profile_that_names_an_image_puts_sessions_in_its_container(site, images):
+    """image = IMAGE: the allocation runs a container of it, and its
+    sessions land inside, as in any job whose payload is a container; the
+    container goes when the allocation is given back."""
+    config = os.path.join(site.dir, "image.conf")
+    with open(config, "w") as f:
+        f.write("[sshjob]\nscheduler = slurm\n\n[profile boxed]\noptions = -c 1 --time=00:10:00\nidle = none\n"
+                "image = %s\npodman = %s\npodman_options = %s\n" % (IMAGE, " ".join(PODMAN_RUN[:3]),
+                                                                    " ".join(PODMAN_RUN[5:])))
+    os.chmod(config, 0o644)
+    env = dict(podman_env(ALICE), SSHJOB_CONFIG=config)
+    run(["scancel", "--user", ALICE, "--name", "sshjob-new-boxed"])
+    try:
+        inside = site.sshjob("new", "boxed", "cat /etc/os-release; hostname", env=env, scheduler=None, timeout=120)
+        assert inside.returncode == 0, inside.stderr
+        assert "VARIANT=busybox" in inside.stdout and socket.gethostname() not in inside.stdout
+        job = allocations(name="boxed")[0][0]
+        name = "sshjob-new-boxed-%s" % job
+        assert podman(ALICE, "container", "exists", name).returncode == 0
+        gave = site.sshjob("rm", "boxed", env=env, scheduler=None)
+        assert gave.returncode == 0, gave.stderr
+        wait_for(lambda: podman(ALICE, "container", "exists", name).returncode != 0, timeout=30,
+                 what="the allocation's container to go with it")
+    finally:
+        run(["scancel", "--user", ALICE, "--name", "sshjob-new-boxed"])
 
 
 def test_a_profile_made_on_the_command_line(site):
