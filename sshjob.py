@@ -7046,8 +7046,8 @@ def download_tree(config_path, opts, path, local):
                 os.close(write_end)
                 write_end = None
                 extractor.join()
-                if refusals or failures:  # the extractor stopped reading: that, not the broken relay, is why
-                    raise (refusals or failures)[0] from None
+                if refusals:  # the extractor refused what came and stopped reading: that, not the relay, is why
+                    raise refusals[0] from None
                 raise
             finally:
                 if write_end is not None:
