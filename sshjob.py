@@ -8249,6 +8249,11 @@ def daemon_pid(pool_dir, role, config_path):
     return pid if config_path.encode() in argv and role.encode() in argv and process_alive(pid) else None
 
 
+# Seconds a daemon has to stop before `pool stop` kills it: a starter ends a job in a container by podman
+# stop (its grace, and podman's own wait), waits for `podman run`, then ends the job's processes.
+STOP_GRACE = 3 * KILL_GRACE + PODMAN_WAIT + 5
+
+
 def pool_stop(pool_dir):
     config_path = os.path.join(pool_dir, "sshjob.conf")
     pids = [daemon_pid(pool_dir, role, config_path) for role in ("starter", "schedd")]
@@ -8257,7 +8262,7 @@ def pool_stop(pool_dir):
     for pid in filter(None, pids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            deadline = time.time() + KILL_GRACE + 5
+            deadline = time.time() + STOP_GRACE
             while time.time() < deadline and process_alive(pid):
                 time.sleep(0.05)
             if process_alive(pid):
