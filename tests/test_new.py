@@ -184,6 +184,31 @@ def test_vs_code_s_flow_lands_twice_in_one_allocation(site):
         run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
 
 
+CLIENTS = read(os.path.join(os.path.dirname(__file__), "ssh_clients.py"))
+
+
+@pytest.mark.parametrize("kind", ["paramiko", "asyncssh"])
+def test_clients_that_are_not_openssh_reach_a_slurm_job_and_an_allocation(site, kind):
+    """paramiko and asyncssh through the Host block, relayed by the proxy, as
+    for a pool's job (test_ssh_hosts.py): a Slurm job, and PROFILE.new.sshjob."""
+    config = os.path.join(site.dir, "clients-ssh-config")
+    with open(config, "w") as f:
+        f.write(site.sshjob("ssh-config", env={"SSHJOB_CONFIG": site.config}, scheduler=None).stdout)
+    os.chmod(config, 0o644)
+    job = site.running()
+    try:
+        for host in (job + ".slurm.sshjob", "quick.new.sshjob"):
+            result = run(["runuser", "-u", ALICE, "--", "env", "-i", "HOME=" + pwd.getpwnam(ALICE).pw_dir,
+                          "PATH=" + os.environ["PATH"], "USER=" + ALICE, "SSHJOB_TEST_SSH_CONFIG=" + config,
+                          USER_PYTHON, "-W", "ignore", "-c", CLIENTS, kind, host, "echo $SLURM_JOB_ID; exit 7"],
+                         cwd="/", timeout=120)
+            assert result.returncode == 7, (host, result.stderr)
+            assert result.stdout.strip() == (job if host.startswith(job) else allocations()[0][0])
+    finally:
+        run(["scancel", job])
+        run(["scancel", "--user", ALICE, "--name", "sshjob-new-quick"])
+
+
 def test_a_second_login_host_finds_the_same_allocation(site):
     """Another network namespace, with its own view of the controller's
     name and another $HOME: the allocation is found through Slurm."""
