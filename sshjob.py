@@ -4914,6 +4914,11 @@ def session_activity(job):
     return base and os.path.join(base, "activity-%s" % job)
 
 
+def request_shells(request):
+    """The shells a session's request offers, in order."""
+    return [shell for shell in field(request, "shells", list, []) if isinstance(shell, str)]
+
+
 def held_marker(job, step):
     """The file that says step `step` of `job` holds what a session left running, and no session."""
     base = private_node_directory()
@@ -4930,13 +4935,18 @@ def become_subreaper():
         return False
 
 
-def mark_held(marker, held):
-    if not marker:
-        return
+def touch(path):
+    """Make `path` if missing (never through a link) and set its time to now."""
     with contextlib.suppress(OSError):
-        if held:
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        else:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        os.utime(path)
+
+
+def mark_held(marker, held):
+    if marker and held:
+        touch(marker)
+    elif marker:
+        with contextlib.suppress(OSError):
             os.unlink(marker)
 
 
@@ -4971,9 +4981,7 @@ def children_of(pid):
 def mark_session_end(job):
     path = session_activity(job)
     if path:
-        with contextlib.suppress(OSError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-            os.utime(path)
+        touch(path)
 
 
 def job_key_directory(job, started):
@@ -5129,7 +5137,7 @@ class NodeStep:
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.name = field(request, "job", str, self.job_id)
         self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self.shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        self.shells = request_shells(request)
         self.tag = token_hex(8)
         self.keep = job_key_directory(self.job_id, request.get("started"))
         self.tmp = tempfile.mkdtemp(prefix="sshjob-step-")
@@ -5207,7 +5215,7 @@ class NodeStep:
             finally:
                 self.finish_host_key(making)
         self.host.host_key = self.host_key
-        shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        shells = request_shells(request)
         sdir = self.host.prepare_sshd(context or self.context, key, shells)
         with open(self.host_key + ".pub") as f:
             return sdir, parse_public_key(f.read())
@@ -5371,7 +5379,7 @@ class NodeStep:
         session = recv_msg(tls, "the client")
         if session.get("op") != "builtin":
             raise ProtocolError("expected the built-in session's request")
-        shells = [s for s in field(request, "shells", list, []) if isinstance(s, str)]
+        shells = request_shells(request)
         self.host.run_builtin(context, tls, session, shells, accepted=lambda: send_msg(tls, {"ok": True}))
 
     def start_agent(self):
@@ -5810,7 +5818,7 @@ class SlurmSite(Site):
         key = self.spec + ("." + self.node if self.node else "")
         return key if WARM_KEY.fullmatch(key) else None
 
-    def warm_step(self, request, quiet=False):
+    def warm_step(self, request):
         """A step through the job's agent (the warm path), where the user's
         record names one that answers; else None, and the cold way goes on.
         A record whose agent is gone (its port closed, another certificate,
@@ -5821,24 +5829,21 @@ class SlurmSite(Site):
             return None
         path = warm_record(key)
         try:
-            with open(path) as f:
-                record = json.load(f)
-            step = WarmStep(self, record)
+            step = WarmStep(self, read_warm_record(path))
         except (OSError, ValueError, TypeError, KeyError):
             return None
         try:
             step.begin(request)
         except (OSError, SshjobError) as e:
             step.close()
-            if not quiet:
-                log.debug("job %s's agent on %s does not answer (%s): the cold way", self.spec,
-                          record.get("node"), describe(e))
+            log.debug("job %s's agent on %s does not answer (%s): the cold way", self.spec, step.record["node"],
+                      describe(e))
             if isinstance(e, (ConnectionRefusedError, Refused, ProtocolError)):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             return None
-        log.debug("the warm path: job %s's agent on %s", self.spec, record["node"])
-        self.target = (record["job"], record["node"], "")
+        log.debug("the warm path: job %s's agent on %s", self.spec, step.record["node"])
+        self.target = (step.record["job"], step.record["node"], "")
         return step
 
     def ticket(self, request):
@@ -6176,6 +6181,14 @@ def first_to_answer(hosts, port, timeout):
     raise ConnectionRefusedError(errno.ECONNREFUSED, "no answer at %s, port %d" % (", ".join(hosts), port))
 
 
+def read_warm_record(path):
+    with open(path) as f:
+        record = json.load(f)
+    if not isinstance(record, dict):
+        raise ValueError("not a record")
+    return record
+
+
 class WarmStep:
     """A session through a job's agent, from the client's side: TLS to the
     agent at the address of the user's record, its certificate pinned, the
@@ -6188,17 +6201,21 @@ class WarmStep:
         self.channel = None
         site.steps.append(self)
 
-    def begin(self, request):
+    def ask(self, message):
+        """Send the agent `message`, with the record's secret, on a new TLS
+        connection with the certificate pinned; returns its reply."""
         sock = first_to_answer(self.hosts, self.port, WARM_WAIT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(WARM_WAIT)
         self.channel = pinned_tls_connection(sock, str(self.record["fingerprint"]),
                                              "job %s's agent" % self.site.spec)
-        send_msg(self.channel, dict(request.place(), op="session", secret=self.record["secret"], key=request.key,
-                                    transport=request.transport, interactive=request.interactive,
-                                    shells=request.shells, job=self.site.spec))
+        send_msg(self.channel, dict(message, secret=self.record["secret"]))
         self.channel.settimeout(IO_TIMEOUT)
-        self.reply = raise_for_reply(recv_msg(self.channel, "job %s's agent" % self.site.spec))
+        return raise_for_reply(recv_msg(self.channel, "job %s's agent" % self.site.spec))
+
+    def begin(self, request):
+        self.reply = self.ask(dict(request.place(), op="session", key=request.key, transport=request.transport,
+                                   interactive=request.interactive, shells=request.shells, job=self.site.spec))
         log.debug("the session in job %s runs %s", self.site.spec, self.reply.get("where", "on the node"))
 
     def connect(self):
@@ -7533,7 +7550,7 @@ def pool_sessions(tally):
 
 def slurm_sessions(job):
     """The steps of `job` that are sessions: all but its batch and extern steps, and those that hold
-    only what a session left running (NodeStep.hold_leftovers) on this node."""
+    only what a session left running (NodeStep.linger) on this node."""
     steps = run_slurm(job, "squeue", "--noheader", "--steps", "--jobs", job, "--format=%i").split()
     return [step for step in steps if step.split(".")[-1] not in ("batch", "extern", "interactive")
             and not os.path.exists(held_marker(job, step.split(".")[-1]) or "")]
@@ -8090,8 +8107,7 @@ def run_warm(config_path, argv):
         rows = [("JOB", "NODE", "ADDRESS")]
         for name in sorted(os.listdir(directory)):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                with open(os.path.join(directory, name)) as f:
-                    record = json.load(f)
+                record = read_warm_record(os.path.join(directory, name))
                 rows.append((name[len("slurm-"):-len(".json")], record["node"], "%s, port %d" % (
                     " ".join(record["hosts"]), record["port"])))
         print_table(rows)
@@ -8102,19 +8118,13 @@ def run_warm(config_path, argv):
     _, site, _ = find_site(config_path, opts)
     key = site.warm_key() if isinstance(site, SlurmSite) else None
     try:
-        with open(warm_record(key or "-")) as f:
-            record = json.load(f)
-        step = WarmStep(site, record)
-        sock = first_to_answer(step.hosts, step.port, WARM_WAIT)
-        sock.settimeout(WARM_WAIT)
-        with pinned_tls_connection(sock, str(record["fingerprint"]), "job %s's agent" % argv[1]) as tls:
-            send_msg(tls, {"op": "stop", "secret": record["secret"]})
-            raise_for_reply(recv_msg(tls, "job %s's agent" % argv[1]))
+        step = WarmStep(site, read_warm_record(warm_record(key or "-")))
+        step.ask({"op": "stop"})
     except (OSError, ValueError, KeyError, TypeError):
         raise NotFound("job %s has no agent of yours that answers (sshjob warm list names them)" % argv[1]) from None
     finally:
         site.close()
-    print("Job %s's agent on %s stopped." % (argv[1], record["node"]))
+    print("Job %s's agent on %s stopped." % (argv[1], step.record["node"]))
     return 0
 
 
