@@ -398,8 +398,8 @@ def pool(base, users):
 
 def pool_allocations(pool, user=ALICE):
     rows = [line.split() for line in pool.sshjob("q", user=user).stdout.splitlines()[1:]]
-    return [row[0] for row in rows if " ".join(row[4:]).startswith(("sshjob new dev:", "sshjob new dev")) and
-            row[4:7] in (["sshjob", "new", "dev"], ["sshjob", "new", "dev:"]) and row[1] == user]
+    ours = (["sshjob", "new", "dev"], ["sshjob", "new", "dev:"])  # dev: when the queue has its sessions
+    return [row[0] for row in rows if row[4:7] in ours and row[1] == user]
 
 
 def test_new_on_a_pool_enters_reuses_gives_back_and_is_an_ssh_host(pool):
