@@ -78,36 +78,48 @@ started inside the job, as NodeStep is on Slurm; it takes one line in SITES.
 """
 
 import array
-import base64
 import collections
 import contextlib
 import errno
 import fcntl
 import functools
-import grp
-import json
 import os
 import pwd
 import re
 import select
-import shlex
-import shutil
 import signal
 import socket
 import socketserver
 import stat
 import struct
-import subprocess
 import sys
-import termios
 import threading
 import time
 
-# Every role imports the modules above.  The others (argparse,
-# configparser, ctypes, hashlib, hmac, logging, pty, sqlite3, ssl, tarfile,
-# tempfile, tty, zipfile, zlib) are imported by the functions that use them,
-# so that each role loads only what it uses: a client starts some 20 ms
-# sooner than it would with them all.
+
+class LazyModule:
+    """A module that is imported where it is first used, and then stands in
+    the module's namespace itself: most roles never use these, and every
+    role's start would pay for them (a client's, some 6 ms)."""
+
+    def __init__(self, name):
+        self.__name = name
+
+    def __getattr__(self, attribute):
+        module = __import__(self.__name)
+        globals()[self.__name] = module
+        return getattr(module, attribute)
+
+
+base64, grp, json, shlex, shutil, subprocess, termios = map(LazyModule, (
+    "base64", "grp", "json", "shlex", "shutil", "subprocess", "termios"))
+
+# Every role imports the modules above, and the lazy ones where it uses
+# them.  The others (argparse, configparser, ctypes, hashlib, hmac,
+# logging, pty, sqlite3, ssl, tarfile, tempfile, tty, zipfile, zlib) are
+# imported by the functions that use them, so that each role loads only
+# what it uses: a client starts some 25 ms sooner than it would with them
+# all.
 
 
 # ---------------------------------------------------------------------------
