@@ -232,6 +232,8 @@ PIDS_VAR = "_SSHJOB_JOB_PIDS"
 
 SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only
 
+CONNECTION_GRACE = 1.0  # seconds an sshd connection counts as a session before its first channel opens
+
 TALLY_VAR = "SSHJOB_SESSIONS"  # a pool job's file of its live sessions (SessionHost.count_sessions)
 
 PACKAGES = {
@@ -976,6 +978,37 @@ def tty_group_namespace(uid, gid, tty):
                 os.close(fd)
 
     return enter
+
+
+def children_of(pid):
+    """The pids of `pid`'s children, as /proc tells them."""
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/%d/task" % pid):
+            with contextlib.suppress(OSError), open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                found += [int(child) for child in f.read().split()]
+    return found
+
+
+def descendants(pid):
+    """The pids of `pid`'s children, theirs, and so on."""
+    found, below = [], children_of(pid)
+    while below:
+        child = below.pop()
+        found.append(child)
+        below += children_of(child)
+    return found
+
+
+def serves_a_channel(pid):
+    """Whether the sshd whose pid is `pid` serves a channel: a process of a
+    session's own (a shell, a command, sftp-server) runs below it, under
+    its own name; sshd's own helpers are all named sshd."""
+    for child in descendants(pid):
+        with contextlib.suppress(OSError), open("/proc/%d/comm" % child) as f:
+            if f.read().strip() != "sshd":
+                return True
+    return False
 
 
 def process_state(pid, started=None):
@@ -2606,6 +2639,7 @@ ExposeAuthInfo yes
 UseDNS no
 AcceptEnv LANG LANGUAGE LC_*
 Subsystem sftp ${sftp_server}
+MaxSessions 1024
 LogLevel ERROR
 """
 
@@ -3102,6 +3136,7 @@ class SessionHost:
         self.terminals = terminals
         self.sshd_log = sshd_log
         self.sessions = set()  # the processes of the sessions that live: sshd, or a built-in session's shell
+        self.connections = {}  # those of them that are sshd: when each started
         self.changed = threading.Condition()
         self.count = 0
 
@@ -3153,6 +3188,10 @@ class SessionHost:
         finally:
             if errors:
                 os.close(errors)
+        with self.changed:
+            self.connections[proc] = time.monotonic()
+            if len(self.connections) == 1:
+                threading.Thread(target=self.watch_connections, daemon=True).start()
         self.track(proc)
         threading.Thread(target=self.end, args=(proc, sdir), daemon=True).start()
         log.info("job %s: %s started, sshd pid %d", context.name, part, proc.pid)
@@ -3300,10 +3339,36 @@ class SessionHost:
             self.sessions.add(proc)
             self.count_sessions()
 
+    def live(self):
+        """How many sessions are in use.  A built-in session is, while it
+        runs; an sshd is while it serves a channel, and in its first second
+        (its first channel is yet to open).  The connection of an ssh master
+        that ControlPersist keeps between sessions (the warm path) serves
+        none, and is no one's session: an allocation's idle clock runs, and
+        a pool job whose processes have ended completes, ending it."""
+        now = time.monotonic()
+        return sum(1 for proc in list(self.sessions) if proc not in self.connections or
+                   now - self.connections[proc] < CONNECTION_GRACE or serves_a_channel(proc.pid))
+
+    def watch_connections(self):
+        """While sshd connections live, say when the count of sessions in
+        use changes (a channel opens or closes on a connection that stays)."""
+        said = None
+        while True:
+            time.sleep(CONNECTION_GRACE / 2)
+            with self.changed:
+                if not self.connections:
+                    return
+                live = self.live()
+                if live != said:
+                    said = live
+                    self.count_sessions()
+                    self.changed.notify_all()
+
     def count_sessions(self):
         if self.tally:
             with contextlib.suppress(OSError):
-                self.tally(len(self.sessions))
+                self.tally(self.live())
 
     def end(self, proc, sdir=None):
         """Wait for a session's process; then it is gone, and its files."""
@@ -3314,15 +3379,16 @@ class SessionHost:
             self.family.leaders.remove(proc)  # reaped: its pid may be anyone's soon
         with self.changed:
             self.sessions.discard(proc)
+            self.connections.pop(proc, None)
             self.count_sessions()
             self.changed.notify_all()
         log.debug("a session ended (pid %d)", proc.pid)
 
     def wait_for_sessions(self):
-        """Until no session lives."""
+        """Until no session is in use (see live)."""
         with self.changed:
-            while self.sessions:
-                self.changed.wait()
+            while self.live():
+                self.changed.wait(CONNECTION_GRACE)
 
 
 # ---------------------------------------------------------------------------
@@ -4244,7 +4310,7 @@ class Job:
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
         why = self.why_it_ended(status)
-        if self.host.sessions and not self.ending:
+        if self.host.live() and not self.ending:
             self.starter.report({"op": "sessions_open", "run": self.run, "gen": self.gen})
         self.host.wait_for_sessions()
         self.family.remove()  # what the job left behind goes with it
@@ -4856,7 +4922,10 @@ def address_facing(peer):
 def guard_step(step_pid, started, tag, tmp):
     """The guardian: while the step lives, stop the session's processes
     when Slurm stops the step (suspend) and continue them after; when it
-    ends, however it ends, end them all, wherever they have forked to."""
+    ends, however it ends, end them all, wherever they have forked to.
+    Those below the step are stopped too: sshd, whose environment (where
+    the tag is) its process title overwrites, would open new sessions on
+    its connection (an ssh master's) in a suspended job."""
     family = ProcessFamily(None, "session", tag)  # found by its tag: the step's cgroup is Slurm's
     stopped = None  # the pids stopped with the step, while it is stopped
     while True:
@@ -4864,7 +4933,7 @@ def guard_step(step_pid, started, tag, tmp):
         if state is None:
             break
         if state in "Tt" and stopped is None:
-            stopped = family.pids()
+            stopped = sorted(set(family.pids() + descendants(step_pid)))
             signal_pids(stopped, signal.SIGSTOP)
         elif state not in "Tt" and stopped is not None:
             signal_pids(stopped, signal.SIGCONT)
@@ -4978,16 +5047,6 @@ def leftover_children(sessions):
         else:
             alive = True
     return alive
-
-
-def children_of(pid):
-    """The pids of `pid`'s children, as /proc tells them."""
-    found = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/%d/task" % pid):
-            with contextlib.suppress(OSError), open("/proc/%d/task/%s/children" % (pid, task)) as f:
-                found += [int(child) for child in f.read().split()]
-    return found
 
 
 def mark_session_end(job):
@@ -5424,14 +5483,14 @@ class NodeStep:
         marker = held_marker(self.job_id, os.environ.get("SLURM_STEP_ID", ""))
         try:
             while True:
-                live = bool(self.host.sessions)
+                live = self.host.live() > 0
                 mark_held(marker, not live)
                 if live and self.agent:
                     self.agent.last = time.monotonic()
                 if self.agent and not live and self.agent.idle():
                     self.agent.stop()
                     self.agent = None
-                if not live and not self.agent and not leftover_children(set(self.host.sessions)):
+                if not (live or self.agent or self.host.sessions or leftover_children(set(self.host.sessions))):
                     return
                 time.sleep(0.2)
         finally:
@@ -6343,10 +6402,9 @@ class TicketDesk:
     def connect_to_job(self, ticket=None):
         """A socket that the job's sshd answers, its host key known to ssh."""
         sock, hostkey = self.site.connect_ssh(self.request, ticket)
-        if hostkey not in self.hostkeys:
+        if hostkey not in self.hostkeys:  # written whole: another client's master may read the same file
             self.hostkeys.add(hostkey)
-            with open(self.known_hosts, "a") as f:
-                f.write("%s %s\n" % (self.alias, hostkey))
+            write_atomically(self.known_hosts, "".join("%s %s\n" % (self.alias, key) for key in sorted(self.hostkeys)))
         return sock
 
     def prepare(self, ticket):
@@ -6622,8 +6680,10 @@ def make_session_key(config, path, keygen_options):
     return path
 
 
-def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
-    """The ssh (or scp, sftp, rsync...) command line that reaches the job."""
+def ssh_command(config, opts, alias, user, known_hosts, key, proxy, master=None, cold=True):
+    """The ssh (or scp, sftp, rsync...) command line that reaches the job:
+    through `master` (an SshMaster) where one is given, made by this
+    command when `cold`."""
     program = split_words(opts.ssh, "-ssh") if opts.ssh else split_words(config["ssh"], "the setting ssh")
     if not program:
         raise UsageError("the -ssh command is empty")
@@ -6639,6 +6699,8 @@ def ssh_command(config, opts, alias, user, known_hosts, key, proxy):
         "ProxyCommand": proxy, "ProxyUseFdpass": "yes", "User": user, "LogLevel": "ERROR",
         "SendEnv": "LANG LANGUAGE LC_*",  # the client's locale, as plain ssh sends it (TERM, DISPLAY come anyway)
     }
+    if master:
+        options.update(master.options(cold))
     argv = program + ["-F", "/dev/null"]
     for name, value in options.items():
         argv += ["-o", "%s=%s" % (name, value)]
@@ -6664,7 +6726,8 @@ def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
     """Reach the job as `opts` say, over OpenSSH (ssh, or the -ssh command)
     where both ends have it, else over the built-in transport, with the
     remote command's stdin, stdout and stderr on `streams`; `on_ticket` is
-    called with the ticket before the session starts.  Returns the exit
+    called with the ticket before the session starts (with None for one
+    through an ssh master, which needs none).  Returns the exit
     status."""
     if opts.debug:
         log.set_level(Log.DEBUG)
@@ -6687,11 +6750,20 @@ def enter_job(config_path, opts, streams=(0, 1, 2), on_ticket=None):
 
 def enter_job_at(site, config, opts, job, streams, on_ticket):
     command = " ".join(opts.command) if opts.command else None
+    openssh = wants_openssh(config, opts)
+    master = SshMaster.of(config, site, opts, job) if openssh else None
+    if master and master.answers():
+        if on_ticket:
+            on_ticket(None)  # no ticket is needed
+        status = master.run(config, opts, streams)
+        if status == 255:
+            explain_lost_session(site, job, None)
+        return status
     with contextlib.ExitStack() as stack:
         ssh = None
-        if wants_openssh(config, opts):  # the built-in transport needs no key, so no directory for one
+        if openssh:  # the built-in transport needs no key, so no directory for one
             ssh = stack.enter_context(OpenSsh(config, opts, site, stack.enter_context(private_tempdir()), job,
-                                              streams))
+                                              streams, master))
         key = make_session_key(config, ssh.key, opts.keygen_options) if ssh else None
         holder = token_hex(32)
         request = SessionRequest(opts.job.rpartition(":")[2], key=key and read_public_key(key),
@@ -6802,6 +6874,103 @@ def wait_for_ticket(site, request, auto_retry, abandoned=lambda: False):
         raise
 
 
+MASTER_PREFIX = "cm-"  # the client's ssh master sockets (SshMaster) in its private directory
+
+
+class SshMaster:
+    """The warm path of the OpenSSH transport: ssh's own multiplexing.  A
+    cold session's ssh stays as the master of its connection to the job's
+    sshd (ControlMaster, with ControlPersist for warm_idle after its last
+    session), and later sessions of the same user into the same job, with
+    the same choices, go through it: no ticket, no step, no handshake.
+
+    Its socket is in the user's private directory on this host, where ssh
+    itself serves only its own uid; its name is a hash of what the session
+    chose (configuration, site, job, container, environment, shells).  The
+    job's host key is kept beside it, for the master's later key exchanges,
+    and says which job it is for (`sshjob warm list`).  On the job's side
+    the master's sshd counts as a session only while it serves one (see
+    SessionHost.live).  A job that ends takes the connection with it; a
+    master whose socket no longer answers is the cold way again."""
+
+    def __init__(self, path, alias):
+        self.path = path
+        self.alias = alias
+        self.known_hosts = path + ".hosts"
+        self.persist = 0
+
+    @classmethod
+    def of(cls, config, site, opts, job):
+        """The master for this session's choices, or None where there is
+        none to be (warm_idle = 0, the built-in transport, no private directory)."""
+        import hashlib
+        persist = duration(config["warm_idle"] or "0") or 0
+        directory = private_node_directory()
+        if not persist or not directory or opts.transport == "builtin":
+            return None
+        choices = [config.path or "", site.name, job, opts.container, opts.job_env, opts.shells or "",
+                   os.environ.get("SHELL", "")]
+        digest = hashlib.sha256(json.dumps(choices).encode()).hexdigest()[:24]
+        master = cls(os.path.join(directory, MASTER_PREFIX + digest), "job-" + job)
+        master.persist = persist
+        return master
+
+    def answers(self):
+        """Whether a master serves the socket (ssh removes a stale one)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def options(self, cold):
+        """ssh's options: the first session's ssh becomes the master, later
+        ones only go through it (a master that has just gone leaves them
+        nothing to connect with: they fail, saying so, and are not
+        retried, having maybe run)."""
+        options = {"ControlPath": openssh_quoted(self.path), "ControlMaster": "auto" if cold else "no"}
+        if cold:
+            options["ControlPersist"] = "%ds" % self.persist
+        else:
+            options["ProxyCommand"] = "/bin/sh -c %s" % shlex.quote(
+                "echo 'sshjob: the ssh master connection to %s ended as the session started: run it again' >&2"
+                % self.alias[4:])
+            options["UserKnownHostsFile"] = "/dev/null"
+        return options
+
+    def run(self, config, opts, streams):
+        """A session through the master: ssh's exit status."""
+        argv = ssh_command(config, opts, self.alias, user_name(os.getuid()), os.devnull, os.devnull, None,
+                           self, cold=False)
+        log.debug("the warm path: ssh's master connection to %s, at %s", self.alias[4:], self.path)
+        return wait_foreground(start_foreground(argv, streams))
+
+    def stop(self):
+        """Ask the master to end (ssh -O exit); whether one answered."""
+        if not self.answers():
+            return False
+        subprocess.run([shutil.which("ssh") or "ssh", "-F", "/dev/null", "-o", "ControlPath=" + openssh_quoted(
+            self.path), "-O", "exit", self.alias], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return True
+
+    @staticmethod
+    def all_of_user():
+        """(job, SshMaster) for each of the user's masters that answers."""
+        directory = private_node_directory()
+        found = []
+        for name in sorted(os.listdir(directory)) if directory else ():
+            if name.startswith(MASTER_PREFIX) and name.endswith(".hosts"):
+                with contextlib.suppress(OSError, IndexError), open(os.path.join(directory, name)) as f:
+                    alias = f.read().split()[0]
+                    master = SshMaster(os.path.join(directory, name[:-len(".hosts")]), alias)
+                    if master.answers():
+                        found.append((alias[len("job-"):], master))
+        return found
+
+
 class OpenSsh:
     """ssh (or the -ssh program) reaching a job through a ticket desk.
 
@@ -6814,14 +6983,16 @@ class OpenSsh:
     desk holds its connection: stopping it would leave its own ssh behind,
     which would then speak."""
 
-    def __init__(self, config, opts, site, tmp, job, streams=(0, 1, 2)):
+    def __init__(self, config, opts, site, tmp, job, streams=(0, 1, 2), master=None):
         self.config = config
         self.opts = opts
         self.site = site
         self.streams = streams
+        self.master = master  # the SshMaster that this session's ssh becomes
         self.key = os.path.join(tmp, "id")
-        self.known_hosts = os.path.join(tmp, "known_hosts")
-        write_private(self.known_hosts, "")
+        self.known_hosts = master.known_hosts if master else os.path.join(tmp, "known_hosts")
+        if not master:
+            write_private(self.known_hosts, "")
         self.desk = TicketDesk(site, None, self.known_hosts, "job-" + job)
         self.user = user_name(os.getuid())
         self.proc = None
@@ -6836,7 +7007,7 @@ class OpenSsh:
 
     def start(self):
         argv = ssh_command(self.config, self.opts, self.desk.alias, self.user, self.known_hosts, self.key,
-                           self.desk.proxy_command())
+                           self.desk.proxy_command(), self.master)
         log.debug("running %s", " ".join(shlex.quote(a) for a in argv))
         self.proc = start_foreground(argv, self.streams)
 
@@ -7070,7 +7241,7 @@ def download_tree(config_path, opts, path, local):
         with open(os.devnull, "rb") as nothing:
             try:
                 status = enter_job(config_path, opts, (nothing.fileno(), write_end, 2),
-                                   on_ticket=lambda ticket: owners.append(ticket.user))
+                                   on_ticket=lambda ticket: owners.append(ticket and ticket.user))
             except SshjobError:
                 os.close(write_end)
                 write_end = None
