@@ -3391,6 +3391,180 @@ class SessionHost:
                 self.changed.wait(CONNECTION_GRACE)
 
 
+DIRECT_BACKLOG = 128  # connections the kernel queues on a step's direct listener, or an agent's
+
+WARM_WAIT = 1.0  # seconds a client gives a job's agent (the warm path) to answer before it goes the cold way
+
+WARM_PENDING = 64  # connections a job's agent takes at once before they bring the secret; more are closed
+
+WARM_SECRET_WAIT = 3.0  # seconds a connection to a job's agent has for TLS and the secret
+
+SIOCGIFCONF = 0x8912  # netdevice(7): a node's addresses, each in a struct ifreq of IFREQ_SIZE bytes
+
+IFREQ_SIZE = 40 if struct.calcsize("P") == 8 else 32
+
+WARM_KEY = re.compile(r"[\w.-]{1,64}")  # what names a job's agent in the user's warm records: the client's job
+
+
+def node_addresses():
+    """This node's IPv4 addresses, loopback last: where a client on another
+    host may reach a listener bound to them all."""
+    import array
+    size = 8192
+    buffer = array.array("B", bytes(size))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        said = fcntl.ioctl(probe.fileno(), SIOCGIFCONF, struct.pack("iL", size, buffer.buffer_info()[0]))
+    length = struct.unpack("iL", said)[0]
+    data = buffer.tobytes()[:length]
+    step = IFREQ_SIZE
+    addresses = [socket.inet_ntoa(data[at + 20:at + 24]) for at in range(0, length - step + 1, step)]
+    return sorted(set(addresses), key=lambda address: (address.startswith("127."), addresses.index(address)))
+
+
+def address_facing(peer):
+    """This node's address on the way to `peer` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((peer, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
+def private_node_directory():
+    """The user's own private directory in this node's temporary directory
+    (made if missing), or None where a link or another user's is there."""
+    import tempfile
+    base = os.path.join(tempfile.gettempdir(), "sshjob-%d" % os.getuid())
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return base
+
+
+def warm_record(key):
+    """Where the user's record of a job's agent (the warm path) is: in the
+    user's private sshjob directory, which the login nodes share with the
+    compute nodes where home directories are shared."""
+    directory = os.path.join(sshjob_home(), "warm")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    return os.path.join(directory, "slurm-%s.json" % key)
+
+
+class JobAgent:
+    """A job's agent on a node: the warm path's node side.  The step of a
+    job's first session there stays after it, and serves the owner's later
+    sessions itself, over TLS with a certificate of its own: no srun, no new
+    interpreter, no new job context.  What admits a connection is a secret
+    that only the owner can read: the agent writes it, with its address and
+    its certificate's fingerprint, into a record in the owner's private
+    sshjob directory, where the client looks first (on any login node that
+    shares the home directory).  Every entry is logged in the owner's
+    private directory on the node.  The agent goes with its step: when the
+    job ends, warm_idle after the last session, or when asked (sshjob warm
+    stop); a client that finds it gone goes the cold way."""
+
+    def __init__(self, step, key, idle):
+        self.step, self.idle_time = step, idle
+        self.path = warm_record(key)
+        self.secret = token_hex(32)
+        self.last = time.monotonic()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("", 0))
+        self.listener.listen(DIRECT_BACKLOG)
+        self.log_path = os.path.join(private_node_directory() or step.tmp, "agent-%s.log" % step.job_id)
+        self.unproven = threading.BoundedSemaphore(WARM_PENDING)  # connections yet to bring the secret
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        """Make the certificate (after the first session has started: it
+        costs tens of milliseconds), say where the agent is, then serve."""
+        step = self.step
+        try:
+            cert, key, fingerprint = make_certificate(os.path.join(step.tmp, "agent"), lambda: find_program(
+                step.config, "openssl", "node " + step.node))
+            self.tls = server_tls_context(cert, key)
+            client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+            facing = client and address_facing(client)
+            hosts = [facing] if facing else []
+            hosts += [address for address in node_addresses() if address not in hosts]
+            write_atomically(self.path, json.dumps({
+                "job": step.job_id, "name": step.name, "node": step.node, "hosts": hosts,
+                "port": self.listener.getsockname()[1], "fingerprint": fingerprint, "secret": self.secret,
+                "pid": os.getpid()}))
+        except (OSError, SshjobError, subprocess.CalledProcessError) as e:
+            self.note("no warm path: %s" % describe(e))
+            return
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return  # stopped
+            if not self.unproven.acquire(blocking=False):
+                sock.close()  # a flood: its client goes the cold way
+                continue
+            threading.Thread(target=self.enter, args=(sock, peer), daemon=True).start()
+
+    def enter(self, sock, peer):
+        """One connection: the secret, then a session as the client asks."""
+        import hmac
+        proven, tls = False, None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply held back waits for an ACK: 40 ms
+            sock.settimeout(WARM_SECRET_WAIT)
+            tls = self.tls.wrap_socket(sock, server_side=True)
+            request = recv_msg(tls, "a client")
+            if not hmac.compare_digest(str(request.get("secret", "")).encode(), self.secret.encode()):
+                self.note("refused a connection from %s: no secret" % peer[0])
+                return
+            proven = True
+            self.unproven.release()
+            tls.settimeout(IO_TIMEOUT)
+            self.last = time.monotonic()
+            if request.get("op") == "stop":
+                send_msg(tls, {"ok": True})
+                self.note("stopped, as %s asked" % peer[0])
+                self.stop()
+                return
+            if request.get("op") != "session":
+                raise ProtocolError("expected a session's request")
+            self.note("warm entry: user %s, job %s, %s transport, from %s" % (
+                self.step.owner.pw_name, self.step.name, field(request, "transport", str, "auto"), peer[0]))
+            tls.settimeout(None)
+            self.step.serve_warm(tls, request)
+        except Exception as e:  # the owner's client hears it as one sentence, anyone else nothing; the agent serves on
+            error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
+            self.note("a warm session failed: %s" % error if proven else "closed a connection from %s: %s" % (
+                peer[0], error))
+            if proven:
+                with contextlib.suppress(OSError):
+                    send_msg(tls, error_reply(error))
+        finally:
+            if not proven:
+                self.unproven.release()
+            (tls or sock).close()
+
+    def idle(self):
+        return time.monotonic() - self.last > self.idle_time
+
+    def note(self, text):
+        with contextlib.suppress(OSError), open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                                        os.O_NOFOLLOW, 0o600), "a") as f:
+            f.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
+
+    def stop(self):
+        """Listen no more, and take the record away unless another agent's is there now."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with contextlib.suppress(OSError, ValueError), open(self.path) as f:
+            if json.load(f).get("secret") == self.secret:
+                os.unlink(self.path)
+
+
 # ---------------------------------------------------------------------------
 # The schedd: the durable job queue, the authority on who may enter which
 # job, and the issuer of tickets.  Local users reach it on a Unix socket and
@@ -4673,24 +4847,9 @@ def serve_starter(config):
 
 DIRECT_TAKEN = b"\x01"  # the node's answer to the secret on a direct connection that it takes
 
-DIRECT_BACKLOG = 128  # connections the kernel queues on a step's direct listener
-
 DIRECT_PENDING = 64  # connections a step reads secrets from at once; past that the oldest goes
 
 DIRECT_SECRET_WAIT = 0.5  # seconds a connection to a step's listener has to bring the secret
-
-WARM_WAIT = 1.0  # seconds a client gives a job's agent (the warm path) to answer before it goes the cold way
-
-WARM_PENDING = 64  # connections a job's agent takes at once before they bring the secret; more are closed
-
-WARM_SECRET_WAIT = 3.0  # seconds a connection to a job's agent has for TLS and the secret
-
-SIOCGIFCONF = 0x8912  # netdevice(7): a node's addresses, each in a struct ifreq of IFREQ_SIZE bytes
-
-IFREQ_SIZE = 40 if struct.calcsize("P") == 8 else 32
-
-WARM_KEY = re.compile(r"[\w.-]{1,64}")  # what names a job's agent in the user's warm records: the client's job
-
 
 def slurm_boot():
     """What srun runs on the node, as `python3 -I -S -c SOURCE PROGRAM DIGEST`:
@@ -4894,31 +5053,6 @@ def slurm_job_context(job_id, own_step):
     return (pids,) + (first or (None, None))
 
 
-def node_addresses():
-    """This node's IPv4 addresses, loopback last: where a client on another
-    host may reach a listener bound to them all."""
-    import array
-    size = 8192
-    buffer = array.array("B", bytes(size))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        said = fcntl.ioctl(probe.fileno(), SIOCGIFCONF, struct.pack("iL", size, buffer.buffer_info()[0]))
-    length = struct.unpack("iL", said)[0]
-    data = buffer.tobytes()[:length]
-    step = IFREQ_SIZE
-    addresses = [socket.inet_ntoa(data[at + 20:at + 24]) for at in range(0, length - step + 1, step)]
-    return sorted(set(addresses), key=lambda address: (address.startswith("127."), addresses.index(address)))
-
-
-def address_facing(peer):
-    """This node's address on the way to `peer` (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((peer, 9))
-            return probe.getsockname()[0]
-        except OSError:
-            return None
-
-
 def guard_step(step_pid, started, tag, tmp):
     """The guardian: while the step lives, stop the session's processes
     when Slurm stops the step (suspend) and continue them after; when it
@@ -4972,19 +5106,6 @@ def start_guardian(tag, tmp):
 JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
-
-
-def private_node_directory():
-    """The user's own private directory in this node's temporary directory
-    (made if missing), or None where a link or another user's is there."""
-    import tempfile
-    base = os.path.join(tempfile.gettempdir(), "sshjob-%d" % os.getuid())
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(base, 0o700)
-    info = os.lstat(base)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        return None
-    return base
 
 
 def session_activity(job):
@@ -5072,127 +5193,6 @@ def job_key_directory(job, started):
                 else:
                     os.unlink(entry.path)  # what the job's sessions last entered (SessionHost.memory)
     return os.path.join(base, "hostkey-%s-%s" % (job, re.sub(r"\W", "", started or "")))
-
-
-def warm_record(key):
-    """Where the user's record of a job's agent (the warm path) is: in the
-    user's private sshjob directory, which the login nodes share with the
-    compute nodes where home directories are shared."""
-    directory = os.path.join(sshjob_home(), "warm")
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, 0o700)
-    return os.path.join(directory, "slurm-%s.json" % key)
-
-
-class JobAgent:
-    """A job's agent on a node: the warm path's node side.  The step of a
-    job's first session there stays after it, and serves the owner's later
-    sessions itself, over TLS with a certificate of its own: no srun, no new
-    interpreter, no new job context.  What admits a connection is a secret
-    that only the owner can read: the agent writes it, with its address and
-    its certificate's fingerprint, into a record in the owner's private
-    sshjob directory, where the client looks first (on any login node that
-    shares the home directory).  Every entry is logged in the owner's
-    private directory on the node.  The agent goes with its step: when the
-    job ends, warm_idle after the last session, or when asked (sshjob warm
-    stop); a client that finds it gone goes the cold way."""
-
-    def __init__(self, step, key, idle):
-        self.step, self.idle_time = step, idle
-        self.path = warm_record(key)
-        self.secret = token_hex(32)
-        self.last = time.monotonic()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("", 0))
-        self.listener.listen(DIRECT_BACKLOG)
-        self.log_path = os.path.join(private_node_directory() or step.tmp, "agent-%s.log" % step.job_id)
-        self.unproven = threading.BoundedSemaphore(WARM_PENDING)  # connections yet to bring the secret
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        """Make the certificate (after the first session has started: it
-        costs tens of milliseconds), say where the agent is, then serve."""
-        step = self.step
-        try:
-            cert, key, fingerprint = make_certificate(os.path.join(step.tmp, "agent"), lambda: find_program(
-                step.config, "openssl", "node " + step.node))
-            self.tls = server_tls_context(cert, key)
-            client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
-            facing = client and address_facing(client)
-            hosts = [facing] if facing else []
-            hosts += [address for address in node_addresses() if address not in hosts]
-            write_atomically(self.path, json.dumps({
-                "job": step.job_id, "name": step.name, "node": step.node, "hosts": hosts,
-                "port": self.listener.getsockname()[1], "fingerprint": fingerprint, "secret": self.secret,
-                "pid": os.getpid()}))
-        except (OSError, SshjobError, subprocess.CalledProcessError) as e:
-            self.note("no warm path: %s" % describe(e))
-            return
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError:
-                return  # stopped
-            if not self.unproven.acquire(blocking=False):
-                sock.close()  # a flood: its client goes the cold way
-                continue
-            threading.Thread(target=self.enter, args=(sock, peer), daemon=True).start()
-
-    def enter(self, sock, peer):
-        """One connection: the secret, then a session as the client asks."""
-        import hmac
-        proven, tls = False, None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply held back waits for an ACK: 40 ms
-            sock.settimeout(WARM_SECRET_WAIT)
-            tls = self.tls.wrap_socket(sock, server_side=True)
-            request = recv_msg(tls, "a client")
-            if not hmac.compare_digest(str(request.get("secret", "")).encode(), self.secret.encode()):
-                self.note("refused a connection from %s: no secret" % peer[0])
-                return
-            proven = True
-            self.unproven.release()
-            tls.settimeout(IO_TIMEOUT)
-            self.last = time.monotonic()
-            if request.get("op") == "stop":
-                send_msg(tls, {"ok": True})
-                self.note("stopped, as %s asked" % peer[0])
-                self.stop()
-                return
-            if request.get("op") != "session":
-                raise ProtocolError("expected a session's request")
-            self.note("warm entry: user %s, job %s, %s transport, from %s" % (
-                self.step.owner.pw_name, self.step.name, field(request, "transport", str, "auto"), peer[0]))
-            tls.settimeout(None)
-            self.step.serve_warm(tls, request)
-        except Exception as e:  # the owner's client hears it as one sentence, anyone else nothing; the agent serves on
-            error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
-            self.note("a warm session failed: %s" % error if proven else "closed a connection from %s: %s" % (
-                peer[0], error))
-            if proven:
-                with contextlib.suppress(OSError):
-                    send_msg(tls, error_reply(error))
-        finally:
-            if not proven:
-                self.unproven.release()
-            (tls or sock).close()
-
-    def idle(self):
-        return time.monotonic() - self.last > self.idle_time
-
-    def note(self, text):
-        with contextlib.suppress(OSError), open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                                        os.O_NOFOLLOW, 0o600), "a") as f:
-            f.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
-
-    def stop(self):
-        """Listen no more, and take the record away unless another agent's is there now."""
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with contextlib.suppress(OSError, ValueError), open(self.path) as f:
-            if json.load(f).get("secret") == self.secret:
-                os.unlink(self.path)
 
 
 class NodeStep:
