@@ -18,13 +18,16 @@ argument picks the role (ROLES, below, gives each one's arguments):
     submit, q, status, rm, suspend, continue, vacate, hold, release
                         the user's handles on a pool's queue (run_submit, run_q,
                         run_status, run_action)
-    warm                the user's agents of Slurm jobs, the warm path of
-                        later sessions (run_warm; JobAgent on the node)
+    warm                the user's warm paths into jobs, for later sessions:
+                        the jobs' agents (JobAgent on the node) and ssh's
+                        master connections (SshMaster) (run_warm)
     pool, demo, init, token
                         personal and multi-host pools (run_pool, run_demo,
                         run_init, run_token)
     slurm-step          a session's step on a Slurm node (run_slurm_step,
                         which slurm_boot starts there)
+    pool-agent          a pool job's agent, which its starter starts in the
+                        job (run_pool_agent, PoolAgent)
     new, allocation     allocations on demand: find or submit, wait, enter
                         (run_new), and the allocation's batch script, which
                         holds it until it is idle (run_allocation)
@@ -43,11 +46,12 @@ at the end (tests/test_units.py holds the module to that):
                             namespace, a chroot), and container_session, which
                             a session runs to enter it with the owner's rights
     The session host        the node's side of every session: sshd -i, or a
-                            built-in session relayed as channel frames
+                            built-in session relayed as channel frames; and
+                            JobAgent, the warm path of later sessions
     The schedd              a pool's queue, and who may enter which job
-    The starter             a pool's node: Job, with a SessionHost per job
-    Slurm, on the node      NodeStep, with a SessionHost per step; JobAgent, the
-                            warm path of later sessions
+    The starter             a pool's node: Job, with a SessionHost per job;
+                            PoolAgent, a job's agent
+    Slurm, on the node      NodeStep, with a SessionHost per step
     Sites                   the client's one seam to a batch system
     The client
     Files: sshjob cp
@@ -1070,6 +1074,20 @@ def process_age(started):
 def exit_status(returncode):
     """A Popen return code as a shell reports it: 128+N for death by signal N."""
     return returncode if returncode >= 0 else 128 - returncode
+
+
+def self_command():
+    """How to run this module again, for the daemons: imported by path (a
+    cached import starts faster than a script, which is compiled anew each
+    time, or a zipapp's bootstrap), and isolated from the user's Python
+    settings, since it needs only the standard library."""
+    here = os.path.abspath(__file__)
+    if not os.path.isfile(here):
+        return [sys.executable, os.path.abspath(sys.argv[0])]
+    module = os.path.splitext(os.path.basename(here))[0]
+    launcher = "import sys; sys.path.insert(0, %r); import %s; sys.exit(%s.main())" % (
+        os.path.dirname(here), module, module)
+    return [sys.executable, "-I", "-S", "-c", launcher]
 
 
 def tagged_pids(tag):
@@ -3444,57 +3462,136 @@ def private_node_directory():
     return base
 
 
-def warm_record(key):
-    """Where the user's record of a job's agent (the warm path) is: in the
+def request_shells(request):
+    """The shells a session's request offers, in order."""
+    return [shell for shell in field(request, "shells", list, []) if isinstance(shell, str)]
+
+
+def warm_record(name):
+    """Where the user's record of a job's agent (the warm path) is, by the
+    name that the client gives the job (slurm-JOB, pool-POOL-JOB): in the
     user's private sshjob directory, which the login nodes share with the
     compute nodes where home directories are shared."""
     directory = os.path.join(sshjob_home(), "warm")
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o700)
-    return os.path.join(directory, "slurm-%s.json" % key)
+    return os.path.join(directory, "%s.json" % name)
+
+
+class JobSide:
+    """What serves a job's sessions on a node, as its agent sees it: a
+    Slurm step (NodeStep) or a pool job's agent (PoolAgent).  Each has its
+    configuration, the job's owner (this process's user), node, name and
+    id (`job_id`, as the node knows it), a private directory `tmp`, and its
+    SessionHost (`host`)."""
+
+    def job_context(self):
+        """The job as a session sees it, now."""
+        raise NotImplementedError
+
+    def prepare_sshd(self, request, context):
+        """(the session's files, the public host key)."""
+        raise NotImplementedError
+
+    def refusal(self):
+        """Why the job takes no new session now, as an error; or None."""
+        return None
+
+    def transport_for(self, request, context):
+        """(transport, why), as for a pool's job: no TLS is needed, Slurm
+        and the agent's TLS carry the built-in transport."""
+        problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
+        terminal_problem = self.host.terminal_problem_of(context) if request.get("interactive") is True else None
+        return choose_transport(request, self.owner.pw_uid, problem, terminal_problem)
+
+    def serve_warm(self, tls, request):
+        """A later session through the job's agent (the warm path): as a
+        cold one, but on the agent's TLS connection, which both ends unwrap
+        for sshd (ssh authenticates both ends), and with no srun, no ticket,
+        no new interpreter and no new privileges."""
+        refusal = self.refusal()
+        if refusal:
+            raise refusal
+        context, where = self.host.place(self.job_context(), request)
+        transport, why = self.transport_for(request, context)
+        reply = {"ok": True, "transport": transport, "why": why, "user": self.owner.pw_name, "node": self.node,
+                 "where": where, "warm": True}
+        if transport == "openssh":
+            sdir, hostkey = self.prepare_sshd(request, context)
+            send_msg(tls, dict(reply, hostkey=hostkey))
+            with tls.unwrap() as sock:
+                self.host.start_sshd(context, sdir, sock)
+            return
+        send_msg(tls, reply)
+        session = recv_msg(tls, "the client")
+        if session.get("op") != "builtin":
+            raise ProtocolError("expected the built-in session's request")
+        self.host.run_builtin(context, tls, session, request_shells(request),
+                              accepted=lambda: send_msg(tls, {"ok": True}))
+
+
+# A client's ping: whether a job's agent runs (and is not stopped with its job); the agent's answer, and its answer
+# when the job takes no new session (its command has exited): the cold way then says why.
+WARM_PING, WARM_PONG, WARM_REFUSES = b"?", b"!", b"-"
+
+PING_WAIT = 0.5  # seconds a client gives a job's agent to answer WARM_PING
 
 
 class JobAgent:
-    """A job's agent on a node: the warm path's node side.  The step of a
-    job's first session there stays after it, and serves the owner's later
-    sessions itself, over TLS with a certificate of its own: no srun, no new
-    interpreter, no new job context.  What admits a connection is a secret
-    that only the owner can read: the agent writes it, with its address and
-    its certificate's fingerprint, into a record in the owner's private
-    sshjob directory, where the client looks first (on any login node that
-    shares the home directory).  Every entry is logged in the owner's
-    private directory on the node.  The agent goes with its step: when the
-    job ends, warm_idle after the last session, or when asked (sshjob warm
+    """A job's agent on a node: the warm path's node side.  It serves the
+    owner's later sessions itself, over TLS with a certificate of its own:
+    no srun, no ticket, no new interpreter, no new job context, no new
+    privileges.  What admits a connection is a secret that only the owner
+    can read: the agent writes it, with its addresses and its certificate's
+    fingerprint, into a record in the owner's private sshjob directory,
+    where the client looks first (on any login node that shares the home
+    directory), one record per name that clients know the job by.  Every
+    entry is logged in the owner's private directory on the node.  It is
+    stopped with the job, and a client's WARM_PING tells whether it runs:
+    one byte, before TLS, that says nothing else but whether the job takes
+    new sessions.  The agent goes with the
+    job, warm_idle after the last session, or when asked (sshjob warm
     stop); a client that finds it gone goes the cold way."""
 
-    def __init__(self, step, key, idle):
-        self.step, self.idle_time = step, idle
-        self.path = warm_record(key)
+    def __init__(self, side, idle, hosts=()):
+        self.side, self.idle_time = side, idle
+        self.hosts = list(hosts)  # those that a client most likely reaches the node by, first
+        self.paths = []
+        self.record = None  # what the records say, once the certificate is made
+        self.lock = threading.Lock()
         self.secret = token_hex(32)
         self.last = time.monotonic()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("", 0))
         self.listener.listen(DIRECT_BACKLOG)
-        self.log_path = os.path.join(private_node_directory() or step.tmp, "agent-%s.log" % step.job_id)
+        self.log_path = os.path.join(private_node_directory() or side.tmp, "agent-%s.log" % side.job_id)
         self.unproven = threading.BoundedSemaphore(WARM_PENDING)  # connections yet to bring the secret
         threading.Thread(target=self.serve, daemon=True).start()
+
+    def add_record(self, name):
+        """Be found by clients that know the job as `name` too."""
+        path = warm_record(name)
+        with self.lock:
+            if path not in self.paths:
+                self.paths.append(path)
+                if self.record:
+                    write_atomically(path, json.dumps(self.record))
 
     def serve(self):
         """Make the certificate (after the first session has started: it
         costs tens of milliseconds), say where the agent is, then serve."""
-        step = self.step
+        side = self.side
         try:
-            cert, key, fingerprint = make_certificate(os.path.join(step.tmp, "agent"), lambda: find_program(
-                step.config, "openssl", "node " + step.node))
+            cert, key, fingerprint = make_certificate(os.path.join(side.tmp, "agent"), lambda: find_program(
+                side.config, "openssl", "node " + side.node))
             self.tls = server_tls_context(cert, key)
-            client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
-            facing = client and address_facing(client)
-            hosts = [facing] if facing else []
-            hosts += [address for address in node_addresses() if address not in hosts]
-            write_atomically(self.path, json.dumps({
-                "job": step.job_id, "name": step.name, "node": step.node, "hosts": hosts,
-                "port": self.listener.getsockname()[1], "fingerprint": fingerprint, "secret": self.secret,
-                "pid": os.getpid()}))
+            hosts = self.hosts + [address for address in node_addresses() if address not in self.hosts]
+            with self.lock:
+                self.record = {"job": side.job_id, "name": side.name, "node": side.node, "hosts": hosts,
+                               "port": self.listener.getsockname()[1], "fingerprint": fingerprint,
+                               "secret": self.secret, "pid": os.getpid()}
+                for path in self.paths:
+                    write_atomically(path, json.dumps(self.record))
         except (OSError, SshjobError, subprocess.CalledProcessError) as e:
             self.note("no warm path: %s" % describe(e))
             return
@@ -3509,12 +3606,16 @@ class JobAgent:
             threading.Thread(target=self.enter, args=(sock, peer), daemon=True).start()
 
     def enter(self, sock, peer):
-        """One connection: the secret, then a session as the client asks."""
+        """One connection: a ping, or the secret and then a session as the client asks."""
         import hmac
         proven, tls = False, None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply held back waits for an ACK: 40 ms
             sock.settimeout(WARM_SECRET_WAIT)
+            first = sock.recv(1, socket.MSG_PEEK)
+            if first in (WARM_PING, b""):  # a ping; or a client that reached the node by another address first
+                sock.sendall(first and (WARM_REFUSES if self.side.refusal() else WARM_PONG))
+                return
             tls = self.tls.wrap_socket(sock, server_side=True)
             request = recv_msg(tls, "a client")
             if not hmac.compare_digest(str(request.get("secret", "")).encode(), self.secret.encode()):
@@ -3532,9 +3633,9 @@ class JobAgent:
             if request.get("op") != "session":
                 raise ProtocolError("expected a session's request")
             self.note("warm entry: user %s, job %s, %s transport, from %s" % (
-                self.step.owner.pw_name, self.step.name, field(request, "transport", str, "auto"), peer[0]))
+                self.side.owner.pw_name, self.side.name, field(request, "transport", str, "auto"), peer[0]))
             tls.settimeout(None)
-            self.step.serve_warm(tls, request)
+            self.side.serve_warm(tls, request)
         except Exception as e:  # the owner's client hears it as one sentence, anyone else nothing; the agent serves on
             error = e if isinstance(e, SshjobError) else Unreachable(describe(e))
             self.note("a warm session failed: %s" % error if proven else "closed a connection from %s: %s" % (
@@ -3556,13 +3657,15 @@ class JobAgent:
             f.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
 
     def stop(self):
-        """Listen no more, and take the record away unless another agent's is there now."""
+        """Listen no more, and take the records away, but those that another agent wrote since."""
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-        with contextlib.suppress(OSError, ValueError), open(self.path) as f:
-            if json.load(f).get("secret") == self.secret:
-                os.unlink(self.path)
+        with self.lock:
+            for path in self.paths:
+                with contextlib.suppress(OSError, ValueError), open(path) as f:
+                    if json.load(f).get("secret") == self.secret:
+                        os.unlink(path)
 
 
 # ---------------------------------------------------------------------------
@@ -4348,6 +4451,9 @@ class Job:
         self.ending = None  # "rm" or "vacate" once the schedd ends it (see ENDINGS)
         self.host = None  # its SessionHost, once it runs
         self.why = None  # the pipe on which the job's shell says why it could not start (see start)
+        self.agent = None  # its agent's process (see PoolAgent), once a client asks for one
+        self.agent_live = 0  # how many of the agent's sessions are in use
+        self.agent_lock = threading.Lock()
 
     # -- the job's own processes -------------------------------------------
 
@@ -4455,7 +4561,7 @@ class Job:
             deadline = time.time() + KILL_GRACE  # `podman run --rm` removes its container, then ends
             while self.process.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
-        self.family.companions = self.container_processes(payloads)
+        self.family.companions = self.strays(payloads)
         end_families([self.family])
 
     def payloads(self):
@@ -4465,16 +4571,22 @@ class Job:
             log.warning("job %s: its containers cannot be found (%s): they are left to their runtime", self.name, e)
             return []
 
-    @staticmethod
-    def container_processes(payloads):
-        """(pid, start time) of the processes in the job's containers, which
-        podman's conmon takes out of the job's family: rm, vacate and
-        suspend reach them too."""
+    def strays(self, payloads=()):
+        """(pid, start time) of the job's processes that its family does not
+        find: those in its containers, which podman's conmon takes out of
+        it, and the sshd that its agent starts, whose process title hides
+        the tag (where no cgroup holds them): rm, vacate and suspend reach
+        them too."""
         members = [pid for payload in payloads for pid, _ in payload_members(payload)]
+        agent = self.agent
+        if agent and agent.poll() is None:
+            members += descendants(agent.pid)
         return [(pid, stat[1]) for pid, stat in ((pid, process_stat(pid)) for pid in members) if stat]
 
-    def count_sessions(self, live):
-        """Tell the job (an allocation's holder reads the tally) and the queue (q says it) how many sessions live."""
+    def count_sessions(self, _host_live=None):
+        """Tell the job (an allocation's holder reads the tally) and the queue
+        (q says it) how many sessions are in use: the starter's and its agent's."""
+        live = self.host.live() + self.agent_live
         write_tally(os.path.join(self.dir, "sessions"), live)
         if allocation_profile(self.cmd):
             news = {"op": "sessions", "run": self.run, "gen": self.gen, "live": live}
@@ -4484,10 +4596,14 @@ class Job:
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
         why = self.why_it_ended(status)
-        if self.host.live() and not self.ending:
+        self.tell_agent("exited")
+        if self.sessions_in_use() and not self.ending:
             self.starter.report({"op": "sessions_open", "run": self.run, "gen": self.gen})
-        self.host.wait_for_sessions()
-        self.family.remove()  # what the job left behind goes with it
+        with self.host.changed:
+            while self.sessions_in_use():
+                self.host.changed.wait(CONNECTION_GRACE)
+        self.family.companions = self.strays()
+        self.family.remove()  # what the job left behind goes with it, its agent too
         shutil.rmtree(self.dir, ignore_errors=True)
         news = ENDINGS[self.ending or "exit"][0]
         log.info("job %s %s with status %d%s", self.name, news, status, ": " + why if why else "")
@@ -4509,6 +4625,72 @@ class Job:
         return JobContext(self.name, self.owner, self.env, self.workdir, self.pids(), self.family.tag,
                           socket.gethostname(), self.node)
 
+    def sessions_in_use(self):
+        return self.host.live() + self.agent_live
+
+    # -- its agent: the warm path ------------------------------------------
+
+    def want_agent(self, name):
+        """The job's agent, known to clients as `name` (see PoolAgent); started
+        first where it runs no more, or never did.  Nothing is said to the
+        client: without an agent its later sessions go the cold way."""
+        if not (isinstance(name, str) and WARM_KEY.fullmatch(name)) or not self.starter.warm_idle or self.ending:
+            return
+        with self.agent_lock:
+            try:
+                if self.agent is None or self.agent.poll() is not None:
+                    self.agent = self.start_agent()
+                self.tell_agent("warm " + name)
+            except (OSError, SshjobError) as e:
+                log.warning("job %s gets no agent: %s", self.name, describe(e))
+
+    def start_agent(self):
+        """Start the job's agent: as its owner, in its family (neither the
+        job's own process nor a session: SESSION_VAR, its own part of the
+        family), told the job as a session sees it."""
+        config = self.starter.config
+        argv = self_command() + (["--config", config.path] if config.path else []) + ["pool-agent"]
+        env = {"PATH": os.defpath, "HOME": self.owner.pw_dir, TAG_VAR: self.family.tag, SESSION_VAR: "agent"}
+        agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 cwd="/", env=env, start_new_session=True, close_fds=True,
+                                 preexec_fn=child_setup(self.family.enter("agent"), self.become()))
+        self.family.leaders.append(agent)
+        spec = {"run": self.run, "job": self.name, "node": self.starter.name, "index": self.node, "env": self.env,
+                "workdir": self.workdir, "tag": self.family.tag, "cgroup": self.family.cgroup,
+                "pid": self.process.pid, "host_key": self.host_key_path(), "idle": self.starter.warm_idle}
+        agent.stdin.write(json.dumps(spec).encode() + b"\n")
+        agent.stdin.flush()
+        threading.Thread(target=self.hear_agent, args=(agent,), daemon=True).start()
+        log.info("job %s: its agent started, pid %d", self.name, agent.pid)
+        return agent
+
+    def tell_agent(self, line):
+        agent = self.agent
+        if agent and agent.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                agent.stdin.write(line.encode() + b"\n")
+                agent.stdin.flush()
+            if self.process.poll() is not None and line != "exited":
+                self.tell_agent("exited")
+
+    def hear_agent(self, agent):
+        """How many of the agent's sessions are in use, as it says, until it ends."""
+        for line in agent.stdout:
+            words = line.split()
+            if words[:1] == [b"live"] and len(words) == 2 and words[1].isdigit():
+                with self.host.changed:
+                    self.agent_live = int(words[1])
+                    self.count_sessions()
+                    self.host.changed.notify_all()
+        agent.wait()
+        if agent in self.family.leaders:
+            self.family.leaders.remove(agent)
+        with self.host.changed:
+            if self.agent is agent or self.agent is None:
+                self.agent_live = 0
+                self.count_sessions()
+                self.host.changed.notify_all()
+
 class Starter:
     def __init__(self, config):
         self.config = config
@@ -4518,6 +4700,7 @@ class Starter:
         slots = int(config.number("starter_slots"))
         self.slots = slots if slots > 0 else os.cpu_count() or 1
         self.enable_ssh = config.flag("enable_ssh_to_job")
+        self.warm_idle = duration(config["warm_idle"] or "0") or 0
         self.reachable = config.flag("starter_reachable")
         self.schedd = config.schedd()
         self.jobs = {}
@@ -4623,7 +4806,7 @@ class Starter:
         if job is None or command.get("gen", "") != job.gen:  # none, or a command for an earlier run
             return
         if action == "suspend":
-            job.family.companions = job.container_processes(job.payloads())
+            job.family.companions = job.strays(job.payloads())
             job.family.suspend()
         elif action == "continue":
             job.family.signal(signal.SIGCONT)
@@ -4682,6 +4865,8 @@ class Starter:
             raise JobGone("job %s has exited; only its open sessions remain" % job.name)
         shells = [s for s in claims.get("shells") or [] if isinstance(s, str)]
         job.become()  # its owner still exists, or one sentence before the client hears yes
+        if message.get("warm"):
+            threading.Thread(target=job.want_agent, args=(message["warm"],), daemon=True).start()
         context, where = job.host.place(job.context(), message)
         if op == "builtin":
             sock.settimeout(None)
@@ -4830,6 +5015,98 @@ def serve_starter(config):
              starter.slots, starter.address)
     start_vital(starter.poll_forever, "the starter's poll of the schedd")
     run_until_signalled(server, on_stop=starter.stop)
+
+
+class PoolAgent(JobSide):
+    """A pool job's agent: the warm path's node side in a pool.  The starter
+    starts it in the job, as the job's owner, when a client first asks for
+    it (`sshjob pool-agent`), and tells it the job; it serves the owner's
+    later sessions itself (JobAgent), which so pay no ticket, no privilege
+    drop and no cgroup migration on the starter.  It is of the job's family
+    (stopped, continued and ended with the job) but neither one of the
+    job's own processes nor a session: it tells the starter how many of its
+    sessions are in use, which the job counts as its own (a pool job
+    completes when its last session ends), and once the job's command has
+    exited it takes no new session.  It ends warm_idle after its last
+    session, or when the starter goes."""
+
+    def __init__(self, config, spec):
+        import tempfile
+        self.config = config
+        self.owner = pwd.getpwuid(os.getuid())
+        self.job_id, self.name = field(spec, "run", str), field(spec, "job", str)
+        self.node, self.index = field(spec, "node", str), field(spec, "index", int, 0)
+        self.env, self.workdir = field(spec, "env", dict), field(spec, "workdir", str)
+        self.tag, self.first_pid = field(spec, "tag", str), field(spec, "pid", int)
+        cgroup = spec.get("cgroup")
+        self.family = ProcessFamily(os.path.dirname(cgroup) if isinstance(cgroup, str) else None,
+                                    os.path.basename(cgroup) if isinstance(cgroup, str) else None, self.tag,
+                                    adopt=True)
+        self.host_key = field(spec, "host_key", str)
+        self.idle = field(spec, "idle", (int, float))
+        self.exited = False
+        self.starter_gone = threading.Event()
+        self.tmp = tempfile.mkdtemp(prefix="sshjob-agent-")
+        problem, terminals = sshd_terminals()
+        self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals, terminal_problem=problem)
+
+    def job_context(self):
+        pids = self.family.pids("main")
+        if self.first_pid in pids:
+            pids = [self.first_pid] + [pid for pid in pids if pid != self.first_pid]
+        return JobContext(self.name, self.owner, self.env, self.workdir, pids, self.tag, self.node, self.index)
+
+    def prepare_sshd(self, request, context):
+        key = parse_public_key(field(request, "key", str))
+        sdir = self.host.prepare_sshd(context, key, request_shells(request))
+        with open(self.host_key + ".pub") as f:
+            return sdir, parse_public_key(f.read())
+
+    def refusal(self):
+        return JobGone("job %s has exited; only its open sessions remain" % self.name) if self.exited else None
+
+    def hear_starter(self, agent):
+        """The starter's word: another name for the job, or that its command exited."""
+        for line in sys.stdin:
+            words = line.split()
+            if words[:1] == ["warm"] and len(words) == 2 and WARM_KEY.fullmatch(words[1]):
+                agent.add_record(words[1])
+            elif words == ["exited"]:
+                self.exited = True
+        self.starter_gone.set()
+
+    def serve(self):
+        """Serve until the starter goes, or warm_idle after the last session;
+        say how many sessions are in use whenever that changes."""
+        agent = JobAgent(self, self.idle)
+        threading.Thread(target=self.hear_starter, args=(agent,), daemon=True).start()
+        said = None
+        try:
+            while not self.starter_gone.is_set():
+                live = self.host.live()
+                if live != said:
+                    sys.stdout.write("live %d\n" % live)
+                    sys.stdout.flush()
+                    said = live
+                if live:
+                    agent.last = time.monotonic()
+                elif not self.host.sessions and agent.idle():
+                    return
+                self.starter_gone.wait(0.2)
+        finally:
+            agent.stop()
+
+
+def run_pool_agent(config_path):
+    """`sshjob pool-agent`: a pool job's agent, which its starter starts (see PoolAgent)."""
+    spec = json.loads(sys.stdin.readline() or "{}")
+    config = Config(config_path if config_path and os.path.exists(config_path) else None)
+    agent = PoolAgent(config, spec)
+    try:
+        agent.serve()
+    finally:
+        shutil.rmtree(agent.tmp, ignore_errors=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -5116,11 +5393,6 @@ def session_activity(job):
     return base and os.path.join(base, "activity-%s" % job)
 
 
-def request_shells(request):
-    """The shells a session's request offers, in order."""
-    return [shell for shell in field(request, "shells", list, []) if isinstance(shell, str)]
-
-
 def held_marker(job, step):
     """The file that says step `step` of `job` holds what a session left running, and no session."""
     base = private_node_directory()
@@ -5195,7 +5467,7 @@ def job_key_directory(job, started):
     return os.path.join(base, "hostkey-%s-%s" % (job, re.sub(r"\W", "", started or "")))
 
 
-class NodeStep:
+class NodeStep(JobSide):
     """A session's step on the node: the job's context, read from Slurm and
     /proc, the guardian, the job's host key on this node, the direct
     connection; the session itself is its SessionHost's."""
@@ -5229,9 +5501,9 @@ class NodeStep:
                                 terminal_problem=self.terminal_problem,
                                 memory=self.keep and self.keep + ".payload",
                                 tally=lambda live: mark_session_end(self.job_id))
-        self.job_context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ), workdir,
-                                      pids, self.tag, self.node, field(request, "index", int, 0))
-        self.context, self.where = self.host.place(self.job_context, request)
+        self.slurm_context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ),
+                                        workdir, pids, self.tag, self.node, field(request, "index", int, 0))
+        self.context, self.where = self.host.place(self.slurm_context, request)
         self.keying = threading.Lock()  # the first OpenSSH session of the step makes the host key
         self.agent = None
 
@@ -5267,12 +5539,10 @@ class NodeStep:
                 self.host_key = os.path.join(made, "ssh_host_ed25519_key")
 
     def transport(self, request=None, context=None):
-        """(transport, why), as for a pool's job: no TLS is needed, Slurm
-        carries the built-in transport (and TLS the warm path's)."""
-        request, context = request or self.request, context or self.context
-        problem = sshd_problem(self.config, self.node) or login_shell_problem(self.owner)
-        terminal_problem = self.host.terminal_problem_of(context) if request.get("interactive") is True else None
-        return choose_transport(request, self.owner.pw_uid, problem, terminal_problem)
+        return self.transport_for(request or self.request, context or self.context)
+
+    def job_context(self):
+        return self.slurm_context
 
     def prepare_sshd(self, request=None, context=None):
         """(the session's files, the public host key)."""
@@ -5431,28 +5701,6 @@ class NodeStep:
         return self.host.run_builtin(self.context, channel, session, self.shells,
                                      accepted=lambda: send_msg(channel, {"ok": True}))
 
-    def serve_warm(self, tls, request):
-        """A later session through the job's agent (the warm path): as a
-        cold step serves its first, but on the agent's TLS connection, which
-        both ends unwrap for sshd (ssh authenticates both ends), and with no
-        srun, no new interpreter and no new job context."""
-        context, where = self.host.place(self.job_context, request)
-        transport, why = self.transport(request, context)
-        reply = {"ok": True, "transport": transport, "why": why, "user": self.owner.pw_name, "node": self.node,
-                 "where": where, "warm": True}
-        if transport == "openssh":
-            sdir, hostkey = self.prepare_sshd(request, context)
-            send_msg(tls, dict(reply, hostkey=hostkey))
-            with tls.unwrap() as sock:
-                self.host.start_sshd(context, sdir, sock)
-            return
-        send_msg(tls, reply)
-        session = recv_msg(tls, "the client")
-        if session.get("op") != "builtin":
-            raise ProtocolError("expected the built-in session's request")
-        shells = request_shells(request)
-        self.host.run_builtin(context, tls, session, shells, accepted=lambda: send_msg(tls, {"ok": True}))
-
     def start_agent(self):
         """The job's agent on this node, if the client asks for one and no
         other step of the job here is it already."""
@@ -5460,8 +5708,11 @@ class NodeStep:
         idle = duration(self.config["warm_idle"] or "0") or 0
         if not (self.subreaper and idle > 0 and isinstance(key, str) and WARM_KEY.fullmatch(key)):
             return
+        client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+        facing = client and address_facing(client)
         try:
-            self.agent = JobAgent(self, key, idle)
+            self.agent = JobAgent(self, idle, [facing] if facing else [])
+            self.agent.add_record("slurm-" + key)
         except (OSError, SshjobError, subprocess.CalledProcessError) as e:
             log.debug("no warm path for job %s: %s", self.name, describe(e))
 
@@ -5581,6 +5832,7 @@ class Site:
 
     name = None  # in SITES, -scheduler, `scheduler =`, "NAME:JOB" and host names (JOB.NAME.sshjob)
     job_pattern = None  # its job ids, a regular expression
+    agent_silent = False  # whether the job's agent failed to answer a ping (agent_runs): no use trying it again
 
     def job(self, text):
         """The job that `text` names, as the site names it; UsageError if
@@ -5628,6 +5880,50 @@ class Site:
     def close(self):
         """End what the site started for the job and no session holds."""
 
+    # -- the warm path: the job's agent, where the site has one ---------------
+
+    def warm_name(self):
+        """The job's name in the user's records of agents (warm_record), or
+        None where the site has no warm path, or warm_idle = 0."""
+        return None
+
+    def warm_step(self, request):
+        """A WarmStep through the job's agent, where the user's record names
+        one that answers; else None, and the cold way goes on.  A record
+        whose agent is gone (its port closed, another certificate, the
+        secret refused) goes too; one that does not answer in time stays
+        (its job may be suspended, which the cold way says)."""
+        name = not self.agent_silent and self.warm_name()
+        path = name and warm_record(name)
+        try:
+            step = WarmStep(self, read_warm_record(path)) if path else None
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if step is None:
+            return None
+        try:
+            step.begin(request)
+        except (OSError, SshjobError) as e:
+            step.close()
+            log.debug("job %s's agent on %s does not answer (%s): the cold way", self.spec, step.record["node"],
+                      describe(e))
+            if isinstance(e, (ConnectionRefusedError, Refused, ProtocolError)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return None
+        log.debug("the warm path: job %s's agent on %s", self.spec, step.record["node"])
+        return step
+
+    def agent_runs(self):
+        """Whether the job's agent answers a ping: it runs, and is not
+        stopped with a suspended job (an ssh master's sessions would wait)."""
+        name = self.warm_name()
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            state = name and ping_agent(read_warm_record(warm_record(name)))
+            self.agent_silent = state == "silent"  # so that the cold way does not wait for it again
+            return state == "runs"
+        return False
+
 
 class PoolSite(Site):
     """Where a job of an sshjob pool lives: its schedd hands out tickets,
@@ -5637,14 +5933,29 @@ class PoolSite(Site):
     job_pattern = JOB_ID.pattern
 
     def __init__(self, config, opts):
+        import hashlib
         self.config = config
         self.schedd = config.schedd(opts.name)
+        self.pool = hashlib.sha256(json.dumps([config.path, opts.name]).encode()).hexdigest()[:12]
+        self.spec = None
+        self.steps = []
 
     def job(self, text):
         cluster, proc, _ = parse_job_id(text)
-        return job_name(cluster, proc)
+        self.spec = job_name(cluster, proc)
+        return self.spec
+
+    def warm_name(self):
+        if self.spec and duration(self.config["warm_idle"] or "0"):
+            return "pool-%s-%s" % (self.pool, self.spec)
+        return None
 
     def ticket(self, request):
+        """The schedd's ticket; or a WarmStep where the job's agent answers (the warm path)."""
+        warm = self.warm_step(request)
+        if warm:
+            reply = warm.reply
+            return Ticket(self.spec, reply["user"], reply["node"], reply["transport"], reply["why"], warm)
         reply = self.schedd.call({"op": "ticket", "job": request.job, "key": request.key,
                                   "holder": request.holder, "transport": request.transport,
                                   "interactive": request.interactive, "shells": request.shells,
@@ -5653,8 +5964,12 @@ class PoolSite(Site):
 
     def connect_ssh(self, request, ticket=None):
         grant = (ticket or self.ticket(request)).grant
+        if isinstance(grant, WarmStep):
+            grant.expect("openssh")
+            return grant.connect(), grant.reply["hostkey"]
         sock = self.present(self.reach_starter(grant), dict(
-            request.place(), op="ssh", run=grant["run"], key=request.key, ticket=grant["ticket"]), grant["job"])
+            request.place(), op="ssh", run=grant["run"], key=request.key, ticket=grant["ticket"],
+            warm=self.warm_name()), grant["job"])
         sock.settimeout(None)
         log.debug("the starter accepted the ticket for job %s", grant["job"])
         return sock, grant["hostkey"]
@@ -5662,10 +5977,13 @@ class PoolSite(Site):
     def open_builtin(self, ticket, session):
         """TLS to the starter, its certificate pinned by the fingerprint that the schedd vouches for."""
         grant = ticket.grant
+        if isinstance(grant, WarmStep):
+            grant.expect("builtin")
+            return grant.open_builtin(session)
         tls = pinned_tls_connection(self.reach_starter(grant), grant["tls_fingerprint"],
                                     "the starter of job %s" % grant["job"])
-        return self.present(tls, dict(session, op="builtin", run=grant["run"], ticket=grant["ticket"]),
-                            grant["job"])
+        return self.present(tls, dict(session, op="builtin", run=grant["run"], ticket=grant["ticket"],
+                                      warm=self.warm_name()), grant["job"])
 
     @staticmethod
     def present(sock, message, job):
@@ -5715,14 +6033,19 @@ class PoolSite(Site):
     def state(self, job, ticket=None):
         """A run that a session was in and that another run of the node
         follows, in whatever state, was vacated (or its starter lost it)."""
-        name = ticket.grant["job"] if ticket else job
+        grant = ticket.grant if ticket and isinstance(ticket.grant, dict) else None  # not a warm one
+        name = grant["job"] if grant else job
         row = next((row for row in self.rows(True, job) if row["id"] == name), None)
-        if row and ticket and row["gen"] != ticket.grant.get("gen") and row["state"] in ACTIVE_STATES + ("idle",):
+        if row and grant and row["gen"] != grant.get("gen") and row["state"] in ACTIVE_STATES + ("idle",):
             return "idle"
         return row and row["state"]
 
     def remove(self, job):
         self.schedd.call({"op": "rm", "job": job})
+
+    def close(self):
+        for step in list(self.steps):
+            step.close()
 
     def allocations(self, profile):
         me = pwd.getpwuid(os.getuid()).pw_name
@@ -5889,32 +6212,14 @@ class SlurmSite(Site):
         key = self.spec + ("." + self.node if self.node else "")
         return key if WARM_KEY.fullmatch(key) else None
 
-    def warm_step(self, request):
-        """A step through the job's agent (the warm path), where the user's
-        record names one that answers; else None, and the cold way goes on.
-        A record whose agent is gone (its port closed, another certificate,
-        the secret refused) goes too; one that does not answer in time stays
-        (its job may be suspended, and Slurm says so on the cold way)."""
+    def warm_name(self):
         key = self.warm_key()
-        if not key or not duration(self.config["warm_idle"] or "0"):
-            return None
-        path = warm_record(key)
-        try:
-            step = WarmStep(self, read_warm_record(path))
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
-        try:
-            step.begin(request)
-        except (OSError, SshjobError) as e:
-            step.close()
-            log.debug("job %s's agent on %s does not answer (%s): the cold way", self.spec, step.record["node"],
-                      describe(e))
-            if isinstance(e, (ConnectionRefusedError, Refused, ProtocolError)):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            return None
-        log.debug("the warm path: job %s's agent on %s", self.spec, step.record["node"])
-        self.target = (step.record["job"], step.record["node"], "")
+        return "slurm-" + key if key and duration(self.config["warm_idle"] or "0") else None
+
+    def warm_step(self, request):
+        step = super().warm_step(request)
+        if step:
+            self.target = (step.record["job"], step.record["node"], "")
         return step
 
     def ticket(self, request):
@@ -6001,8 +6306,7 @@ class SlurmSite(Site):
             if step is None:
                 step = SlurmStep(self, self.target[1])
                 step.begin(self.request._replace(transport=transport))
-        if step.reply["transport"] != transport:
-            raise ProtocolError("the step on %s chose the %s transport" % (self.target[1], step.reply["transport"]))
+        step.expect(transport)
         return step
 
     def connect_ssh(self, request, ticket=None):
@@ -6010,13 +6314,7 @@ class SlurmSite(Site):
         return step.connect(), step.reply["hostkey"]
 
     def open_builtin(self, ticket, session):
-        step = self.step_for(ticket, "builtin")
-        try:
-            send_msg(step.channel, dict(session, op="builtin"))
-            raise_for_reply(recv_msg(step.channel, "the step on node %s" % self.target[1]))
-        except (OSError, ProtocolError):
-            raise step.failure() from None
-        return step.channel
+        return self.step_for(ticket, "builtin").open_builtin(session)
 
     def state(self, job, ticket=None):
         jobs = slurm_jobs(job)
@@ -6076,7 +6374,31 @@ class SlurmSite(Site):
             step.close()
 
 
-class SlurmStep:
+class Step:
+    """What a session goes through to the node, from the client's side: a
+    channel to what serves it there, and its `reply` to the session's
+    request.  SlurmStep starts a step with srun; WarmStep reaches the job's
+    agent."""
+
+    def expect(self, transport):
+        if self.reply["transport"] != transport:
+            raise ProtocolError("node %s chose the %s transport" % (self.reply.get("node"), self.reply["transport"]))
+
+    def open_builtin(self, session):
+        """The channel of a built-in session, once the node has taken `session`."""
+        try:
+            send_msg(self.channel, dict(session, op="builtin"))
+            raise_for_reply(recv_msg(self.channel, "node %s" % self.reply.get("node")))
+        except (OSError, ProtocolError):
+            raise self.failure() from None
+        return self.channel
+
+    def failure(self):
+        """Why the node's side went away, as an error."""
+        raise NotImplementedError
+
+
+class SlurmStep(Step):
     """One job step, from the client's side: srun runs slurm_boot on the
     node, with stdin and stdout on a socket pair whose other end is ours."""
 
@@ -6252,6 +6574,25 @@ def first_to_answer(hosts, port, timeout):
     raise ConnectionRefusedError(errno.ECONNREFUSED, "no answer at %s, port %d" % (", ".join(hosts), port))
 
 
+def ping_agent(record):
+    """How the agent of a user's record is: "runs"; "refuses" new sessions
+    (its job's command has exited); "gone" (nothing listens there); or
+    "silent" (no answer in time: stopped with a suspended job, or out of reach)."""
+    try:
+        sock = first_to_answer([str(host) for host in record["hosts"]], int(record["port"]), PING_WAIT)
+    except ConnectionRefusedError:
+        return "gone"
+    except OSError:
+        return "silent"
+    with sock:
+        try:
+            sock.settimeout(PING_WAIT)
+            sock.sendall(WARM_PING)
+            return {WARM_PONG: "runs", WARM_REFUSES: "refuses"}.get(sock.recv(1), "silent")
+        except OSError:
+            return "silent"
+
+
 def read_warm_record(path):
     with open(path) as f:
         record = json.load(f)
@@ -6260,7 +6601,7 @@ def read_warm_record(path):
     return record
 
 
-class WarmStep:
+class WarmStep(Step):
     """A session through a job's agent, from the client's side: TLS to the
     agent at the address of the user's record, its certificate pinned, the
     record's secret first; then the session goes as through a cold step."""
@@ -6753,12 +7094,15 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
     openssh = wants_openssh(config, opts)
     master = SshMaster.of(config, site, opts, job) if openssh else None
     if master and master.answers():
-        if on_ticket:
-            on_ticket(None)  # no ticket is needed
-        status = master.run(config, opts, streams)
-        if status == 255:
-            explain_lost_session(site, job, None)
-        return status
+        if site.agent_runs():
+            if on_ticket:
+                on_ticket(None)  # no ticket is needed
+            status = master.run(config, opts, streams)
+            if status == 255:
+                explain_lost_session(site, job, None)
+            return status
+        log.debug("job %s's agent does not answer: the cold way, without its ssh master", job)
+        master = None  # its job may be suspended: the cold way says so
     with contextlib.ExitStack() as stack:
         ssh = None
         if openssh:  # the built-in transport needs no key, so no directory for one
@@ -8283,32 +8627,51 @@ def print_table(rows):
 
 
 def run_warm(config_path, argv):
-    """`sshjob warm list`, `sshjob warm stop JOB`: the user's agents of jobs
-    (the warm path), as `ssh -O` handles a ControlMaster."""
+    """`sshjob warm list`, `sshjob warm stop JOB`: the user's warm paths into
+    jobs, the jobs' agents and ssh's master connections to them, as `ssh -O`
+    handles a ControlMaster."""
     if argv[:1] == ["list"] and len(argv) == 1:
-        directory = os.path.dirname(warm_record("x"))
-        rows = [("JOB", "NODE", "ADDRESS")]
-        for name in sorted(os.listdir(directory)):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                record = read_warm_record(os.path.join(directory, name))
-                rows.append((name[len("slurm-"):-len(".json")], record["node"], "%s, port %d" % (
-                    " ".join(record["hosts"]), record["port"])))
-        print_table(rows)
+        print_table([("JOB", "NODE", "WAY", "WHERE")] + warm_paths())
         return 0
     if argv[:1] != ["stop"] or len(argv) != 2:
         raise UsageError("usage: sshjob warm list | sshjob warm stop JOB")
-    opts = parse_client_args([argv[1]]).replace(scheduler="slurm" if ":" not in argv[1] else None)
-    _, site, _ = find_site(config_path, opts)
-    key = site.warm_key() if isinstance(site, SlurmSite) else None
+    _, site, job = find_site(config_path, parse_client_args([argv[1]]))
+    said = []
     try:
-        step = WarmStep(site, read_warm_record(warm_record(key or "-")))
-        step.ask({"op": "stop"})
-    except (OSError, ValueError, KeyError, TypeError):
-        raise NotFound("job %s has no agent of yours that answers (sshjob warm list names them)" % argv[1]) from None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            step = WarmStep(site, read_warm_record(warm_record(site.warm_name() or "-")))
+            step.ask({"op": "stop"})
+            said.append("Job %s's agent on %s stopped." % (argv[1], step.record["node"]))
     finally:
         site.close()
-    print("Job %s's agent on %s stopped." % (argv[1], step.record["node"]))
+    for name, master in SshMaster.all_of_user():
+        if name == job and master.stop():
+            said.append("Job %s's ssh master connection stopped." % argv[1])
+    if not said:
+        raise NotFound("job %s has no agent or ssh master connection of yours that answers (sshjob warm list "
+                       "names them)" % argv[1])
+    print("\n".join(said))
     return 0
+
+
+def warm_paths():
+    """The rows of `sshjob warm list`: the agents that the user's records
+    name (records of agents that are gone go), then ssh's masters."""
+    directory = os.path.dirname(warm_record("x"))
+    rows = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = read_warm_record(path)
+            state = ping_agent(record)
+            if state == "gone":
+                os.unlink(path)
+                continue
+            job = name[:-len(".json")].split("-")[-1]
+            rows.append((job, record["node"], {"runs": "agent", "refuses": "agent (its job has exited)"}.get(
+                state, "agent (not answering: suspended?)"),
+                         "%s, port %d" % (" ".join(record["hosts"]), record["port"])))
+    return rows + [(job, "-", "ssh master", master.path) for job, master in SshMaster.all_of_user()]
 
 
 def run_status(config_path, argv):
@@ -8353,20 +8716,6 @@ def run_action(action, config_path, argv):
 # Pools: a personal one on this machine (pool start / stop, the demo), and
 # one across hosts (init, token).
 # ---------------------------------------------------------------------------
-
-
-def self_command():
-    """How to run this module again, for the daemons: imported by path (a
-    cached import starts faster than a script, which is compiled anew each
-    time, or a zipapp's bootstrap), and isolated from the user's Python
-    settings, since it needs only the standard library."""
-    here = os.path.abspath(__file__)
-    if not os.path.isfile(here):
-        return [sys.executable, os.path.abspath(sys.argv[0])]
-    module = os.path.splitext(os.path.basename(here))[0]
-    launcher = "import sys; sys.path.insert(0, %r); import %s; sys.exit(%s.main())" % (
-        os.path.dirname(here), module, module)
-    return [sys.executable, "-I", "-S", "-c", launcher]
 
 
 def start_daemon(config_path, role, pool_dir):
@@ -8593,7 +8942,7 @@ roles:
   submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
   new [--options O] PROFILE [cmd]  enter your allocation of PROFILE, made if you have none (Slurm)
   rm PROFILE                       give that allocation back now
-  warm list | warm stop JOB        your jobs' agents, which make later sessions fast (Slurm)
+  warm list | warm stop JOB        your warm paths into jobs (agents, ssh masters): later sessions are fast
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
   init --dir DIR [--listen H:P]    a pool that starters and users on other hosts can join
   token create --for USER | --for starter --name NAME   an identity token for them
@@ -8607,6 +8956,7 @@ roles:
   known-hosts HOST                 a job's pinned host key (a laptop's KnownHostsCommand)
   bridge DESK                      ssh's ProxyCommand (the client starts it)
   slurm-step                       a session's step on a Slurm node (srun starts it)
+  pool-agent                       a pool job's agent (its starter starts it)
   allocation PROFILE IDLE          an allocation's batch script (sshjob new submits it)
 
 The pool's configuration comes from --config, else $SSHJOB_CONFIG, else
@@ -8626,7 +8976,7 @@ def raise_fd_limit():
 
 def dispatch(config_path, debug, role, rest):
     global ROLE
-    ROLE = {"slurm-step": "Slurm step"}.get(role, role)
+    ROLE = {"slurm-step": "Slurm step", "pool-agent": "job agent"}.get(role, role)
     if role in ("help", "version"):
         sys.stdout.write(USAGE + ROLES if role == "help" else "sshjob %s\n" % __version__)
         return 0
@@ -8644,6 +8994,8 @@ def dispatch(config_path, debug, role, rest):
         return run_bridge(rest)
     if role == "slurm-step":
         return run_slurm_step(config_path)
+    if role == "pool-agent":
+        return run_pool_agent(config_path)
     if role in DAEMONS:
         log.set_level(Log.DEBUG if debug else Log.INFO)
         raise_fd_limit()
