@@ -8430,25 +8430,9 @@ def ssh_config_block(config_path):
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",
         "    UpdateHostKeys no",
-    ] + master_lines(config_path, openssh_quoted(os.path.join(home, "cm-"))[:-1] + '%C"') + [
         "Host *",  # what follows in the file applies to every host again, as it did before the block
         BLOCK_END,
     ]) + "\n"
-
-
-def master_lines(config_path, path):
-    """The lines of a Host block (`path`: the ControlPath, as OpenSSH reads it) that keep ssh's connection to a job as a
-    master for warm_idle after its last session (ControlPersist), which
-    later sessions go through (the warm path); none where warm_idle = 0.
-    %C hashes the local host's name too: login nodes that share the home
-    directory do not take each other's sockets."""
-    try:
-        idle = duration(Config(config_path)["warm_idle"] or "0") or 0
-    except SshjobError:
-        idle = duration(DEFAULTS["warm_idle"])
-    if not idle:
-        return []
-    return ["    ControlMaster auto", "    ControlPath %s" % path, "    ControlPersist %ds" % idle]
 
 
 LAPTOP_BLOCK_BEGIN = "# >>> sshjob: jobs as ssh hosts, through %s (sshjob ssh-config --via) >>>"
@@ -8486,7 +8470,6 @@ def laptop_block(config_path, login, key, identity, ssh):
         "    StrictHostKeyChecking yes",
         "    CheckHostIP no",
         "    UpdateHostKeys no",
-    ] + ([] if ssh.lower().endswith(".exe") else master_lines(config_path, "~/.ssh/cm-sshjob-%C")) + [
         "Host *",
         BLOCK_END,
     ]) + "\n"
