@@ -848,6 +848,14 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def copy_until_end(source, target):
+    """Copy descriptor `source` to `target` until its end, then close `source`."""
+    with contextlib.suppress(OSError):
+        for data in iter(lambda: os.read(source, 65536), b""):
+            write_all(target, data)
+    os.close(source)
+
+
 # ---------------------------------------------------------------------------
 # Jobs, users, files and processes: job ids, users and their privileges,
 # files made safely (never through another user's link), process families
@@ -3570,7 +3578,11 @@ class JobAgent:
 
     def add_record(self, name):
         """Be found by clients that know the job as `name` too."""
-        path = warm_record(name)
+        try:
+            path = warm_record(name)
+        except ConfigError as e:
+            self.note("no record for %s: %s" % (name, e))
+            return
         with self.lock:
             if path not in self.paths:
                 self.paths.append(path)
@@ -4645,17 +4657,26 @@ class Job:
                 log.warning("job %s gets no agent: %s", self.name, describe(e))
 
     def start_agent(self):
-        """Start the job's agent: as its owner, in its family (neither the
-        job's own process nor a session: SESSION_VAR, its own part of the
-        family), told the job as a session sees it."""
+        """Start the job's agent in its family (neither the job's own process
+        nor a session: SESSION_VAR, its own part of the family), told the job
+        as a session sees it.  It becomes the job's owner itself, once it
+        has loaded this module, which a root starter keeps where only root
+        reads it."""
         config = self.starter.config
         argv = self_command() + (["--config", config.path] if config.path else []) + ["pool-agent"]
         env = {"PATH": os.defpath, "HOME": self.owner.pw_dir, TAG_VAR: self.family.tag, SESSION_VAR: "agent"}
-        agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 cwd="/", env=env, start_new_session=True, close_fds=True,
-                                 preexec_fn=child_setup(self.family.enter("agent"), self.become()))
+        self.become()  # its owner still exists
+        errors = os.open(os.path.join(self.dir, "agent.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
+        try:
+            agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/",
+                                     env=env, start_new_session=True, close_fds=True,
+                                     preexec_fn=child_setup(self.family.enter("agent")))
+        finally:
+            os.close(errors)
         self.family.leaders.append(agent)
-        spec = {"run": self.run, "job": self.name, "node": self.starter.name, "index": self.node, "env": self.env,
+        spec = {"owner": self.owner.pw_name, "run": self.run, "job": self.name, "node": self.starter.name,
+                "index": self.node, "env": self.env,
                 "workdir": self.workdir, "tag": self.family.tag, "cgroup": self.family.cgroup,
                 "pid": self.process.pid, "host_key": self.host_key_path(), "idle": self.starter.warm_idle}
         agent.stdin.write(json.dumps(spec).encode() + b"\n")
@@ -5097,10 +5118,19 @@ class PoolAgent(JobSide):
             agent.stop()
 
 
+AGENT_MODULES = ("base64", "ctypes", "grp", "hmac", "json", "logging", "pty", "shlex", "shutil", "ssl", "subprocess",
+                 "tempfile", "termios", "tty")  # what a pool job's agent and its sessions import as they go
+
+
 def run_pool_agent(config_path):
     """`sshjob pool-agent`: a pool job's agent, which its starter starts (see PoolAgent)."""
     spec = json.loads(sys.stdin.readline() or "{}")
     config = Config(config_path if config_path and os.path.exists(config_path) else None)
+    become = privileges_of(field(spec, "owner", str))
+    if become:
+        for name in AGENT_MODULES:  # loaded while root: a root starter's Python may be closed to the owner
+            __import__(name)
+        become()
     agent = PoolAgent(config, spec)
     try:
         agent.serve()
@@ -5894,10 +5924,9 @@ class Site:
         secret refused) goes too; one that does not answer in time stays
         (its job may be suspended, which the cold way says)."""
         name = not self.agent_silent and self.warm_name()
-        path = name and warm_record(name)
         try:
-            step = WarmStep(self, read_warm_record(path)) if path else None
-        except (OSError, ValueError, TypeError, KeyError):
+            step = WarmStep(self, read_warm_record(warm_record(name))) if name else None
+        except (OSError, ValueError, TypeError, KeyError, ConfigError):  # no record, or nowhere to keep one
             return None
         if step is None:
             return None
@@ -5909,7 +5938,7 @@ class Site:
                       describe(e))
             if isinstance(e, (ConnectionRefusedError, Refused, ProtocolError)):
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
+                    os.unlink(warm_record(name))
             return None
         log.debug("the warm path: job %s's agent on %s", self.spec, step.record["node"])
         return step
@@ -5918,11 +5947,17 @@ class Site:
         """Whether the job's agent answers a ping: it runs, and is not
         stopped with a suspended job (an ssh master's sessions would wait)."""
         name = self.warm_name()
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, ConfigError):
             state = name and ping_agent(read_warm_record(warm_record(name)))
             self.agent_silent = state == "silent"  # so that the cold way does not wait for it again
             return state == "runs"
         return False
+
+
+def pool_key(config, schedd_name=None):
+    """What names a pool (its configuration, its schedd) in the user's warm records."""
+    import hashlib
+    return hashlib.sha256(json.dumps([config.path, schedd_name]).encode()).hexdigest()[:12]
 
 
 class PoolSite(Site):
@@ -5933,21 +5968,21 @@ class PoolSite(Site):
     job_pattern = JOB_ID.pattern
 
     def __init__(self, config, opts):
-        import hashlib
         self.config = config
         self.schedd = config.schedd(opts.name)
-        self.pool = hashlib.sha256(json.dumps([config.path, opts.name]).encode()).hexdigest()[:12]
-        self.spec = None
+        self.pool = pool_key(config, opts.name)
+        self.spec = self.node = None
         self.steps = []
 
     def job(self, text):
-        cluster, proc, _ = parse_job_id(text)
+        cluster, proc, node = parse_job_id(text)
         self.spec = job_name(cluster, proc)
+        self.node = node  # of a job of several nodes, the one named
         return self.spec
 
     def warm_name(self):
         if self.spec and duration(self.config["warm_idle"] or "0"):
-            return "pool-%s-%s" % (self.pool, self.spec)
+            return "pool-%s-%s%s" % (self.pool, self.spec, "" if self.node is None else ".%d" % self.node)
         return None
 
     def ticket(self, request):
@@ -7103,6 +7138,8 @@ def enter_job_at(site, config, opts, job, streams, on_ticket):
             return status
         log.debug("job %s's agent does not answer: the cold way, without its ssh master", job)
         master = None  # its job may be suspended: the cold way says so
+    elif master and not master.can_listen():
+        master = None
     with contextlib.ExitStack() as stack:
         ssh = None
         if openssh:  # the built-in transport needs no key, so no directory for one
@@ -7228,11 +7265,12 @@ class SshMaster:
     session), and later sessions of the same user into the same job, with
     the same choices, go through it: no ticket, no step, no handshake.
 
-    Its socket is in the user's private directory on this host, where ssh
-    itself serves only its own uid; its name is a hash of what the session
-    chose (configuration, site, job, container, environment, shells).  The
-    job's host key is kept beside it, for the master's later key exchanges,
-    and says which job it is for (`sshjob warm list`).  On the job's side
+    Its socket is in the user's private sshjob directory, where ssh itself
+    serves only its own uid, named after the job as its site names it for
+    agents (Site.warm_name) and a hash of this host's name (login nodes
+    that share a home directory make their own) and what the session chose
+    (configuration, job, container, environment, shells, X11).  The job's
+    host key is kept beside it, for the master's later key exchanges.  On the job's side
     the master's sshd counts as a session only while it serves one (see
     SessionHost.live).  A job that ends takes the connection with it; a
     master whose socket no longer answers is the cold way again."""
@@ -7243,21 +7281,50 @@ class SshMaster:
         self.known_hosts = path + ".hosts"
         self.persist = 0
 
+    @staticmethod
+    def name_of(path):
+        """The job's name for agents, which the socket's name starts with."""
+        return os.path.basename(path)[len(MASTER_PREFIX):].rpartition("-")[0]
+
     @classmethod
     def of(cls, config, site, opts, job):
         """The master for this session's choices, or None where there is
-        none to be (warm_idle = 0, the built-in transport, no private directory)."""
+        none to be (warm_idle = 0, the built-in transport, no private
+        directory, or one too deep for a Unix socket's name)."""
         import hashlib
         persist = duration(config["warm_idle"] or "0") or 0
-        directory = private_node_directory()
-        if not persist or not directory or opts.transport == "builtin":
+        name = site.warm_name()
+        if not persist or not name or opts.transport == "builtin":
             return None
-        choices = [config.path or "", site.name, job, opts.container, opts.job_env, opts.shells or "",
-                   os.environ.get("SHELL", "")]
-        digest = hashlib.sha256(json.dumps(choices).encode()).hexdigest()[:24]
-        master = cls(os.path.join(directory, MASTER_PREFIX + digest), "job-" + job)
+        try:
+            directory = sshjob_home()
+        except ConfigError:
+            return None
+        choices = [socket.gethostname(), config.path or "", opts.job, opts.container, opts.job_env,
+                   opts.shells or "", os.environ.get("SHELL", ""), opts.x11 and os.environ.get("DISPLAY", "")]
+        path = os.path.join(directory, "%s%s-%s" % (MASTER_PREFIX, name, hashlib.sha256(
+            json.dumps(choices).encode()).hexdigest()[:8]))
+        if len(os.fsencode(path)) + len(".XXXXXXXXXXXXXXXX") >= 108:  # sun_path; ssh binds a longer name first
+            log.debug("no ssh master: its socket's path would be too long for a Unix socket (%s)", path)
+            return None
+        master = cls(path, "job-" + job)
         master.persist = persist
         return master
+
+    def can_listen(self):
+        """Whether a Unix socket can be made where the master's goes: where
+        it cannot (a home directory on a file system without them), ssh
+        would fail the session rather than go without."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.bind(self.path + ".probe")
+            os.unlink(self.path + ".probe")
+            return True
+        except OSError as e:
+            log.debug("no ssh master: no Unix socket can be made at %s (%s)", self.path, e.strerror)
+            return False
+        finally:
+            probe.close()
 
     def answers(self):
         """Whether a master serves the socket (ssh removes a stale one)."""
@@ -7286,11 +7353,25 @@ class SshMaster:
         return options
 
     def run(self, config, opts, streams):
-        """A session through the master: ssh's exit status."""
+        """A session through the master: ssh's exit status.  ssh hands the
+        master its stdin, stdout and stderr; the master holds stderr until
+        the remote command ends, even when ssh (and the client) were
+        interrupted before: so ssh gets a pipe that the client relays to
+        stderr, whose other end goes with the client, and a caller that
+        waits for the end of stderr does not wait for the remote command."""
         argv = ssh_command(config, opts, self.alias, user_name(os.getuid()), os.devnull, os.devnull, None,
                            self, cold=False)
         log.debug("the warm path: ssh's master connection to %s, at %s", self.alias[4:], self.path)
-        return wait_foreground(start_foreground(argv, streams))
+        read_end, write_end = os.pipe()
+        try:
+            child = start_foreground(argv, (streams[0], streams[1], write_end))
+        finally:
+            os.close(write_end)
+        relay = threading.Thread(target=copy_until_end, args=(read_end, streams[2]), daemon=True)
+        relay.start()
+        status = wait_foreground(child)
+        relay.join(IO_TIMEOUT)  # the master closes its end as the session's channel closes
+        return status
 
     def stop(self):
         """Ask the master to end (ssh -O exit); whether one answered."""
@@ -7302,16 +7383,17 @@ class SshMaster:
 
     @staticmethod
     def all_of_user():
-        """(job, SshMaster) for each of the user's masters that answers."""
-        directory = private_node_directory()
+        """The user's masters that answer here."""
+        directory = sshjob_home()
         found = []
-        for name in sorted(os.listdir(directory)) if directory else ():
-            if name.startswith(MASTER_PREFIX) and name.endswith(".hosts"):
-                with contextlib.suppress(OSError, IndexError), open(os.path.join(directory, name)) as f:
-                    alias = f.read().split()[0]
-                    master = SshMaster(os.path.join(directory, name[:-len(".hosts")]), alias)
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name.startswith(MASTER_PREFIX) and "." not in name.rpartition("-")[2] and stat.S_ISSOCK(
+                    os.lstat(path).st_mode):
+                with contextlib.suppress(OSError, IndexError), open(path + ".hosts") as f:
+                    master = SshMaster(path, f.read().split()[0])
                     if master.answers():
-                        found.append((alias[len("job-"):], master))
+                        found.append(master)
         return found
 
 
@@ -8628,24 +8710,24 @@ def print_table(rows):
 
 def run_warm(config_path, argv):
     """`sshjob warm list`, `sshjob warm stop JOB`: the user's warm paths into
-    jobs, the jobs' agents and ssh's master connections to them, as `ssh -O`
-    handles a ControlMaster."""
+    jobs (of Slurm, and of this configuration's pool), the jobs' agents and
+    ssh's master connections to them, as `ssh -O` handles a ControlMaster."""
     if argv[:1] == ["list"] and len(argv) == 1:
-        print_table([("JOB", "NODE", "WAY", "WHERE")] + warm_paths())
+        print_table([("JOB", "NODE", "WAY", "WHERE")] + warm_paths(config_path))
         return 0
     if argv[:1] != ["stop"] or len(argv) != 2:
         raise UsageError("usage: sshjob warm list | sshjob warm stop JOB")
-    _, site, job = find_site(config_path, parse_client_args([argv[1]]))
-    said = []
+    _, site, _ = find_site(config_path, parse_client_args([argv[1]]))
+    name, said = site.warm_name(), []
     try:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            step = WarmStep(site, read_warm_record(warm_record(site.warm_name() or "-")))
+            step = WarmStep(site, read_warm_record(warm_record(name or "-")))
             step.ask({"op": "stop"})
             said.append("Job %s's agent on %s stopped." % (argv[1], step.record["node"]))
     finally:
         site.close()
-    for name, master in SshMaster.all_of_user():
-        if name == job and master.stop():
+    for master in SshMaster.all_of_user():
+        if SshMaster.name_of(master.path) == name and master.stop():
             said.append("Job %s's ssh master connection stopped." % argv[1])
     if not said:
         raise NotFound("job %s has no agent or ssh master connection of yours that answers (sshjob warm list "
@@ -8654,24 +8736,35 @@ def run_warm(config_path, argv):
     return 0
 
 
-def warm_paths():
+def warm_paths(config_path):
     """The rows of `sshjob warm list`: the agents that the user's records
     name (records of agents that are gone go), then ssh's masters."""
+    try:
+        pool = "pool-%s-" % pool_key(Config(find_config_path(config_path)))
+    except ConfigError:
+        pool = None
     directory = os.path.dirname(warm_record("x"))
+
+    def job_of(name):
+        return next((name[len(prefix):] for prefix in ("slurm-", pool) if prefix and name.startswith(prefix)), None)
+
     rows = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
+        if not job_of(name[:-len(".json")]):
+            continue
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             record = read_warm_record(path)
             state = ping_agent(record)
             if state == "gone":
                 os.unlink(path)
                 continue
-            job = name[:-len(".json")].split("-")[-1]
-            rows.append((job, record["node"], {"runs": "agent", "refuses": "agent (its job has exited)"}.get(
-                state, "agent (not answering: suspended?)"),
-                         "%s, port %d" % (" ".join(record["hosts"]), record["port"])))
-    return rows + [(job, "-", "ssh master", master.path) for job, master in SshMaster.all_of_user()]
+            rows.append((job_of(name[:-len(".json")]), record["node"], {
+                "runs": "agent", "refuses": "agent (its job has exited)"}.get(
+                state, "agent (not answering: suspended?)"), "%s, port %d" % (" ".join(record["hosts"]),
+                                                                             record["port"])))
+    masters = [(job_of(SshMaster.name_of(master.path)), master) for master in SshMaster.all_of_user()]
+    return rows + [(job, "-", "ssh master", master.path) for job, master in masters if job]
 
 
 def run_status(config_path, argv):

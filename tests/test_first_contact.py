@@ -168,7 +168,7 @@ def test_a_pool_and_a_temporary_directory_with_spaces_and_percent_signs(base, tm
         assert os.listdir(str(temporary)) == ["out.dat"]  # no key directory left behind
         percent = tmp_path / "100%"  # ssh expands % in UserKnownHostsFile from 8.4 on, not before
         percent.mkdir()
-        refused = pool.sshjob("client", job, "true", env={"TMPDIR": str(percent)})
+        refused = pool.sshjob("client", job, "true", env={"TMPDIR": str(percent), "SSHJOB_WARM_IDLE": "0"})  # cold
         assert refused.returncode != 0 and "Traceback" not in refused.stderr
         assert refused.stderr == ("sshjob: OpenSSH cannot be given the path %s/sshjob-keys-%s/known_hosts: versions "
                                   "of it read %% differently; use a directory without it (for a client, set "

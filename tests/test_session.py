@@ -90,7 +90,8 @@ def test_keygen_options_make_the_session_key(pool, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("publickey ssh-rsa ")
     assert "-t rsa -b 2048" in result.stderr
-    bad = pool.sshjob("client", "-keygen-options", "-t nosuchtype", job, "true")
+    bad = pool.sshjob("client", "-keygen-options", "-t nosuchtype", job, "true",
+                      env={"SSHJOB_WARM_IDLE": "0"})  # cold: a session through the first one's ssh makes no key
     assert bad.returncode != 0 and bad.stderr.startswith("sshjob: ssh-keygen failed")
     assert os.listdir(str(tmp_path)) == []
 
@@ -145,8 +146,9 @@ def test_interactive_login_shell_on_a_terminal(pool):
 
 def test_temporary_key_directory_removed_on_signals(pool, tmp_path):
     job = pool.running_job()
+    cold = {"TMPDIR": str(tmp_path), "SSHJOB_WARM_IDLE": "0"}  # each makes a key, none goes through another's ssh
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        proc = subprocess.Popen(pool.argv("client", job, "sleep 60", env={"TMPDIR": str(tmp_path)}),
+        proc = subprocess.Popen(pool.argv("client", job, "sleep 60", env=cold),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
         deadline = time.time() + 20
         while not glob.glob(str(tmp_path / "sshjob-*" / "id.pub")):
@@ -158,7 +160,7 @@ def test_temporary_key_directory_removed_on_signals(pool, tmp_path):
         assert proc.returncode == 128 + signum, err
         assert "interrupted" in err
         assert os.listdir(str(tmp_path)) == []
-    ok = pool.sshjob("client", job, "true", env={"TMPDIR": str(tmp_path)})
+    ok = pool.sshjob("client", job, "true", env=cold)
     assert ok.returncode == 0 and os.listdir(str(tmp_path)) == []
 
 
@@ -168,7 +170,7 @@ def test_a_killed_clients_key_directory_is_removed_by_a_later_client(pool, tmp_p
     client's, however old (its process may be on another host sharing
     $TMPDIR, where no pid says anything)."""
     job = pool.running_job()
-    env = {"TMPDIR": str(tmp_path)}
+    env = {"TMPDIR": str(tmp_path), "SSHJOB_WARM_IDLE": "0"}  # each makes a key, none goes through another's ssh
 
     def client_in_session():
         before = set(os.listdir(str(tmp_path)))
