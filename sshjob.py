@@ -234,7 +234,7 @@ TAG_VAR = "_SSHJOB_JOB_TAG"  # inherited by every process of a job
 
 PIDS_VAR = "_SSHJOB_JOB_PIDS"
 
-SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only
+SESSION_VAR = "_SSHJOB_SESSION"  # set in session processes only, and in sshjob's Slurm steps
 
 CONNECTION_GRACE = 1.0  # seconds an sshd connection counts as a session before its first channel opens
 
@@ -5346,18 +5346,13 @@ def slurm_job_context(job_id, own_step):
     rows = [line.split() for line in result.stdout.splitlines()]
     rows = [row for row in rows if len(row) >= 4 and row[0].isdigit() and row[2] not in (own_step, "extern")]
     rows.sort(key=lambda row: (row[2] != "batch", row[3] != "0", not row[2].isdigit(), row[2].zfill(9), row[3]))
-    pids, first = [], None
+    found = []
     for row in rows:
-        try:
-            env = process_environment(int(row[0]))
-            cwd = os.readlink("/proc/%s/cwd" % row[0])
-        except OSError:
-            continue
-        if SESSION_VAR in env:  # another session's, not the job's own
-            continue
-        pids.append(int(row[0]))
-        first = first or (env, cwd)
-    return (pids,) + (first or (None, None))
+        with contextlib.suppress(OSError):
+            found.append((row[2], int(row[0]), process_environment(int(row[0])), os.readlink("/proc/%s/cwd" % row[0])))
+    sessions = {step for step, _, env, _ in found if SESSION_VAR in env}  # sshjob's steps: none is the job's own
+    own = [(pid, env, cwd) for step, pid, env, cwd in found if step not in sessions]
+    return ([pid for pid, _, _ in own],) + (own[0][1:] if own else (None, None))
 
 
 def guard_step(step_pid, started, tag, tmp):
@@ -6450,6 +6445,7 @@ class SlurmStep(Step):
             argv.append("--debug")
         env = {k: v for k, v in os.environ.items()  # not another allocation's sizes, which srun would obey
                if not (k.startswith("SLURM_") and k != "SLURM_CONF") and k != "XDG_CACHE_HOME"}
+        env[SESSION_VAR] = "step"  # the step is sshjob's, not the job's own (slurm_job_context)
         self.channel, theirs = socket.socketpair()
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(); a file: srun outlives a proxy)
         log.debug("starting the session's step: %s BOOT", " ".join(map(shlex.quote, argv[:argv.index("-c") + 1])))

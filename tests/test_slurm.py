@@ -558,7 +558,7 @@ def test_a_session_lands_in_the_container_of_a_batch_job(cluster, images):
             assert result.returncode == 4, (transport, result.stderr)
             assert result.stdout.startswith("MARK=inside\n/data\n%s\n" % inside), result.stdout
             assert re.search(r"^\s*1\s+\S+\s+sleep 600$", result.stdout, re.M) and "PIDS=1\n" in result.stdout
-        debug = cluster.sshjob("client", "-debug", job, "true")
+        debug = cluster.sshjob("client", "-debug", "-transport", "builtin", job, "true")  # OpenSSH's: through its ssh
         assert "runs inside its podman container %s (pid %d)" % (name, pid) in debug.stderr
         outside = cluster.sshjob("client", "-container", "none", job, "hostname")
         assert outside.stdout == socket.gethostname() + "\n", outside.stderr

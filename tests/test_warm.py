@@ -58,13 +58,13 @@ def test_later_sessions_go_through_the_job_s_agent(cluster, job):
     wait_for(lambda: os.path.exists(record_path(job)), what="the job's agent to write its record")
     mode = os.stat(record_path(job)).st_mode & 0o777
     assert mode == 0o600 and os.stat(os.path.dirname(record_path(job))).st_mode & 0o777 == 0o700
-    for transport in ("openssh", "builtin"):
+    for transport, way in (("openssh", "ssh's master connection to %s" % job), ("builtin", "job %s's agent" % job)):
         later = cluster.sshjob("client", "-debug", "-transport", transport, job, "echo $SLURM_JOB_ID; pwd; exit 3")
         assert later.returncode == 3, later.stderr
         assert later.stdout.splitlines()[0] == job
-        assert "the warm path: job %s's agent" % job in later.stderr
+        assert "the warm path: " + way in later.stderr  # OpenSSH: through the first session's ssh, which stayed
         assert "starting the session's step" not in later.stderr
-        assert "warm entry: user %s, job %s, %s transport" % (ALICE, job, transport) in agent_log(job)
+    assert "warm entry: user %s, job %s, builtin transport" % (ALICE, job) in agent_log(job)
     assert len(steps(job)) == 1  # the first session's step, which is the agent: no step per later session
     config = os.path.join(cluster.dir, "warm-ssh-config")
     with open(config, "w") as f:
@@ -84,7 +84,7 @@ def test_the_warm_path_reaches_the_job_from_another_host(cluster, job):
         assert cluster.sshjob("client", job, "true").returncode == 0
         wait_for(lambda: os.path.exists(record_path(job)), what="the job's agent to write its record")
         assert host.outer in record(job)["hosts"]
-        argv = cluster.argv("client", job, "echo from-elsewhere $SLURM_JOB_ID; exit 4")
+        argv = cluster.argv("client", "-transport", "builtin", job, "echo from-elsewhere $SLURM_JOB_ID; exit 4")
         remote = run(["ip", "netns", "exec", host.name] + argv, cwd="/")
         assert remote.returncode == 4, remote.stderr
         assert remote.stdout == "from-elsewhere %s\n" % job
@@ -97,7 +97,8 @@ def test_a_gone_stopped_or_forged_agent_is_silent_and_a_suspended_job_is_said_at
     assert cluster.sshjob("client", job, "true").returncode == 0
     wait_for(lambda: os.path.exists(record_path(job)), what="the job's agent to write its record")
     stopped = cluster.sshjob("warm", "stop", job, scheduler=None)
-    assert stopped.stdout == "Job %s's agent on %s stopped.\n" % (job, cluster.host), stopped.stderr
+    assert stopped.stdout == "Job %s's agent on %s stopped.\nJob %s's ssh master connection stopped.\n" % (
+        job, cluster.host, job), stopped.stderr
     assert not os.path.exists(record_path(job))
     again = cluster.sshjob("client", job, "echo cold-again")
     assert (again.returncode, again.stdout, again.stderr) == (0, "cold-again\n", "")
@@ -106,7 +107,7 @@ def test_a_gone_stopped_or_forged_agent_is_silent_and_a_suspended_job_is_said_at
     forged["fingerprint"] = "00" * 32
     with open(record_path(job), "w") as f:
         json.dump(forged, f)
-    lied = cluster.sshjob("client", "-debug", job, "echo despite-a-forged-record")
+    lied = cluster.sshjob("client", "-debug", "-transport", "builtin", job, "echo despite-a-forged-record")
     assert lied.returncode == 0 and lied.stdout == "despite-a-forged-record\n", lied.stderr
     assert "does not match its pinned fingerprint" in lied.stderr and "starting the session's step" in lied.stderr
     wait_for(lambda: os.path.exists(record_path(job)) and record(job)["fingerprint"] != "00" * 32,
