@@ -191,6 +191,7 @@ def token_hex(nbytes):
     return os.urandom(nbytes).hex()
 
 
+@functools.lru_cache(maxsize=None)
 def source_of(function):
     """The source text of a top-level function of this module, to run with
     `python -c` where importing the whole module would cost too much (or
@@ -3163,6 +3164,7 @@ class SessionHost:
         self.sshd_log = sshd_log
         self.sessions = set()  # the processes of the sessions that live: sshd, or a built-in session's shell
         self.connections = {}  # those of them that are sshd: when each started
+        self.targets = {}  # and the payload (a container) that each one's sessions enter, if any
         self.changed = threading.Condition()
         self.count = 0
 
@@ -3216,6 +3218,7 @@ class SessionHost:
                 os.close(errors)
         with self.changed:
             self.connections[proc] = time.monotonic()
+            self.targets[proc] = context.payload
             if len(self.connections) == 1:
                 threading.Thread(target=self.watch_connections, daemon=True).start()
         self.track(proc)
@@ -3378,13 +3381,22 @@ class SessionHost:
 
     def watch_connections(self):
         """While sshd connections live, say when the count of sessions in
-        use changes (a channel opens or closes on a connection that stays)."""
+        use changes (a channel opens or closes on a connection that stays),
+        and end the idle ones whose sessions would enter a container that
+        has ended: a client's ssh master then goes, and its next session
+        goes the cold way, which finds where the job runs now."""
         said = None
         while True:
             time.sleep(CONNECTION_GRACE / 2)
             with self.changed:
                 if not self.connections:
                     return
+                for proc, payload in list(self.targets.items()):
+                    if payload and process_state(payload.pid, payload.started) is None and not (
+                            proc in self.connections and serves_a_channel(proc.pid)):
+                        del self.targets[proc]
+                        with contextlib.suppress(OSError):
+                            proc.terminate()
                 live = self.live()
                 if live != said:
                     said = live
@@ -3406,6 +3418,7 @@ class SessionHost:
         with self.changed:
             self.sessions.discard(proc)
             self.connections.pop(proc, None)
+            self.targets.pop(proc, None)
             self.count_sessions()
             self.changed.notify_all()
         log.debug("a session ended (pid %d)", proc.pid)
@@ -5118,19 +5131,25 @@ class PoolAgent(JobSide):
             agent.stop()
 
 
+PR_SET_DUMPABLE = 4  # prctl(2): a process that changed its uid is no longer its owner's to ptrace, or to map ids
+
 AGENT_MODULES = ("base64", "ctypes", "grp", "hmac", "json", "logging", "pty", "shlex", "shutil", "ssl", "subprocess",
                  "tempfile", "termios", "tty")  # what a pool job's agent and its sessions import as they go
 
 
 def run_pool_agent(config_path):
     """`sshjob pool-agent`: a pool job's agent, which its starter starts (see PoolAgent)."""
+    import ctypes
     spec = json.loads(sys.stdin.readline() or "{}")
-    config = Config(config_path if config_path and os.path.exists(config_path) else None)
     become = privileges_of(field(spec, "owner", str))
     if become:
         for name in AGENT_MODULES:  # loaded while root: a root starter's Python may be closed to the owner
             __import__(name)
+        for function in (serve_sftp, container_session):  # what its sessions run in a job's container
+            source_of(function)
         become()
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the owner's again, as user namespaces want it
+    config = Config(config_path if config_path and os.path.exists(config_path) else None)
     agent = PoolAgent(config, spec)
     try:
         agent.serve()

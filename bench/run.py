@@ -39,6 +39,8 @@ import slurm
 from bench import PYZ, SSH_ISOLATION, bench_parser, start_plain_sshd, throughput_pair, timed, timed_pair
 
 ROWS = []
+
+POOL_WARM = {}  # later sessions into the pool's job, set beside srun's figures once Slurm's part has timed srun
 SECTIONS = ["pool", "copies", "ssh-hosts", "slurm"]
 
 
@@ -112,16 +114,32 @@ def wait_for(condition, what, timeout=60):
         time.sleep(0.1)
 
 
+def warmed(client, env, who):
+    """Sessions until one takes the warm path (the job's agent writes its record as the first session ends)."""
+    wait_for(lambda: "the warm path" in subprocess.run(client[:-1] + ["-debug", client[-1], "true"], env=env, **who,
+                                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                       universal_newlines=True).stderr, "the warm path")
+
+
 def pool_figures(args, scratch, plain, env, who, job):
     sshjob = [args.python, PYZ]
     client = sshjob + ["client", job]
     builtin = sshjob + ["client", "-transport", "builtin", job]
+    cold = dict(env, SSHJOB_WARM_IDLE="0")  # no agent, no ssh master: every session a first one
     for argv in (plain, client, builtin):
-        timed(argv + ["true"], 2, env=env, **who)
-    ours, peer = timed_pair(client + ["true"], plain + ["true"], args.runs, env=env, **who)
-    row("client JOB true, openssh", ms(ours), "plain ssh", ms(peer), "ms", "<= 1.0")
-    ours, peer = timed_pair(builtin + ["true"], [args.python, "-c", "pass"], args.runs, env=env, **who)
-    row("client -transport builtin JOB true", ms(ours), "python3 -c pass", ms(peer), "ms", "<= 40 ms")
+        timed(argv + ["true"], 2, env=cold, **who)
+    ours, peer = timed_pair(client + ["true"], plain + ["true"], args.runs, env=cold, **who)
+    row("client JOB true, openssh (first session)", ms(ours), "plain ssh", ms(peer), "ms", "<= 1.0")
+    ours, peer = timed_pair(builtin + ["true"], [args.python, "-c", "pass"], args.runs, env=cold, **who)
+    row("client -transport builtin JOB true (first session)", ms(ours), "python3 -c pass", ms(peer), "ms", "<= 4.0")
+    for argv in (builtin, client):
+        warmed(argv, env, who)
+    POOL_WARM["openssh"], POOL_WARM["mux"] = timed_pair(client + ["true"], plain_mux(plain, scratch, env, who)
+                                                        + ["true"], args.runs, env=env, **who)
+    POOL_WARM["builtin"] = timed(builtin + ["true"], args.runs, env=env, **who)
+    quoted = " ".join(shlex.quote(a) for a in client + ["true"])
+    POOL_WARM["twenty"] = timed(["bash", "-c", "for i in $(seq 20); do %s; done" % quoted], max(3, args.runs // 5),
+                                env=env, **who)
     ours, peer = timed_pair(sshjob + ["--help"], [args.python, "-c", "pass"], args.runs, env=env, **who)
     row("sshjob.pyz --help", ms(ours), "python3 -c pass", ms(peer), "ms", "<= 25 ms")
 
@@ -142,7 +160,7 @@ def pool_figures(args, scratch, plain, env, who, job):
     starter = int(open(os.path.join(scratch, "pool", "starter.pid")).read())  # noqa: SIM115
     for count in (1, args.sessions):
         start = time.perf_counter()
-        sessions = [subprocess.Popen(client + ["sleep 3"], env=env, **who, stdout=subprocess.DEVNULL,
+        sessions = [subprocess.Popen(client + ["sleep 3"], env=cold, **who, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE) for _ in range(count)]
         rss, fds = peak_of(starter, sessions)
         failed = sum(1 for s in sessions if s.wait() != 0)
@@ -210,6 +228,11 @@ def ssh_host_figures(args, scratch, plain, env, job, who):
         subprocess.run(argv + ["true"], env=env, **who, check=True, stdout=subprocess.DEVNULL)
     second, plain_second = timed_pair(ours + ["true"], peer + ["true"], args.runs, env=env, **who)
     row("a second command on a ControlMaster", ms(second), "plain ssh's", ms(plain_second), "ms", "<= 10 ms")
+    in_a_row = ["bash", "-c", "for i in $(seq 20); do %s; done" % " ".join(shlex.quote(a) for a in ours + ["true"])]
+    plain_row = ["bash", "-c", "for i in $(seq 20); do %s; done" % " ".join(shlex.quote(a) for a in peer + ["true"])]
+    twenty, plain_twenty = timed_pair(in_a_row, plain_row, max(3, args.runs // 5), env=env, **who)
+    row("20 x ssh JOB.sshjob true, ControlPersist", ms(twenty), "20 x plain ssh, ControlMaster", ms(plain_twenty),
+        "ms", "<= 1.5")
     for argv in (ours, peer):
         subprocess.run(argv[:-1] + ["-O", "exit", argv[-1]], env=env, **who, stderr=subprocess.DEVNULL)
     shutil.rmtree(control, ignore_errors=True)
@@ -280,15 +303,23 @@ def slurm_figures(args, scratch, plain, env, who):
         slurm.stop()
 
 
-def warm_figures(args, scratch, plain, env, who, client, builtin, srun, srun_true):
-    """Later sessions through the job's agent, against srun and plain ssh's own multiplexing."""
-    control = tempfile.mkdtemp(prefix="cm-", dir="/tmp")
+def plain_mux(plain, scratch, env, who):
+    """Plain ssh through a ControlMaster of its own, made here."""
+    control = tempfile.mkdtemp(prefix="cm-", dir=scratch)
     if who:
         os.chown(control, who["user"], who["group"])
     mux = plain[:-1] + ["-o", "ControlMaster=auto", "-o", "ControlPath=%s/%%C" % control, "-o",
                         "ControlPersist=60", plain[-1]]
     subprocess.run(mux + ["true"], env=env, **who, check=True)
-    subprocess.run(client + ["true"], env=env, **who, check=True)  # the job's agent
+    return mux
+
+
+def warm_figures(args, scratch, plain, env, who, client, builtin, srun, srun_true):
+    """Later sessions through the job's agent and the client's ssh master,
+    against srun and plain ssh's own multiplexing; the pool's, timed before."""
+    mux = plain_mux(plain, scratch, env, who)
+    for argv in (builtin, client):
+        warmed(argv, env, who)
     try:
         warm, mux_true = timed_pair(client + ["true"], mux + ["true"], args.runs, env=env, **who)
         row("Slurm later session (warm): client J true, openssh", ms(warm),
@@ -301,9 +332,15 @@ def warm_figures(args, scratch, plain, env, who, client, builtin, srun, srun_tru
         srun_twenty = ["bash", "-c", "for i in $(seq 20); do %s; done" % " ".join(srun + ["true"])]
         ours, peer = timed_pair(twenty, srun_twenty, max(3, args.runs // 5), env=env, **who)
         row("Slurm: 20 client J true in a row (warm)", ms(ours), "20 srun --overlap true", ms(peer), "ms", "<= 1.0")
+        if POOL_WARM:
+            row("Pool later session (warm): client J true, openssh", ms(POOL_WARM["openssh"]),
+                "srun --overlap true + plain ssh multiplexed true", ms(srun_true + POOL_WARM["mux"]), "ms", "<= 1.0")
+            row("Pool later session (warm): client -transport builtin J true", ms(POOL_WARM["builtin"]),
+                "srun --overlap true", ms(srun_true), "ms", "<= 1.0")
+            row("Pool: 20 client J true in a row (warm)", ms(POOL_WARM["twenty"]), "20 srun --overlap true", ms(peer),
+                "ms", "<= 1.0")
     finally:
         subprocess.run(mux[:-1] + ["-O", "exit", mux[-1]], env=env, **who, stderr=subprocess.DEVNULL)
-        shutil.rmtree(control, ignore_errors=True)
 
 
 def new_figures(args, env, who, srun):

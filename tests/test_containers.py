@@ -375,6 +375,8 @@ def test_a_container_that_ended_leaves_the_session_on_the_node_saying_so(pool):
     assert pool.sshjob("client", job, "hostname", user=ALICE).stdout == container_hostname(pid) + "\n"
     assert podman(ALICE, "stop", "--time", "0", name).returncode == 0
     wait_for(lambda: state_of(pid) is None, what="the container to end")
+    wait_for(lambda: " ssh master " not in pool.sshjob("warm", "list", user=ALICE).stdout,
+             what="the idle connection of the client's ssh master, whose sessions would enter it, to end")
     result = pool.sshjob("client", job, "hostname", user=ALICE)
     assert result.returncode == 0 and result.stdout == socket.gethostname() + "\n"
     assert result.stderr == "sshjob: job %s's podman container %s (pid %d) has ended, so this session runs on the " \
