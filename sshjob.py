@@ -66,9 +66,11 @@ The two seams, drawn as socketserver.py draws its classes:
 
             Site                            SessionHost
            /    \                          (used by)
-     PoolSite    SlurmSite               Job      NodeStep
-    (a schedd,   (srun starts            (a pool's  (a Slurm
-     a starter)   a step)                 starter)   step)
+     PoolSite    SlurmSite               Job        JobSide (served by a JobAgent)
+    (a schedd,   (srun starts            (a pool's    /          \
+     a starter)   a step)                 starter) PoolAgent    NodeStep
+                                                   (in a pool   (a Slurm
+                                                    job)         step)
 
 A session: the client makes a key pair, whose private half never leaves it,
 and asks its Site for a Ticket (a SessionRequest says for what); the node
@@ -79,6 +81,9 @@ runs in a container, the session's shell or command enters it first.  An adapter
 engine (HTCondor, PBS, LSF, a container runtime) is a Site (job, ticket,
 connect_ssh, open_builtin, state, remove, queue, close) and a SessionHost
 started inside the job, as NodeStep is on Slurm; it takes one line in SITES.
+Later sessions take the warm path: the job's agent (a JobAgent in the job,
+which its JobSide serves: no ticket, no step, no new interpreter) and, for
+OpenSSH, the first session's ssh kept as the job's master (SshMaster).
 """
 
 import array
@@ -3153,6 +3158,7 @@ class SessionHost:
                  terminals=None, sshd_log=None, terminal_problem=None, memory=None, tally=None):
         self.config = config
         self.memory = memory  # a file that names the payload that the job's sessions last entered
+        self.recalled = None  # another host's such file (the starter's, for a pool job's agent)
         self.tally = tally  # told how many sessions live whenever that changes (an allocation's idle clock)
         self.files = files
         self.host_key = host_key
@@ -3340,9 +3346,11 @@ class SessionHost:
         return context, where + "; with the environment and directory of the job's script"
 
     def remember(self, text):
+        """Remember the payload that a session entered: readable by all, it
+        names a container, which the job's agent (another user) reads too."""
         if self.memory:
             with contextlib.suppress(OSError):
-                write_atomically(self.memory, text)
+                write_atomically(self.memory, text, mode=0o644)
 
     def payload_gone(self, job, orphans):
         """A sentence for a session that finds no payload where one was: a
@@ -3351,8 +3359,9 @@ class SessionHost:
         if orphans:
             return "job %s's podman (pid %d) has no container running, so this session runs on the node, outside " \
                    "it" % (job, orphans[0])
-        with contextlib.suppress(OSError), open(self.memory or "") as f:
-            return "job %s's %s has ended, so this session runs on the node, outside it" % (job, f.read(200))
+        for memory in (self.memory, self.recalled):
+            with contextlib.suppress(OSError), open(memory or "") as f:
+                return "job %s's %s has ended, so this session runs on the node, outside it" % (job, f.read(200))
         return None
 
     # -- the sessions that live --------------------------------------------------
@@ -4691,7 +4700,8 @@ class Job:
         spec = {"owner": self.owner.pw_name, "run": self.run, "job": self.name, "node": self.starter.name,
                 "index": self.node, "env": self.env,
                 "workdir": self.workdir, "tag": self.family.tag, "cgroup": self.family.cgroup,
-                "pid": self.process.pid, "host_key": self.host_key_path(), "idle": self.starter.warm_idle}
+                "pid": self.process.pid, "host_key": self.host_key_path(), "idle": self.starter.warm_idle,
+                "memory": self.host.memory}
         agent.stdin.write(json.dumps(spec).encode() + b"\n")
         agent.stdin.flush()
         threading.Thread(target=self.hear_agent, args=(agent,), daemon=True).start()
@@ -5082,7 +5092,9 @@ class PoolAgent(JobSide):
         self.starter_gone = threading.Event()
         self.tmp = tempfile.mkdtemp(prefix="sshjob-agent-")
         problem, terminals = sshd_terminals()
-        self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals, terminal_problem=problem)
+        self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals, terminal_problem=problem,
+                                memory=os.path.join(self.tmp, "payload"))
+        self.host.recalled = spec.get("memory")
 
     def job_context(self):
         pids = self.family.pids("main")
@@ -5131,10 +5143,11 @@ class PoolAgent(JobSide):
             agent.stop()
 
 
-PR_SET_DUMPABLE = 4  # prctl(2): a process that changed its uid is no longer its owner's to ptrace, or to map ids
+PR_SET_DUMPABLE = 4  # prctl(2): a process that changed its uid is not its owner's to ptrace, or to map ids of
 
-AGENT_MODULES = ("base64", "ctypes", "grp", "hmac", "json", "logging", "pty", "shlex", "shutil", "ssl", "subprocess",
-                 "tempfile", "termios", "tty")  # what a pool job's agent and its sessions import as they go
+# What a pool job's agent and its sessions import as they go: loaded while it is root.
+AGENT_MODULES = ("base64", "configparser", "ctypes", "glob", "grp", "hashlib", "hmac", "json", "logging", "pty",
+                 "shlex", "shutil", "ssl", "string", "subprocess", "tempfile", "termios", "tty")
 
 
 def run_pool_agent(config_path):

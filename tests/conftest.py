@@ -194,6 +194,17 @@ def as_user(user, argv, env=None, **kwargs):
                                                              if item[1] is not None] + list(argv), **kwargs)
 
 
+def agent_log(run, user=ALICE):
+    """What a job's agent logged on this node: its log is named by the job's
+    id there (Slurm's job id; a pool job's run, JOB.NODE)."""
+    path = "/tmp/sshjob-%d/agent-%s.log" % (pwd.getpwnam(user).pw_uid, run)
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_for(predicate, timeout=20, what="condition"):
     deadline = time.time() + timeout
     while not predicate():

@@ -111,7 +111,7 @@ def test_a_session_lands_in_the_podman_container_of_the_job(either_pool):
         assert result.stderr == ""
     outside = pool.sshjob("client", "-container", "none", job, "echo MARK=$MARK; hostname", user=ALICE)
     assert outside.returncode == 0 and outside.stdout == "MARK=\n%s\n" % socket.gethostname(), outside.stderr
-    said = pool.sshjob("client", "-debug", job, "true", user=ALICE)
+    said = pool.sshjob("client", "-debug", "-transport", "builtin", job, "true", user=ALICE)  # OpenSSH's: via its ssh
     assert "inside its podman container %s (pid %d)" % (name, pid) in said.stderr
     for choice in (name, str(pid)):
         chosen = pool.sshjob("client", "-container", choice, job, "hostname", user=ALICE)

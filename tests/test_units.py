@@ -592,3 +592,31 @@ def test_scontrols_records_and_srun_complaints():
              "node n1 cannot run python3")):
         error = sshjob.slurm_error(said, "12", "n1")
         assert isinstance(error, kind) and str(error).startswith(sentence), str(error)
+
+
+# -- the warm path ----------------------------------------------------------------------------
+
+
+def test_warm_names_say_the_site_the_pool_and_the_job():
+    config = sshjob.Config(None)
+    site = sshjob.PoolSite.__new__(sshjob.PoolSite)
+    site.config, site.pool = config, sshjob.pool_key(config)
+    site.job("12.0.3")
+    assert site.warm_name() == "pool-%s-12.0.3" % sshjob.pool_key(config)
+    assert sshjob.WARM_KEY.fullmatch(site.warm_name())
+    assert sshjob.pool_key(config) != sshjob.pool_key(config, "another-schedd")
+    master = "/home/a/.local/share/sshjob/cm-%s-0123abcd" % site.warm_name()
+    assert sshjob.SshMaster.name_of(master) == site.warm_name()
+    assert sshjob.SshMaster.name_of("/x/cm-slurm-1234.0.node-3-89abcdef") == "slurm-1234.0.node-3"
+
+
+def test_an_agent_that_does_not_listen_is_gone_and_one_that_does_not_answer_is_silent():
+    import socket
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert sshjob.ping_agent({"hosts": ["127.0.0.1"], "port": port}) == "gone"
+    with socket.socket() as mute:  # a stopped agent: the kernel accepts, nobody answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(1)
+        assert sshjob.ping_agent({"hosts": ["127.0.0.1"], "port": mute.getsockname()[1]}) == "silent"

@@ -16,22 +16,13 @@ import ssl
 import time
 
 import pytest
-from conftest import ALICE, BOB, Host, run, wait_for
+from conftest import ALICE, BOB, Host, agent_log, run, wait_for
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def record_path(job, user=ALICE):
     return os.path.join(pwd.getpwnam(user).pw_dir, ".local", "share", "sshjob", "warm", "slurm-%s.json" % job)
-
-
-def agent_log(job, user=ALICE):
-    path = "/tmp/sshjob-%d/agent-%s.log" % (pwd.getpwnam(user).pw_uid, job)
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 def record(job):

@@ -22,23 +22,13 @@ import subprocess
 import time
 
 import pytest
-from conftest import ALICE, BOB, run, wait_for
+from conftest import ALICE, BOB, agent_log, run, wait_for
 
 
 def record_path(pool, job, user=ALICE):
     """Where alice's record of the job's agent is: named by the pool (its configuration) and the job."""
     name = "pool-%s-%s.json" % (hashlib.sha256(json.dumps([pool.config, None]).encode()).hexdigest()[:12], job)
     return os.path.join(pwd.getpwnam(user).pw_dir, ".local", "share", "sshjob", "warm", name)
-
-
-def agent_log(job, user=ALICE):
-    """The agent's log on the node, named by the job's run there (its first node: JOB.0)."""
-    path = "/tmp/sshjob-%d/agent-%s.0.log" % (pwd.getpwnam(user).pw_uid, job)
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 def warm_rows(pool, job):
@@ -65,10 +55,10 @@ def test_later_sessions_go_through_the_agent_and_ssh_s_master(pool):
                         user=ALICE)
     assert later.returncode == 3 and later.stdout.splitlines()[0] == job, later.stderr
     assert "the warm path: job %s's agent" % job in later.stderr
-    assert "warm entry: user %s, job %s, builtin transport" % (ALICE, job) in agent_log(job)
+    assert "warm entry: user %s, job %s, builtin transport" % (ALICE, job) in agent_log(job + ".0")
     ssh1 = pool.sshjob("client", "-debug", job, "echo ssh1", user=ALICE)  # its agent serves it; its ssh stays
     assert ssh1.stdout == "ssh1\n" and "the warm path: job %s's agent" % job in ssh1.stderr, ssh1.stderr
-    assert "warm entry: user %s, job %s, auto transport" % (ALICE, job) in agent_log(job)
+    assert "warm entry: user %s, job %s, auto transport" % (ALICE, job) in agent_log(job + ".0")
     ssh2 = pool.sshjob("client", "-debug", job, "echo $SSHJOB_JOB_ID", user=ALICE)
     assert ssh2.stdout == job + "\n" and "the warm path: ssh's master connection to %s" % job in ssh2.stderr
     scp = pool.sshjob("client", "-ssh", "scp", job, "remote:/etc/hostname", os.devnull, user=ALICE)
@@ -157,14 +147,15 @@ def test_another_user_can_use_no_warm_path_of_alice_s(pool):
         assert check.returncode != 0 and "Permission denied" in check.stderr, check.stderr
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    before = agent_log(job).count("warm entry")
+    before = agent_log(job + ".0").count("warm entry")
     for guess in ({"v": 2, "op": "session", "secret": "00" * 32, "transport": "builtin"}, {"v": 2, "op": "stop"}):
         with socket.create_connection(("127.0.0.1", said["port"]), timeout=10) as sock, \
                 context.wrap_socket(sock) as tls:
             body = json.dumps(guess).encode()
             tls.sendall(len(body).to_bytes(4, "big") + body)
             assert tls.recv(4096) == b""  # closed, nothing said
-    assert agent_log(job).count("refused a connection") >= 2 and agent_log(job).count("warm entry") == before
+    logged = agent_log(job + ".0")
+    assert logged.count("refused a connection") >= 2 and logged.count("warm entry") == before
     assert pool.sshjob("client", "-transport", "builtin", job, "echo still", user=ALICE).stdout == "still\n"
     bobs = pool.sshjob("client", job, "true", user=BOB)
     assert (bobs.returncode != 0 and "not yours" in bobs.stderr) or "may not" in bobs.stderr, bobs.stderr
