@@ -4724,7 +4724,7 @@ class Job:
             if words[:1] == [b"live"] and len(words) == 2 and words[1].isdigit():
                 with self.host.changed:
                     self.agent_live = int(words[1])
-                    self.count_sessions()
+                    self.host.count_sessions()
                     self.host.changed.notify_all()
         agent.wait()
         if agent in self.family.leaders:
@@ -4732,7 +4732,7 @@ class Job:
         with self.host.changed:
             if self.agent is agent or self.agent is None:
                 self.agent_live = 0
-                self.count_sessions()
+                self.host.count_sessions()  # the job may have ended meanwhile: nothing is told then
                 self.host.changed.notify_all()
 
 class Starter:

@@ -375,7 +375,8 @@ def test_a_container_that_ended_leaves_the_session_on_the_node_saying_so(pool):
     assert pool.sshjob("client", job, "hostname", user=ALICE).stdout == container_hostname(pid) + "\n"
     assert podman(ALICE, "stop", "--time", "0", name).returncode == 0
     wait_for(lambda: state_of(pid) is None, what="the container to end")
-    wait_for(lambda: " ssh master " not in pool.sshjob("warm", "list", user=ALICE).stdout,
+    wait_for(lambda: not [line for line in pool.sshjob("warm", "list", user=ALICE).stdout.splitlines()
+                          if line.startswith(job + " ") and " ssh master " in line],
              what="the idle connection of the client's ssh master, whose sessions would enter it, to end")
     result = pool.sshjob("client", job, "hostname", user=ALICE)
     assert result.returncode == 0 and result.stdout == socket.gethostname() + "\n"
