@@ -3579,9 +3579,9 @@ class JobAgent:
     entry is logged in the owner's private directory on the node.  It is
     stopped with the job, and a client's WARM_PING tells whether it runs:
     one byte, before TLS, that says nothing else but whether the job takes
-    new sessions.  The agent goes with the
-    job, warm_idle after the last session, or when asked (sshjob warm
-    stop); a client that finds it gone goes the cold way."""
+    new sessions.  The agent goes with the job, warm_idle after the last
+    session, or when asked (sshjob warm stop); a client that finds it gone
+    goes the cold way."""
 
     def __init__(self, side, idle, hosts=()):
         self.side, self.idle_time = side, idle
@@ -4698,10 +4698,9 @@ class Job:
             os.close(errors)
         self.family.leaders.append(agent)
         spec = {"owner": self.owner.pw_name, "run": self.run, "job": self.name, "node": self.starter.name,
-                "index": self.node, "env": self.env,
-                "workdir": self.workdir, "tag": self.family.tag, "cgroup": self.family.cgroup,
-                "pid": self.process.pid, "host_key": self.host_key_path(), "idle": self.starter.warm_idle,
-                "memory": self.host.memory}
+                "index": self.node, "env": self.env, "workdir": self.workdir, "tag": self.family.tag,
+                "cgroup": self.family.cgroup, "pid": self.process.pid, "host_key": self.host_key_path(),
+                "idle": self.starter.warm_idle, "memory": self.host.memory}
         agent.stdin.write(json.dumps(spec).encode() + b"\n")
         agent.stdin.flush()
         threading.Thread(target=self.hear_agent, args=(agent,), daemon=True).start()
@@ -5982,9 +5981,10 @@ class Site:
 
 
 def pool_key(config, schedd_name=None):
-    """What names a pool (its configuration, its schedd) in the user's warm records."""
-    import hashlib
-    return hashlib.sha256(json.dumps([config.path, schedd_name]).encode()).hexdigest()[:12]
+    """What names a pool (its configuration, its schedd) in the user's warm
+    records: a name, no secret (a CRC: hashlib costs a warm client 4 ms)."""
+    import zlib
+    return "%08x" % zlib.crc32(json.dumps([config.path, schedd_name]).encode())
 
 
 class PoolSite(Site):
@@ -6244,7 +6244,6 @@ class SlurmSite(Site):
     job_pattern = SLURM_JOB_ID.pattern
 
     def __init__(self, config, opts):
-        import hashlib
         self.config = config
         for name in SLURM_PROGRAMS:
             slurm_command(name)
@@ -6257,9 +6256,17 @@ class SlurmSite(Site):
         self.steps = []
         self.fresh = []  # the steps of tickets that no connection has used yet
         self.program = os.path.abspath(sys.argv[0])
+
+    @property
+    def source(self):
+        """This module's bytes, which a step's node runs (a warm session needs none of it)."""
         with open(os.path.abspath(__file__), "rb") as f:
-            self.source = f.read()
-        self.digest = hashlib.sha256(self.source).hexdigest()
+            return f.read()
+
+    @property
+    def digest(self):
+        import hashlib
+        return hashlib.sha256(self.source).hexdigest()
 
     def job(self, text):
         match = SLURM_JOB_ID.fullmatch(text)
@@ -7319,7 +7326,7 @@ class SshMaster:
         """The master for this session's choices, or None where there is
         none to be (warm_idle = 0, the built-in transport, no private
         directory, or one too deep for a Unix socket's name)."""
-        import hashlib
+        import zlib
         persist = duration(config["warm_idle"] or "0") or 0
         name = site.warm_name()
         if not persist or not name or opts.transport == "builtin":
@@ -7330,8 +7337,7 @@ class SshMaster:
             return None
         choices = [socket.gethostname(), config.path or "", opts.job, opts.container, opts.job_env,
                    opts.shells or "", os.environ.get("SHELL", ""), opts.x11 and os.environ.get("DISPLAY", "")]
-        path = os.path.join(directory, "%s%s-%s" % (MASTER_PREFIX, name, hashlib.sha256(
-            json.dumps(choices).encode()).hexdigest()[:8]))
+        path = os.path.join(directory, "%s%s-%08x" % (MASTER_PREFIX, name, zlib.crc32(json.dumps(choices).encode())))
         if len(os.fsencode(path)) + len(".XXXXXXXXXXXXXXXX") >= 108:  # sun_path; ssh binds a longer name first
             log.debug("no ssh master: its socket's path would be too long for a Unix socket (%s)", path)
             return None
