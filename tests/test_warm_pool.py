@@ -22,7 +22,7 @@ import time
 import zlib
 
 import pytest
-from conftest import ALICE, BOB, agent_log, run, wait_for
+from conftest import ALICE, BOB, Host, agent_log, run, wait_for
 
 
 def record_path(pool, job, user=ALICE):
@@ -180,3 +180,26 @@ def test_an_interrupted_session_through_ssh_s_master_lets_its_caller_go(pool):
         proc.kill()
     assert "ssh's master connection" in err and "started" in err, err
     pool.sshjob("rm", job, user=ALICE)
+
+
+def test_the_pool_s_warm_path_reaches_the_job_from_another_host(pool):
+    """A second network namespace: the job's agent answers there, by the
+    address that faces it, for both transports; ssh's master (a Unix socket
+    of this host's) is this host's only."""
+    job = pool.running_job(user=ALICE)
+    host = Host("login3")
+    try:
+        assert pool.sshjob("client", "-transport", "builtin", job, "true", user=ALICE).returncode == 0
+        wait_for(lambda: os.path.exists(record_path(pool, job)), what="the job's agent to write its record")
+        with open(record_path(pool, job)) as f:
+            assert host.outer in json.load(f)["hosts"]
+        before = agent_log(job + ".0").count("from %s" % host.inner)  # the log is the node's, of every job 1.0
+        for transport in ("builtin", "openssh"):
+            argv = pool.argv("client", "-transport", transport, job, "echo from-elsewhere $SSHJOB_JOB_ID; exit 4",
+                             user=ALICE)
+            remote = run(["ip", "netns", "exec", host.name] + argv, cwd="/")
+            assert (remote.returncode, remote.stdout) == (4, "from-elsewhere %s\n" % job), remote.stderr
+        assert agent_log(job + ".0").count("from %s" % host.inner) == before + 2
+    finally:
+        host.remove()
+        pool.sshjob("rm", job, user=ALICE)
