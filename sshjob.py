@@ -6427,9 +6427,10 @@ class SlurmSite(Site):
                     "--output=/dev/null", "--error=/dev/null", "--chdir=" + workdir] + profile.options + [
                 script, "allocation", profile.name, "none" if profile.idle is None else "%d" % profile.idle] + (
                 [profile.image] + profile.podman if profile.image else [])
-            try:
+            env = {name: value for name, value in os.environ.items() if name not in (SESSION_VAR, TAG_VAR, PIDS_VAR)}
+            try:  # made in a session of another job, the allocation is still nobody's session
                 done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      universal_newlines=True, timeout=60)
+                                      universal_newlines=True, timeout=60, env=env)
             except subprocess.TimeoutExpired:
                 raise Unreachable("Slurm's sbatch did not answer within a minute") from None
         if done.returncode != 0:
