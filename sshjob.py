@@ -5091,8 +5091,10 @@ class PoolAgent(JobSide):
         self.starter_gone = threading.Event()
         self.tmp = tempfile.mkdtemp(prefix="sshjob-agent-")
         problem, terminals = sshd_terminals()
+        self.said = None  # how many sessions in use the starter was last told of
+        self.saying = threading.Lock()
         self.host = SessionHost(config, self.tmp, self.host_key, terminals=terminals, terminal_problem=problem,
-                                memory=os.path.join(self.tmp, "payload"))
+                                memory=os.path.join(self.tmp, "payload"), tally=self.tell_starter)
         self.host.recalled = spec.get("memory")
 
     def job_context(self):
@@ -5120,19 +5122,24 @@ class PoolAgent(JobSide):
                 self.exited = True
         self.starter_gone.set()
 
+    def tell_starter(self, live):
+        """Say how many sessions are in use, when that changes: as a session
+        starts (the job must not end under it) and ends, and as a channel
+        opens or closes on an ssh master's connection."""
+        with self.saying:
+            if live != self.said:
+                sys.stdout.write("live %d\n" % live)
+                sys.stdout.flush()
+                self.said = live
+
     def serve(self):
-        """Serve until the starter goes, or warm_idle after the last session;
-        say how many sessions are in use whenever that changes."""
+        """Serve until the starter goes, or warm_idle after the last session."""
         agent = JobAgent(self, self.idle)
         threading.Thread(target=self.hear_starter, args=(agent,), daemon=True).start()
-        said = None
         try:
             while not self.starter_gone.is_set():
                 live = self.host.live()
-                if live != said:
-                    sys.stdout.write("live %d\n" % live)
-                    sys.stdout.flush()
-                    said = live
+                self.tell_starter(live)
                 if live:
                     agent.last = time.monotonic()
                 elif not self.host.sessions and agent.idle():
