@@ -7603,7 +7603,8 @@ def relay_to_job(sock, interactive, streams):
     inputs = [stdin, wakeup_read]
     try:
         while True:
-            for source in readable(sock, inputs):
+            # A window change first: a command typed after it must find the new size.
+            for source in sorted(readable(sock, inputs), key=lambda source: source != wakeup_read):
                 if source is sock:
                     kind, payload = recv_frame(sock)
                     if kind is None:
