@@ -1090,8 +1090,22 @@ def exit_status(returncode):
     return returncode if returncode >= 0 else 128 - returncode
 
 
+PR_SET_DUMPABLE = 4  # prctl(2): a process that changed its uid is not its owner's to ptrace, or to map ids of
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): what its descendants leave running when their parent exits comes to it
+
+
+def prctl(option, value):
+    """Whether prctl(2) `option` took `value` for this process."""
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def self_command():
-    """How to run this module again, for the daemons: imported by path (a
+    """How to run this module again, for the daemons and a pool job's agent: imported by path (a
     cached import starts faster than a script, which is compiled anew each
     time, or a zipapp's bootstrap), and isolated from the user's Python
     settings, since it needs only the standard library."""
@@ -1762,6 +1776,13 @@ class Config:
             raise ConfigError("setting %s = %r is not true or false" % (key, value))
         return value in ("true", "yes", "1", "on")
 
+    def seconds(self, key):
+        """A setting that is a duration (90s, 10m, 4h, a bare number of seconds), in seconds; 0 where empty."""
+        seconds = duration(self[key] or "0")
+        if seconds is None:
+            raise ConfigError("setting %s = %r is not a duration: e.g. 90s, 10m, 4h, or 0" % (key, self[key]))
+        return seconds
+
     def number(self, key):
         try:
             return float(self[key])
@@ -1907,7 +1928,8 @@ def describe_duration(seconds):
 
 def sshjob_home():
     """The user's private sshjob directory: the persistent key and known_hosts
-    of jobs as ssh hosts, the waiters of allocations."""
+    of jobs as ssh hosts, the waiters of allocations, the records of jobs'
+    agents and the client's ssh masters (the warm path)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     path = os.path.join(base, "sshjob")
     try:
@@ -3457,7 +3479,6 @@ WARM_KEY = re.compile(r"[\w.-]{1,64}")  # what names a job's agent in the user's
 def node_addresses():
     """This node's IPv4 addresses, loopback last: where a client on another
     host may reach a listener bound to them all."""
-    import array
     size = 8192
     buffer = array.array("B", bytes(size))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -3497,15 +3518,20 @@ def request_shells(request):
     return [shell for shell in field(request, "shells", list, []) if isinstance(shell, str)]
 
 
-def warm_record(name):
-    """Where the user's record of a job's agent (the warm path) is, by the
-    name that the client gives the job (slurm-JOB, pool-POOL-JOB): in the
+def warm_directory():
+    """Where the user's records of jobs' agents (the warm path) are: in the
     user's private sshjob directory, which the login nodes share with the
     compute nodes where home directories are shared."""
     directory = os.path.join(sshjob_home(), "warm")
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o700)
-    return os.path.join(directory, "%s.json" % name)
+    return directory
+
+
+def warm_record(name):
+    """The user's record of a job's agent, by the name that the client gives
+    the job (slurm-JOB, pool-POOL-JOB)."""
+    return os.path.join(warm_directory(), "%s.json" % name)
 
 
 class JobSide:
@@ -4620,7 +4646,7 @@ class Job:
     def count_sessions(self, _host_live=None):
         """Tell the job (an allocation's holder reads the tally) and the queue
         (q says it) how many sessions are in use: the starter's and its agent's."""
-        live = self.host.live() + self.agent_live
+        live = self.sessions_in_use()
         write_tally(os.path.join(self.dir, "sessions"), live)
         if allocation_profile(self.cmd):
             news = {"op": "sessions", "run": self.run, "gen": self.gen, "live": live}
@@ -4743,7 +4769,7 @@ class Starter:
         slots = int(config.number("starter_slots"))
         self.slots = slots if slots > 0 else os.cpu_count() or 1
         self.enable_ssh = config.flag("enable_ssh_to_job")
-        self.warm_idle = duration(config["warm_idle"] or "0") or 0
+        self.warm_idle = config.seconds("warm_idle")
         self.reachable = config.flag("starter_reachable")
         self.schedd = config.schedd()
         self.jobs = {}
@@ -5149,8 +5175,6 @@ class PoolAgent(JobSide):
             agent.stop()
 
 
-PR_SET_DUMPABLE = 4  # prctl(2): a process that changed its uid is not its owner's to ptrace, or to map ids of
-
 # What a pool job's agent and its sessions import as they go: loaded while it is root.
 AGENT_MODULES = ("base64", "configparser", "ctypes", "glob", "grp", "hashlib", "hmac", "json", "logging", "pty",
                  "shlex", "shutil", "ssl", "string", "subprocess", "tempfile", "termios", "tty")
@@ -5158,7 +5182,6 @@ AGENT_MODULES = ("base64", "configparser", "ctypes", "glob", "grp", "hashlib", "
 
 def run_pool_agent(config_path):
     """`sshjob pool-agent`: a pool job's agent, which its starter starts (see PoolAgent)."""
-    import ctypes
     spec = json.loads(sys.stdin.readline() or "{}")
     become = privileges_of(field(spec, "owner", str))
     if become:
@@ -5167,7 +5190,7 @@ def run_pool_agent(config_path):
         for function in (serve_sftp, container_session):  # what its sessions run in a job's container
             source_of(function)
         become()
-        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the owner's again, as user namespaces want it
+        prctl(PR_SET_DUMPABLE, 1)  # the owner's again, as user namespaces want it
     config = Config(config_path if config_path and os.path.exists(config_path) else None)
     agent = PoolAgent(config, spec)
     try:
@@ -5195,6 +5218,7 @@ DIRECT_TAKEN = b"\x01"  # the node's answer to the secret on a direct connection
 DIRECT_PENDING = 64  # connections a step reads secrets from at once; past that the oldest goes
 
 DIRECT_SECRET_WAIT = 0.5  # seconds a connection to a step's listener has to bring the secret
+
 
 def slurm_boot():
     """What srun runs on the node, as `python3 -I -S -c SOURCE PROGRAM DIGEST`:
@@ -5445,7 +5469,6 @@ def start_guardian(tag, tmp):
 
 JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
 
-PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 
 def session_activity(job):
@@ -5465,11 +5488,7 @@ def held_marker(job, step):
 def become_subreaper():
     """Whether this process is now its descendants' reaper (Linux 3.4):
     what they leave running when their parent exits stays its own."""
-    import ctypes
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def touch(path):
@@ -5768,7 +5787,7 @@ class NodeStep(JobSide):
         """The job's agent on this node, if the client asks for one and no
         other step of the job here is it already."""
         key = self.request.get("warm")
-        idle = duration(self.config["warm_idle"] or "0") or 0
+        idle = self.config.seconds("warm_idle")
         if not (self.subreaper and idle > 0 and isinstance(key, str) and WARM_KEY.fullmatch(key)):
             return
         client = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
@@ -5804,7 +5823,7 @@ class NodeStep(JobSide):
                 if self.agent and not live and self.agent.idle():
                     self.agent.stop()
                     self.agent = None
-                if not (live or self.agent or self.host.sessions or leftover_children(set(self.host.sessions))):
+                if not (live or self.agent or self.host.sessions or leftover_children(())):
                     return
                 time.sleep(0.2)
         finally:
@@ -5957,11 +5976,11 @@ class Site:
         secret refused) goes too; one that does not answer in time stays
         (its job may be suspended, which the cold way says)."""
         name = not self.agent_silent and self.warm_name()
-        try:
-            step = WarmStep(self, read_warm_record(warm_record(name))) if name else None
-        except (OSError, ValueError, TypeError, KeyError, ConfigError):  # no record, or nowhere to keep one
+        if not name:
             return None
-        if step is None:
+        try:
+            step = WarmStep(self, read_warm_record(warm_record(name)))
+        except (OSError, ValueError, TypeError, KeyError, ConfigError):  # no record, or nowhere to keep one
             return None
         try:
             step.begin(request)
@@ -6015,7 +6034,7 @@ class PoolSite(Site):
         return self.spec
 
     def warm_name(self):
-        if self.spec and duration(self.config["warm_idle"] or "0"):
+        if self.spec and self.config.seconds("warm_idle"):
             return "pool-%s-%s%s" % (self.pool, self.spec, "" if self.node is None else ".%d" % self.node)
         return None
 
@@ -6290,7 +6309,7 @@ class SlurmSite(Site):
 
     def warm_name(self):
         key = self.warm_key()
-        return "slurm-" + key if key and duration(self.config["warm_idle"] or "0") else None
+        return "slurm-" + key if key and self.config.seconds("warm_idle") else None
 
     def warm_step(self, request):
         step = super().warm_step(request)
@@ -7313,16 +7332,17 @@ class SshMaster:
     agents (Site.warm_name) and a hash of this host's name (login nodes
     that share a home directory make their own) and what the session chose
     (configuration, job, container, environment, shells, X11).  The job's
-    host key is kept beside it, for the master's later key exchanges.  On the job's side
-    the master's sshd counts as a session only while it serves one (see
-    SessionHost.live).  A job that ends takes the connection with it; a
-    master whose socket no longer answers is the cold way again."""
+    host key is kept beside it, for the master's later key exchanges.  On
+    the job's side the master's sshd counts as a session only while it
+    serves one (see SessionHost.live).  A job that ends takes the
+    connection with it; a master whose socket no longer answers is the
+    cold way again."""
 
-    def __init__(self, path, alias):
+    def __init__(self, path, alias, persist=0):
         self.path = path
         self.alias = alias
         self.known_hosts = path + ".hosts"
-        self.persist = 0
+        self.persist = persist  # seconds ssh keeps the master after its last session (a master this client makes)
 
     @staticmethod
     def name_of(path):
@@ -7335,9 +7355,8 @@ class SshMaster:
         none to be (warm_idle = 0, the built-in transport, no private
         directory, or one too deep for a Unix socket's name)."""
         import zlib
-        persist = duration(config["warm_idle"] or "0") or 0
-        name = site.warm_name()
-        if not persist or not name or opts.transport == "builtin":
+        name = site.warm_name()  # None where warm_idle = 0
+        if not name or opts.transport == "builtin":
             return None
         try:
             directory = sshjob_home()
@@ -7349,9 +7368,7 @@ class SshMaster:
         if len(os.fsencode(path)) + len(".XXXXXXXXXXXXXXXX") >= 108:  # sun_path; ssh binds a longer name first
             log.debug("no ssh master: its socket's path would be too long for a Unix socket (%s)", path)
             return None
-        master = cls(path, "job-" + job)
-        master.persist = persist
-        return master
+        return cls(path, "job-" + job, config.seconds("warm_idle"))
 
     def can_listen(self):
         """Whether a Unix socket can be made where the master's goes: where
@@ -8786,15 +8803,16 @@ def warm_paths(config_path):
         pool = "pool-%s-" % pool_key(Config(find_config_path(config_path)))
     except ConfigError:
         pool = None
-    directory = os.path.dirname(warm_record("x"))
+    directory = warm_directory()
+    ways = {"runs": "agent", "refuses": "agent (its job has exited)", "silent": "agent (not answering: suspended?)"}
 
     def job_of(name):
         return next((name[len(prefix):] for prefix in ("slurm-", pool) if prefix and name.startswith(prefix)), None)
 
     rows = []
     for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not job_of(name[:-len(".json")]):
+        path, job = os.path.join(directory, name), job_of(name[:-len(".json")])
+        if not job:
             continue
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             record = read_warm_record(path)
@@ -8802,10 +8820,8 @@ def warm_paths(config_path):
             if state == "gone":
                 os.unlink(path)
                 continue
-            rows.append((job_of(name[:-len(".json")]), record["node"], {
-                "runs": "agent", "refuses": "agent (its job has exited)"}.get(
-                state, "agent (not answering: suspended?)"), "%s, port %d" % (" ".join(record["hosts"]),
-                                                                             record["port"])))
+            rows.append((job, record["node"], ways[state], "%s, port %d" % (" ".join(record["hosts"]),
+                                                                            record["port"])))
     masters = [(job_of(SshMaster.name_of(master.path)), master) for master in SshMaster.all_of_user()]
     return rows + [(job, "-", "ssh master", master.path) for job, master in masters if job]
 
@@ -9076,7 +9092,7 @@ roles:
   status [--json]                  the pool's starters: slots, last heard from, problems
   rm | suspend | continue | vacate | hold | release JOB...
   submit -i [options] [-- COMMAND] an interactive job: a shell inside it, removed when the shell ends
-  new [--options O] PROFILE [cmd]  enter your allocation of PROFILE, made if you have none (Slurm)
+  new [--options O] PROFILE [cmd]  enter your allocation of PROFILE, made if you have none
   rm PROFILE                       give that allocation back now
   warm list | warm stop JOB        your warm paths into jobs (agents, ssh masters): later sessions are fast
   pool start|stop --dir DIR        a personal pool (schedd and starter) in DIR
