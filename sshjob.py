@@ -885,6 +885,12 @@ def image_to_come(pids):
     return any(len(argv) >= 8 and allocation_args(argv)[0] for argv in map(process_argv, pids))
 
 
+def holder_runs(pids):
+    """Whether one of `pids` is an allocation's holder, as Python: before
+    that, a batch script's first process is `env` or a shim on its way there."""
+    return any(allocation_args(argv)[0] for argv in map(process_argv, pids))
+
+
 def allocation_args(cmd):
     """(profile, idle) of a pool job whose command is `sshjob allocation`, else (None, None)."""
     at = cmd.index("allocation") if "allocation" in cmd[1:3] else -1
@@ -1972,7 +1978,7 @@ PODMAN_VARIABLES = re.compile(r"XDG_\w+|CONTAINERS?_\w+|HOME|TMPDIR|PATH")  # wh
 
 PODMAN_WAIT = 10.0  # seconds podman has to list the job owner's containers
 
-CONTAINER_START_WAIT = 10.0  # seconds a session waits for a job's `podman run` whose container is not up yet
+CONTAINER_START_WAIT = 30.0  # seconds a session waits for a job's `podman run` whose container is not up yet
 
 LONG_LIVED = 1.0  # seconds a job's process must have lived for its environment to be taken as the job's
 
@@ -3327,13 +3333,15 @@ class SessionHost:
 
     # -- where a session runs ----------------------------------------------------
 
-    def place(self, context, request):
+    def place(self, context, request, again):
         """`context`, the job as its script started it, for the session that
         `request` asks for: inside the job's first payload unless it asks
         for another or none ("container": auto, none, or a payload's pid or
         name), with the environment and working directory of the payload,
-        or of the job's script ("job_env": payload or script).  Returns (the
-        context, where it is, in a line for the client's -debug)."""
+        or of the job's script ("job_env": payload or script).  A container
+        that is still starting is waited for, with the job's processes read
+        `again()` (a JobContext): its `podman run` may not have begun yet.
+        Returns (the context, where it is, in a line for the client's -debug)."""
         choice = field(request, "container", str, "auto")
         env_from = field(request, "job_env", str, "payload")
         if env_from not in ("payload", "script"):
@@ -3343,10 +3351,11 @@ class SessionHost:
         while choice != "none" and not payloads and (orphans or image_to_come(context.pids)) and \
                 time.monotonic() < deadline:  # a container that is still starting
             time.sleep(0.25)
+            context = again()
             payloads, orphans = find_payloads(self.config, context.pids, self.become)
         payload = choose_payload(payloads, choice, context.name)
         if payload is None and choice == "auto":
-            context = context._replace(notice=self.payload_gone(context.name, orphans))
+            context = context._replace(notice=self.payload_gone(context, orphans))
         elif payload:
             self.remember(payload.describe())
         if payload:
@@ -3374,13 +3383,18 @@ class SessionHost:
             with contextlib.suppress(OSError):
                 write_atomically(self.memory, text, mode=0o644)
 
-    def payload_gone(self, job, orphans):
+    def payload_gone(self, context, orphans):
         """A sentence for a session that finds no payload where one was: a
-        `podman run` of the job's without a container, or a container that
-        an earlier session entered; else None."""
+        `podman run` of the job's without a container, an allocation's
+        container that is not up in time, or a container that an earlier
+        session entered; else None."""
+        job = context.name
         if orphans:
             return "job %s's podman (pid %d) has no container running, so this session runs on the node, outside " \
                    "it" % (job, orphans[0])
+        if image_to_come(context.pids):
+            return "job %s's container is not up after %d s, so this session runs on the node, outside it" % (
+                job, CONTAINER_START_WAIT)
         for memory in (self.memory, self.recalled):
             with contextlib.suppress(OSError), open(memory or "") as f:
                 return "job %s's %s has ended, so this session runs on the node, outside it" % (job, f.read(200))
@@ -3568,7 +3582,7 @@ class JobSide:
         refusal = self.refusal()
         if refusal:
             raise refusal
-        context, where = self.host.place(self.job_context(), request)
+        context, where = self.host.place(self.job_context(), request, self.job_context)
         transport, why = self.transport_for(request, context)
         reply = {"ok": True, "transport": transport, "why": why, "user": self.owner.pw_name, "node": self.node,
                  "where": where, "warm": True}
@@ -4936,7 +4950,7 @@ class Starter:
         job.become()  # its owner still exists, or one sentence before the client hears yes
         if message.get("warm"):
             threading.Thread(target=job.want_agent, args=(message["warm"],), daemon=True).start()
-        context, where = job.host.place(job.context(), message)
+        context, where = job.host.place(job.context(), message, job.context)
         if op == "builtin":
             sock.settimeout(None)
             job.host.run_builtin(context, sock, message, shells, ending=lambda: job.ending,
@@ -5573,9 +5587,10 @@ class NodeStep(JobSide):
             with contextlib.suppress(MissingProgram):  # transport() says so, and chooses the built-in one
                 self.making = self.start_host_key()
         pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
-        deadline = time.monotonic() + 5
-        while env is None and request.get("batch_host") == self.node and time.monotonic() < deadline:
-            time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts
+        deadline, holder = time.monotonic() + 5, request.get("allocation") is True
+        while (env is None or (holder and not holder_runs(pids))) and request.get("batch_host") == self.node and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)  # Slurm says RUNNING a moment before the batch script starts (and it becomes Python)
             pids, env, cwd = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
         workdir = field(request, "workdir", str, "") or cwd or self.owner.pw_dir  # where the script started
         self.terminal_problem, terminals = sshd_terminals()
@@ -5585,7 +5600,7 @@ class NodeStep(JobSide):
                                 tally=lambda live: mark_session_end(self.job_id))
         self.slurm_context = JobContext(self.name, self.owner, env if env is not None else dict(os.environ),
                                         workdir, pids, self.tag, self.node, field(request, "index", int, 0))
-        self.context, self.where = self.host.place(self.slurm_context, request)
+        self.context, self.where = self.host.place(self.slurm_context, request, self.job_context)
         self.keying = threading.Lock()  # the first OpenSSH session of the step makes the host key
         self.agent = None
 
@@ -5624,7 +5639,9 @@ class NodeStep(JobSide):
         return self.transport_for(request or self.request, context or self.context)
 
     def job_context(self):
-        return self.slurm_context
+        """The job as its first session found it, with its processes now."""
+        pids, _, _ = slurm_job_context(self.job_id, os.environ.get("SLURM_STEP_ID"))
+        return self.slurm_context._replace(pids=pids or self.slurm_context.pids)
 
     def prepare_sshd(self, request=None, context=None):
         """(the session's files, the public host key)."""
@@ -6275,6 +6292,7 @@ class SlurmSite(Site):
             slurm_command(name)
         self.spec = self.node = self.request = None
         self.batch_host = ""  # the name of the node that runs the batch script
+        self.allocation = False  # whether the job is one of sshjob new's, whose holder sessions wait for
         self.pending = False  # whether the job was found not running yet
         self.target = None  # (job id, node, working directory) once the job runs
         self.started = ""  # when it started: a job's host key on a node is kept for its id and this
@@ -6335,6 +6353,7 @@ class SlurmSite(Site):
             self.target = (job["JobId"], self.pick_node(job), job.get("WorkDir", ""))
             self.started = job.get("StartTime", "")
             self.batch_host = job.get("BatchHost", "")
+            self.allocation = job.get("JobName", "").startswith(ALLOCATION_PREFIX)
             step = step or SlurmStep(self, self.target[1])
             step.begin(request)
         except BaseException:
@@ -6529,8 +6548,8 @@ class SlurmStep(Step):
                                         interactive=request.interactive, workdir=self.site.target[2],
                                         shells=request.shells, job=self.site.spec,
                                         direct=self.site.config.flag("slurm_direct"),
-                                        batch_host=self.site.batch_host, started=self.site.started,
-                                        index=self.site.index, warm=self.site.warm_key()))
+                                        batch_host=self.site.batch_host, allocation=self.site.allocation,
+                                        started=self.site.started, index=self.site.index, warm=self.site.warm_key()))
             self.reply = raise_for_reply(recv_msg(self.channel, "the step on node %s" % self.site.target[1]))
             log.debug("the session in job %s runs %s", self.site.spec, self.reply.get("where", "on the node"))
         except (OSError, ProtocolError):

@@ -351,14 +351,21 @@ def test_bad_profiles_and_refusals_are_one_sentence_each(site):
 def test_a_profile_that_names_an_image_puts_sessions_in_its_container(site, images):
     """image = IMAGE: the allocation runs a container of it, and its
     sessions land inside, as in any job whose payload is a container; the
-    container goes when the allocation is given back."""
+    container goes when the allocation is given back.  Its batch script's
+    `python3` is slow to start here: a session that came before the holder
+    runs would find no container to come, and land on the node."""
+    slow = os.path.join(site.dir, "slow")
+    os.makedirs(slow, exist_ok=True)
+    with open(os.path.join(slow, "python3"), "w") as f:
+        f.write("#!/bin/sh\nsleep 1.5\nexec %s \"$@\"\n" % USER_PYTHON)
+    os.chmod(os.path.join(slow, "python3"), 0o755)
     config = os.path.join(site.dir, "image.conf")
     with open(config, "w") as f:
-        f.write("[sshjob]\nscheduler = slurm\n\n[profile boxed]\noptions = -c 1 --time=00:10:00\nidle = none\n"
-                "image = %s\npodman = %s\npodman_options = %s\n" % (IMAGE, " ".join(PODMAN_RUN[:3]),
-                                                                    " ".join(PODMAN_RUN[5:])))
+        f.write("[sshjob]\nscheduler = slurm\nremote_python = %s\n\n[profile boxed]\n"
+                "options = -c 1 --time=00:10:00\nidle = none\nimage = %s\npodman = %s\npodman_options = %s\n"
+                % (USER_PYTHON, IMAGE, " ".join(PODMAN_RUN[:3]), " ".join(PODMAN_RUN[5:])))
     os.chmod(config, 0o644)
-    env = dict(podman_env(ALICE), SSHJOB_CONFIG=config)
+    env = dict(podman_env(ALICE), SSHJOB_CONFIG=config, PATH=slow + ":" + os.environ["PATH"])
     run(["scancel", "--user", ALICE, "--name", "sshjob-new-boxed"])
     try:
         inside = site.sshjob("new", "boxed", "cat /etc/os-release; hostname", env=env, scheduler=None, timeout=120)
