@@ -1275,7 +1275,7 @@ class ProcessFamily:
             return []
         pids = []
         for name in parts:
-            with contextlib.suppress(FileNotFoundError), open(os.path.join(self.cgroup, name, "cgroup.procs")) as f:
+            with contextlib.suppress(OSError), open(os.path.join(self.cgroup, name, "cgroup.procs")) as f:  # or gone
                 pids += [int(line) for line in f]
         return sorted(pids)
 
@@ -7466,10 +7466,12 @@ class SshMaster:
         found = []
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if name.startswith(MASTER_PREFIX) and "." not in name.rpartition("-")[2] and stat.S_ISSOCK(
-                    os.lstat(path).st_mode):
-                with contextlib.suppress(OSError, IndexError), open(path + ".hosts") as f:
-                    master = SshMaster(path, f.read().split()[0])
+            if not name.startswith(MASTER_PREFIX) or "." in name.rpartition("-")[2]:
+                continue
+            with contextlib.suppress(OSError, IndexError):  # a master that ends meanwhile takes its files along
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    with open(path + ".hosts") as f:
+                        master = SshMaster(path, f.read().split()[0])
                     if master.answers():
                         found.append(master)
         return found

@@ -612,6 +612,22 @@ def test_warm_names_say_the_site_the_pool_and_the_job():
     assert sshjob.SshMaster.name_of("/x/cm-slurm-1234.0.node-3-89abcdef") == "slurm-1234.0.node-3"
 
 
+def test_the_masters_listed_are_those_that_answer_and_one_that_ends_meanwhile_is_passed_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    home = sshjob.sshjob_home()
+    live, dead = os.path.join(home, "cm-slurm-12-0000abcd"), os.path.join(home, "cm-slurm-13-0000abcd")
+    for path in (live, dead):
+        with open(path + ".hosts", "w") as f:
+            f.write("job-12 ssh-ed25519 AAAA\n")
+    with socket.socket(socket.AF_UNIX) as master, socket.socket(socket.AF_UNIX) as gone:
+        master.bind(live)
+        master.listen(1)
+        gone.bind(dead)  # a socket nobody listens on: ssh's stale one
+        listdir = os.listdir
+        monkeypatch.setattr(os, "listdir", lambda path: listdir(path) + ["cm-slurm-14-0000abcd"])  # it just went
+        assert [m.path for m in sshjob.SshMaster.all_of_user()] == [live]
+
+
 def test_an_agent_that_does_not_listen_is_gone_and_one_that_does_not_answer_is_silent():
     import socket
     with socket.socket() as closed:
