@@ -225,6 +225,7 @@ MAX_RELAYS_PER_USER = 64  # sessions the schedd relays for one user at once
 POLL_WAIT = 10.0  # seconds a starter's poll waits at the schedd for work
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a job ends
+LEASE_ENDED = "lease-ended"  # in a job's directory on the starter: the lease's keeper ended the job
 
 LEASE_MARGIN = KILL_GRACE + 5.0  # after a lease runs out, seconds before its jobs may run elsewhere
 
@@ -1221,11 +1222,15 @@ def keep_lease(starter_dir, cgroup_base, starter_pid):
             return
         if time.time() > expiry and ended != expiry:
             ended = expiry
-            families = [family for _, family in job_families(starter_dir, cgroup_base) if family and family.pids()]
-            if families:
+            found = [(path, family) for path, family in job_families(starter_dir, cgroup_base)
+                     if family and family.pids()]
+            if found:
                 log.error("the starter has not renewed its lease with the schedd in time: ending %d job(s), "
-                          "which the schedd will run again", len(families))
-                end_families(families)
+                          "which the schedd will run again", len(found))
+                for path, _ in found:  # the starter, which sees them exit, tells the schedd so
+                    with contextlib.suppress(OSError):
+                        write_file(os.path.join(path, LEASE_ENDED), "")
+                end_families([family for _, family in found])
             if starter_gone:
                 return
 
@@ -4669,6 +4674,7 @@ class Job:
     def supervise(self):
         """Wait for the job; keep it alive while sessions are open; report."""
         status = exit_status(self.process.wait())
+        ended_by_keeper = self.ended_by_keeper()
         why = self.why_it_ended(status)
         self.tell_agent("exited")
         if self.sessions_in_use() and not self.ending:
@@ -4679,9 +4685,15 @@ class Job:
         self.family.companions = self.strays()
         self.family.remove()  # what the job left behind goes with it, its agent too
         shutil.rmtree(self.dir, ignore_errors=True)
-        news = ENDINGS[self.ending or "exit"][0]
+        news = ENDINGS[self.ending or ended_by_keeper][0]
         log.info("job %s %s with status %d%s", self.name, news, status, ": " + why if why else "")
         self.starter.finish(self, {"op": news, "run": self.run, "gen": self.gen, "status": status, "why": why})
+
+    def ended_by_keeper(self):
+        """How the job ended by itself, as far as the starter saw: "lease"
+        where the lease's keeper ended it (keep_lease), which the starter, if
+        it was stopped meanwhile, did not; else "exit"."""
+        return "lease" if os.path.exists(os.path.join(self.dir, LEASE_ENDED)) else "exit"
 
     # -- ssh sessions ------------------------------------------------------
 
@@ -8206,7 +8218,7 @@ def run_container(profile, job, image, podman, options):
 
 
 def hold_allocation(job, profile, idle, ends, census, publish):
-    quiet_since, said, warned = time.time(), None, False
+    quiet_since, said, warned = time.time(), None, set()  # warned: the terminals told of the time limit
     while True:
         sessions, last_end = census()
         now = time.time()
@@ -8221,10 +8233,9 @@ def hold_allocation(job, profile, idle, ends, census, publish):
             said = state
         if quiet_since is not None and idle is not None and now - quiet_since >= idle:
             return 0
-        if sessions and ends and not warned and ends - now <= END_WARNING:
-            warn_sessions(job, "sshjob: allocation %s (profile %s) ends at %s, its time limit: save your work"
-                          % (job, profile, time.strftime("%H:%M", time.localtime(ends))))
-            warned = True
+        if sessions and ends and ends - now <= END_WARNING:  # each session's terminal, once it has one
+            warned |= warn_sessions(job, "sshjob: allocation %s (profile %s) ends at %s, its time limit: save your "
+                                    "work" % (job, profile, time.strftime("%H:%M", time.localtime(ends))), warned)
         time.sleep(ALLOCATION_CHECK)
 
 
@@ -8263,20 +8274,24 @@ def slurm_end_time(job):
         return None
 
 
-def warn_sessions(job, message):
-    """Write `message` on the terminals of the job's sessions on this node."""
-    terminals = set()
+def warn_sessions(job, message, warned):
+    """Write `message` on the terminals of the job's sessions on this node
+    but those `warned` already; returns those written to, each a (terminal,
+    session id): a terminal that a later session reuses is its own."""
+    terminals = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if process_environment(int(entry)).get("SLURM_JOB_ID") == job:
-                target = os.readlink("/proc/%s/fd/0" % entry)
-                if target.startswith("/dev/pts/"):
-                    terminals.add(target)
+            pid = int(entry)
+            if process_environment(pid).get("SLURM_JOB_ID") == job:
+                target, sid = os.readlink("/proc/%d/fd/0" % pid), os.getsid(pid)
+                if target.startswith("/dev/pts/") and (target, sid) not in warned:
+                    terminals[target] = sid
     for terminal in terminals:
         with contextlib.suppress(OSError), open(terminal, "w") as f:
             f.write("\r\n%s\r\n" % message)
+    return set(terminals.items())
 
 
 # ---------------------------------------------------------------------------

@@ -65,6 +65,29 @@ def test_a_hung_starter_stops_its_job_before_another_starter_runs_it(make_pool):
         log.close()
 
 
+def test_a_job_that_the_lease_keeper_ended_runs_again_when_its_starter_wakes_up(make_pool):
+    """The starter hangs past its lease; its keeper ends the job; the
+    starter goes on before the schedd moves the job, sees it exit, and must
+    say that the lease ended it: the job runs again, never "completed"."""
+    pool = make_pool({"job_lease": "4", "starter_slots": "2"})
+    job = pool.running_job("sleep", "987.40")
+    starter = pool.pid("starter")
+    os.kill(starter, signal.SIGSTOP)
+    try:
+        wait_for(lambda: copies("987.40") == 0, 30, "the lease's keeper to end the job")
+    finally:
+        os.kill(starter, signal.SIGCONT)
+    deadline, seen = time.time() + 60, []
+    while not (seen[-1:] == ["running"] and copies("987.40") == 1):
+        assert time.time() < deadline, "the job did not run again: %s" % seen
+        state = pool.state(job)
+        if state not in seen[-1:]:
+            seen.append(state)
+        assert state != "completed", seen
+        time.sleep(0.1)
+    assert "has not renewed its lease" in read(os.path.join(pool.dir, "starter.log"))
+
+
 def test_an_expired_starter_token_stops_its_jobs_and_the_starter_recovers(make_pool):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -317,14 +317,26 @@ def test_an_ssh_client_that_goes_away_while_pending_and_an_admin_s_scancel(site)
 
 def test_open_sessions_are_warned_before_the_time_limit(site):
     """A profile with a two-minute limit: its session hears, on its terminal,
-    that the allocation ends soon (the warning comes five minutes ahead)."""
+    that the allocation ends soon (the warning comes five minutes ahead).
+    A session without a terminal comes first, and the holder counts it: the
+    terminal that comes later is warned all the same."""
     run(["scancel", "--user", ALICE, "--name", "sshjob-new-short"])
-    terminal = Terminal(site.argv("new", "short", user=ALICE, env={"SSHJOB_CONFIG": site.config}, scheduler=None))
+    env = {"SSHJOB_CONFIG": site.config}
+    first = subprocess.Popen(site.argv("new", "short", "sleep 60", user=ALICE, env=env, scheduler=None),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    terminal = None
     try:
+        wait_for(lambda: "1 session(s)" in run(["squeue", "--noheader", "--user", ALICE, "--name",
+                                                 "sshjob-new-short", "--format=%k"]).stdout, 60,
+                 "the holder to count the session without a terminal")
+        terminal = Terminal(site.argv("new", "short", user=ALICE, env=env, scheduler=None))
         terminal.expect("its time limit: save your work", timeout=90)  # before the prompt or after it
         terminal.send("exit\r")
     finally:
-        terminal.close()
+        if terminal:
+            terminal.close()
+        first.kill()
+        first.wait()
         run(["scancel", "--user", ALICE, "--name", "sshjob-new-short"])
 
 
