@@ -16,7 +16,19 @@ import ssl
 import time
 
 import pytest
-from conftest import ALICE, BOB, Host, agent_log, run, wait_for
+from conftest import (
+    ALICE,
+    BOB,
+    IMAGE,
+    PODMAN_RUN,
+    Host,
+    agent_log,
+    podman,
+    podman_env,
+    run,
+    wait_for,
+    wait_for_container,
+)
 
 pytestmark = pytest.mark.xdist_group("slurm")
 
@@ -82,6 +94,32 @@ def test_the_warm_path_reaches_the_job_from_another_host(cluster, job):
         assert "from %s" % host.inner in agent_log(job)
     finally:
         host.remove()
+
+
+def test_a_container_that_the_job_starts_later_is_where_warm_sessions_land(cluster, images):
+    """The agent reads the job's processes anew for each session: a job that
+    starts its container after the first session has its later sessions,
+    through the agent, inside it."""
+    flag = os.path.join(cluster.dir, "start-the-container-%s" % os.urandom(4).hex())
+    name = "sshjob-test-%s" % os.urandom(4).hex()
+    env = dict(podman_env(ALICE), HOME=pwd.getpwnam(ALICE).pw_dir, PATH=os.environ["PATH"])
+    job = cluster.running("--export=ALL," + ",".join("%s=%s" % item for item in env.items()),
+                          script="while ! test -e %s; do sleep 0.1; done; %s --name %s %s sleep 600" % (
+                              flag, " ".join(PODMAN_RUN), name, IMAGE))
+    try:
+        first = cluster.sshjob("client", "-transport", "builtin", job, "hostname")
+        assert first.stdout == socket.gethostname() + "\n", first.stderr
+        wait_for(lambda: os.path.exists(record_path(job)), what="the job's agent to write its record")
+        with open(flag, "w"):
+            pass
+        inside = run(["nsenter", "-t", str(wait_for_container(ALICE, name)), "-u", "hostname"]).stdout
+        for transport in ("builtin", "openssh"):
+            later = cluster.sshjob("client", "-debug", "-transport", transport, job, "hostname")
+            assert later.stdout == inside, (transport, later.stderr)
+            assert "the warm path: job %s's agent" % job in later.stderr
+    finally:
+        run(["scancel", job])
+        podman(ALICE, "rm", "--force", "--time", "0", name)
 
 
 def test_a_gone_stopped_or_forged_agent_is_silent_and_a_suspended_job_is_said_at_once(cluster, job):
