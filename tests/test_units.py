@@ -251,12 +251,11 @@ def test_a_session_that_cannot_start_leaks_no_pty_and_no_descriptor(tmp_path):
     with pytest.raises(sshjob.StorageError):  # once first: what a process sets up once for good (NSS's sockets)
         host.run_builtin(context, channel, {"pty": {"rows": 24, "columns": 80, "term": "xterm"}}, [])
     gc.collect()
-    before, terminals = sorted(os.listdir("/proc/self/fd")), sorted(os.listdir("/dev/pts"))
+    before = sorted(os.listdir("/proc/self/fd"))  # a PTY's two ends are descriptors of this process, too
     for session in ({"pty": {"rows": 24, "columns": 80, "term": "xterm"}}, {"command": "true"}):
         with pytest.raises(sshjob.StorageError, match="node node cannot start the session"):
             host.run_builtin(context, channel, session, [])
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    assert sorted(os.listdir("/dev/pts")) == terminals
+    assert sorted(os.listdir("/proc/self/fd")) == before  # not /dev/pts: the tests beside this one open PTYs
     assert host.sessions == set()
 
 
