@@ -22,7 +22,7 @@ import time
 import zlib
 
 import pytest
-from conftest import ALICE, BOB, Host, agent_log, run, wait_for
+from conftest import ALICE, BOB, Host, agent_log, run, state_of, wait_for
 
 
 def record_path(pool, job, user=ALICE):
@@ -111,11 +111,15 @@ def test_a_job_whose_command_exited_takes_no_new_session_through_its_warm_paths(
 
 def test_a_suspended_job_s_warm_paths_say_so_at_once(warm_pool):
     job = warm_pool.running_job(user=ALICE)
-    assert warm_pool.sshjob("client", "-transport", "builtin", job, "true", user=ALICE).returncode == 0
+    first = warm_pool.sshjob("client", "-transport", "builtin", job, "echo $_SSHJOB_JOB_PIDS", user=ALICE)
+    main = int(first.stdout.split()[0])
     wait_for(lambda: os.path.exists(record_path(warm_pool, job)), what="the job's agent")
     assert warm_pool.sshjob("client", job, "true", user=ALICE).returncode == 0
     assert warm_pool.sshjob("suspend", job, user=ALICE).returncode == 0
-    try:
+    try:  # suspend is the schedd's word to the starter: a session that starts before the starter acts runs, and stops
+        wait_for(lambda: state_of(main) == "T", what="the starter to stop the job")
+        wait_for(lambda: any(" agent (not answering: suspended?) " in row for row in warm_rows(warm_pool, job)),
+                 what="its agent to stop with it")
         for transport in ("auto", "builtin"):
             started = time.monotonic()
             said = warm_pool.sshjob("client", "-transport", transport, job, "echo during", user=ALICE, timeout=20)
