@@ -325,8 +325,8 @@ def test_what_a_session_leaves_running_lives_on_with_the_job(cluster):
     first = cluster.sshjob("client", job, "tmux new -d -s keep 'sleep 7771'; echo started")
     assert (first.returncode, first.stdout) == (0, "started\n"), first.stderr
     try:
+        wait_for(lambda: pids_of("sleep 7771"), 10, "the session's tmux to run its command (ended with the session?)")
         server = pids_of("sleep 7771")
-        assert server, "the session's tmux ended with the session"
         later = cluster.sshjob("client", "-transport", "builtin", job,
                                "tmux send-keys -t keep 'echo typed-later' Enter; sleep 0.5; "
                                "tmux capture-pane -p -t keep | grep -c typed-later")
@@ -598,7 +598,8 @@ def copies_in(container, seconds):
 def test_a_session_has_what_the_batch_script_exported_before_its_program(cluster):
     workdir = cluster.workdir()
     job = cluster.running(workdir=workdir, script="export MARK=inbatch; mkdir -p deeper; cd deeper; sleep 300; true")
-    sleeper = next(p for p in pids_of("sleep 300") if os.readlink("/proc/%d/cwd" % p) == workdir + "/deeper")
+    wait_for(lambda: sleeper_in(workdir + "/deeper"), 20, "the batch script's program")  # Slurm says RUNNING first
+    sleeper = sleeper_in(workdir + "/deeper")
     wait_for(lambda: age_of(sleeper) > 1.0, 10, "the program to have lived a second")
     payload = cluster.sshjob("client", "-debug", job, "echo MARK=$MARK; pwd")
     assert payload.stdout == "MARK=inbatch\n%s/deeper\n" % workdir, payload.stderr
@@ -606,6 +607,15 @@ def test_a_session_has_what_the_batch_script_exported_before_its_program(cluster
     script = cluster.sshjob("client", "-job-env", "script", job, "echo MARK=$MARK; pwd")
     assert script.stdout == "MARK=\n%s\n" % workdir, script.stderr
     run(["scancel", job])
+
+
+def sleeper_in(directory):
+    """The pid of a `sleep 300` that runs in `directory`, or None."""
+    for pid in pids_of("sleep 300"):
+        with contextlib.suppress(OSError):  # another test's, ended meanwhile
+            if os.readlink("/proc/%d/cwd" % pid) == directory:
+                return pid
+    return None
 
 
 def age_of(pid):
