@@ -20,7 +20,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(HERE, "dist", "sshjob.pyz")
 
 
-
 def build():
     try:
         import shiv.builder

@@ -197,13 +197,19 @@ def token_hex(nbytes):
 
 
 @functools.lru_cache(maxsize=None)
+def module_bytes():
+    """This module's file, as bytes."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
 def source_of(function):
     """The source text of a top-level function of this module, to run with
     `python -c` where importing the whole module would cost too much (or
     where the module is not there yet).  Such a function imports what it
     uses inside its body; its lines below the `def` are all indented."""
-    with open(__file__) as f:
-        lines = f.read().splitlines()
+    lines = module_bytes().decode("utf-8").splitlines()
     start = end = function.__code__.co_firstlineno - 1
     while end + 1 < len(lines) and (not lines[end + 1].strip() or lines[end + 1][0] in " \t"):
         end += 1
@@ -874,7 +880,6 @@ JOB_ID = re.compile(r"(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?")
 SLURM_JOB_ID = re.compile(r"(\d{1,10}(?:_\d{1,10})?)(?:\.(\d{1,9})(?:\.([A-Za-z0-9][A-Za-z0-9_-]*))?)?")
 
 
-
 def allocation_profile(cmd):
     """The profile of a pool job that is an allocation (sshjob new), else None."""
     return allocation_args(cmd)[0]
@@ -1112,10 +1117,11 @@ def prctl(option, value):
 
 
 def self_command():
-    """How to run this module again, for the daemons and a pool job's agent: imported by path (a
-    cached import starts faster than a script, which is compiled anew each
-    time, or a zipapp's bootstrap), and isolated from the user's Python
-    settings, since it needs only the standard library."""
+    """How to run this module again, for the daemons and a pool job's
+    agent: imported by path (a cached import starts faster than a script,
+    which is compiled anew each time, or a zipapp's bootstrap), and
+    isolated from the user's Python settings, since it needs only the
+    standard library."""
     here = os.path.abspath(__file__)
     if not os.path.isfile(here):
         return [sys.executable, os.path.abspath(sys.argv[0])]
@@ -3441,9 +3447,9 @@ class SessionHost:
             with self.changed:
                 if not self.connections:
                     return
-                for proc, payload in list(self.targets.items()):
-                    if payload and process_state(payload.pid, payload.started) is None and not (
-                            proc in self.connections and serves_a_channel(proc.pid)):
+                for proc, payload in list(self.targets.items()):  # its connection's, while it lives (end)
+                    if payload and process_state(payload.pid, payload.started) is None and not \
+                            serves_a_channel(proc.pid):
                         del self.targets[proc]
                         with contextlib.suppress(OSError):
                             proc.terminate()
@@ -4441,6 +4447,7 @@ class Schedd:
                             pids=None, note="its starter %s lost its lease" % starter)
         log.info("job %s: %s", run, op)
 
+
 class TLSRequestHandler(RequestHandler):
     """The schedd's TCP endpoint: TLS first, then a request with its token."""
 
@@ -4785,6 +4792,7 @@ class Job:
                 self.agent_live = 0
                 self.host.count_sessions()  # the job may have ended meanwhile: nothing is told then
                 self.host.changed.notify_all()
+
 
 class Starter:
     def __init__(self, config):
@@ -5494,7 +5502,6 @@ def start_guardian(tag, tmp):
 
 
 JOB_KEYS_KEPT = 7 * 86400.0  # seconds a Slurm job's host key stays on a node after its last session
-
 
 
 def session_activity(job):
@@ -6315,14 +6322,14 @@ class SlurmSite(Site):
 
     @property
     def source(self):
-        """This module's bytes, which a step's node runs (a warm session needs none of it)."""
-        with open(os.path.abspath(__file__), "rb") as f:
-            return f.read()
+        """This module's bytes, which a step's node runs (read once, and
+        only for a cold step: a warm session needs none of it)."""
+        return module_bytes()
 
     @property
     def digest(self):
         import hashlib
-        return hashlib.sha256(self.source).hexdigest()
+        return hashlib.sha256(module_bytes()).hexdigest()
 
     def job(self, text):
         match = SLURM_JOB_ID.fullmatch(text)
@@ -6665,8 +6672,6 @@ class SlurmStep(Step):
                 continue
         self.stderr()
         self.errors.close()
-
-
 
 
 SITES = {site.name: site for site in (PoolSite, SlurmSite)}

@@ -37,6 +37,7 @@ def read(path):
     with open(path) as f:
         return f.read()
 
+
 pytestmark = pytest.mark.xdist_group("slurm")  # the laptop reaches Slurm jobs too
 
 

@@ -162,7 +162,7 @@ def test_another_user_can_use_no_warm_path_of_alice_s(pool):
     assert logged.count("refused a connection") >= 2 and logged.count("warm entry") == before
     assert pool.sshjob("client", "-transport", "builtin", job, "echo still", user=ALICE).stdout == "still\n"
     bobs = pool.sshjob("client", job, "true", user=BOB)
-    assert (bobs.returncode != 0 and "not yours" in bobs.stderr) or "may not" in bobs.stderr, bobs.stderr
+    assert bobs.returncode != 0 and ("not yours" in bobs.stderr or "may not" in bobs.stderr), bobs.stderr
     pool.sshjob("rm", job, user=ALICE)
 
 
