@@ -7646,20 +7646,29 @@ def sent(sock, kind, payload):
 def relay_to_job(sock, interactive, streams):
     """The client's half: stdin to the job, its output to stdout and stderr
     (`streams`, three fds), window changes on a terminal; returns the remote
-    exit status."""
+    exit status.  The window's size is checked before each keystroke goes,
+    too: SIGWINCH may come after the keys typed after the change, and a
+    command typed then must find the new size."""
     stdin, stdout, stderr = streams
     wakeup_read, wakeup_write = os.pipe()
     os.set_blocking(wakeup_write, False)
-    resized = []
-    previous = None
+    previous = size = None
     if interactive:
-        previous = signal.signal(signal.SIGWINCH, lambda signum, frame: resized.append(True))
+        previous = signal.signal(signal.SIGWINCH, lambda signum, frame: None)
         signal.set_wakeup_fd(wakeup_write)
+        size = window_size(stdin)
+
+    def follow_window():
+        nonlocal size
+        now = window_size(stdin) if interactive else size
+        if now != size:
+            size = now
+            sent(sock, RESIZE, WINSIZE.pack(*size))
+
     inputs = [stdin, wakeup_read]
     try:
         while True:
-            # A window change first: a command typed after it must find the new size.
-            for source in sorted(readable(sock, inputs), key=lambda source: source != wakeup_read):
+            for source in readable(sock, inputs):
                 if source is sock:
                     kind, payload = recv_frame(sock)
                     if kind is None:
@@ -7669,14 +7678,13 @@ def relay_to_job(sock, interactive, streams):
                     write_all(stdout if kind == STDOUT else stderr, payload)
                 elif source == stdin:
                     data = os.read(stdin, MAX_CHUNK)
+                    follow_window()
                     if not data or not sent(sock, STDIN if data else STDIN_EOF, data):
                         inputs.remove(stdin)
                         sent(sock, STDIN_EOF, b"")
                 else:
                     os.read(wakeup_read, 512)
-                    if resized:
-                        del resized[:]
-                        sent(sock, RESIZE, WINSIZE.pack(*window_size(stdin)))
+                    follow_window()
     finally:
         if interactive:
             signal.set_wakeup_fd(-1)

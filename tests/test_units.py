@@ -237,6 +237,48 @@ def test_a_malformed_channel_frame_is_refused(raw):
 # -- the session host ------------------------------------------------------------------
 
 
+def test_a_window_change_goes_before_the_keys_typed_after_it_even_without_its_signal():
+    """The terminal here is not the relay's controlling one, so no SIGWINCH
+    comes at all: the latest a signal can be.  The size is read again before
+    keys go, and the change is sent ahead of them."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import tty
+    master, terminal = pty.openpty()
+    tty.setraw(terminal)  # keys as they are typed, as a client's terminal is in a session
+    ours, theirs = socket.socketpair()
+    frames = []
+
+    def job():
+        theirs.settimeout(5)
+        try:
+            frames.append(sshjob.recv_frame(theirs))  # the first keys: the size has not changed
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
+            os.write(master, b"stty size\r")
+            frames.append(sshjob.recv_frame(theirs))
+            frames.append(sshjob.recv_frame(theirs))
+        finally:
+            sshjob.send_frame(theirs, sshjob.EXIT, b'{"status": 0}')
+
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    os.write(master, b"x")
+    peer = threading.Thread(target=job)
+    peer.start()
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    try:
+        assert sshjob.relay_to_job(ours, True, (terminal, nowhere, 2)) == 0
+    finally:
+        peer.join(10)
+        for fd in (master, terminal, nowhere):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+    assert [kind for kind, _ in frames] == [sshjob.STDIN, sshjob.RESIZE, sshjob.STDIN]
+    assert sshjob.WINSIZE.unpack(frames[1][1])[:2] == (40, 132)
+
+
 def test_a_session_that_cannot_start_leaks_no_pty_and_no_descriptor(tmp_path):
     """Popen fails on the node (here: in its preexec step, as a failing drop
     of privileges would): one sentence, and every PTY and pipe closed."""
